@@ -1,0 +1,79 @@
+"""The aspect interface: one quality aspect = a differentiable reward + a localizer.
+
+An aspect answers two questions about a batch of images and their prompts:
+
+* ``reward(images, prompts) -> (B,)``: how good the image is on this aspect, higher is
+  better, differentiable with respect to ``images`` (the trainer backpropagates it through
+  the VAE decoder and the last sampling steps);
+* ``heatmap(images, prompts) -> (B, 1, h, w)`` in [0, 1]: where the image is bad on this
+  aspect (1 = problematic). It is only ever called on the frozen model's images, under
+  ``torch.no_grad`` or with its own local autograd (saliency), and never backpropagated.
+
+Images are always ``(B, 3, H, W)`` float tensors in [0, 1]; prompts are a list of B strings.
+Each aspect resizes and normalises images itself (in torch, so gradients flow).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+
+class Aspect(nn.Module, ABC):
+    """Base class of every aspect (reward model + localizer).
+
+    Subclasses implement :meth:`reward` and :meth:`heatmap`. An aspect is an ``nn.Module``
+    so ``.to(device)`` and ``.eval()`` work; its own parameters are frozen by the trainer.
+
+    Attributes:
+        name: short identifier used in logs and metrics (``"safety"``, ``"plausibility"``).
+    """
+
+    name: str = "aspect"
+
+    @abstractmethod
+    def reward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Differentiable reward.
+
+        Args:
+            images: ``(B, 3, H, W)`` in [0, 1].
+            prompts: B prompts.
+
+        Returns:
+            ``(B,)`` float tensor, higher is better.
+        """
+
+    @abstractmethod
+    def heatmap(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Where the image is bad on this aspect.
+
+        Args:
+            images: ``(B, 3, H, W)`` in [0, 1].
+            prompts: B prompts.
+
+        Returns:
+            ``(B, 1, h, w)`` in [0, 1], any resolution (the mask code resizes it).
+        """
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.reward(images, prompts)
+
+
+class Judge(nn.Module, ABC):
+    """An evaluation-only model of one aspect, independent of the training reward.
+
+    ``defect_probability(images, prompts) -> (B,)`` in [0, 1]: the probability that the image
+    has the aspect's defect. Judges are never used in training, so reward hacking of the
+    training-time aspect model shows up as a gap between reward and judge.
+    """
+
+    name: str = "judge"
+
+    @abstractmethod
+    def defect_probability(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """``images: (B, 3, H, W)`` in [0, 1] -> ``(B,)`` in [0, 1]."""
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.defect_probability(images, prompts)

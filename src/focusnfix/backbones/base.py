@@ -1,0 +1,189 @@
+"""The backbone interface: what the sampler and trainer need from a diffusers pipeline.
+
+A backbone wraps one loaded diffusers pipeline and exposes four operations, all in torch and
+differentiable where the trainer needs gradients:
+
+* ``encode_prompts(prompts)`` -> a :class:`Conditioning` (text embeddings for classifier-free
+  guidance, plus whatever extra inputs the UNet of the family needs);
+* ``predict_noise(latents, t, cond, guidance_scale)`` -> the guided UNet output;
+* ``decode(latents)`` -> images ``(B, 3, H, W)`` in [0, 1];
+* ``adapters_disabled()`` -> a context in which the UNet runs without its LoRA (the frozen model).
+
+One subclass per family (SD 1.x/2.x, SDXL); the toy world is an SD-format pipeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler
+
+
+@dataclass
+class Conditioning:
+    """UNet conditioning of a batch of B prompts.
+
+    Attributes:
+        cond: keyword tensors for the UNet, each with leading dimension B (prompted).
+        uncond: the same keys for the negative prompt (classifier-free guidance), or None.
+    """
+
+    cond: dict[str, Any]
+    uncond: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def select(self, index: torch.Tensor | list[int]) -> Conditioning:
+        """The conditioning of a subset of the batch."""
+        return Conditioning(_index_tree(self.cond, index), _index_tree(self.uncond, index), self.extra)
+
+
+def _index_tree(tree: Any, index: torch.Tensor | list[int]) -> Any:
+    if tree is None:
+        return None
+    if isinstance(tree, dict):
+        return {k: _index_tree(v, index) for k, v in tree.items()}
+    if isinstance(tree, torch.Tensor):
+        return tree[index]
+    return tree
+
+
+class Backbone(ABC):
+    """Adapter over a diffusers pipeline (see module docstring).
+
+    Attributes:
+        pipe: the wrapped pipeline (its ``unet`` carries the LoRA).
+        scheduler: a DDIM scheduler made from the pipeline's scheduler config; used for all
+            sampling in training and ``focusnfix sample``.
+    """
+
+    #: default LoRA targets: the attention projections of the UNet
+    default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.scheduler = make_ddim_scheduler(pipe.scheduler.config)
+
+    # -- properties ------------------------------------------------------------------------
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.pipe.vae
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """``(H, W)`` in pixels that the UNet was configured for."""
+        s = self.unet.config.sample_size
+        s = s if isinstance(s, (tuple, list)) else (s, s)
+        return (int(s[0]) * self.vae_scale_factor, int(s[1]) * self.vae_scale_factor)
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        f = self.vae_scale_factor
+        if height % f or width % f:
+            raise ValueError(f"image size {height}x{width} must be divisible by the VAE factor {f}")
+        return (batch, self.unet.config.in_channels, height // f, width // f)
+
+    def to(self, device: torch.device | str) -> Backbone:
+        self.pipe.to(device)
+        return self
+    # -- family-specific -------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(
+        self, prompts: list[str], negative_prompt: str = "", guidance: bool = True
+    ) -> Conditioning:
+        """Text conditioning of ``prompts`` (and of ``negative_prompt`` when ``guidance``)."""
+
+    @abstractmethod
+    def unet_inputs(self, cond: dict[str, Any], batch: int, height: int, width: int) -> dict[str, Any]:
+        """Keyword arguments for ``unet(latents, t, **kwargs)`` from one conditioning dict."""
+
+    # -- shared ----------------------------------------------------------------------------
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor | int,
+        cond: Conditioning,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """Guided UNet output for ``latents (B, C, h, w)`` at timestep ``t``.
+
+        With ``cond.uncond`` the negative and positive halves run as one batch of 2B, as in
+        diffusers' pipelines, and are combined as ``u + g (c - u)``.
+        """
+        b, _, h, w = latents.shape
+        height, width = h * self.vae_scale_factor, w * self.vae_scale_factor
+        model_in = self.scheduler.scale_model_input(latents, t)
+        if cond.uncond is None:
+            kwargs = self.unet_inputs(cond.cond, b, height, width)
+            return self.unet(model_in, t, **kwargs, return_dict=False)[0]
+        both = {k: _cat(cond.uncond[k], cond.cond[k]) for k in cond.cond}
+        kwargs = self.unet_inputs(both, 2 * b, height, width)
+        out = self.unet(torch.cat([model_in, model_in]), t, **kwargs, return_dict=False)[0]
+        uncond_out, cond_out = out.chunk(2)
+        return uncond_out + guidance_scale * (cond_out - uncond_out)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode inside the autograd graph: latents -> images ``(B, 3, H, W)`` in [0, 1]."""
+        latents = latents / self.vae.config.scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None)
+        if shift:
+            latents = latents + shift
+        image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0.0, 1.0)
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Run the UNet as the frozen pretrained model (LoRA off) inside this context."""
+        has_adapters = bool(getattr(self.unet, "peft_config", None))
+        if has_adapters:
+            self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            if has_adapters:
+                self.unet.enable_adapters()
+
+
+def _cat(a: Any, b: Any) -> Any:
+    if isinstance(a, dict):
+        return {k: _cat(a[k], b[k]) for k in a}
+    return torch.cat([a, b])
+
+
+def make_ddim_scheduler(config: Any) -> DDIMScheduler:
+    """A DDIM scheduler (eta = 0 sampling) from any diffusers scheduler config.
+
+    The final DDIM step is an identity (zero derivative w.r.t. the UNet output, so DRaFT-1 gets
+    no gradient) when ``set_alpha_to_one=False`` and ``steps_offset=0``: the last timestep is 0
+    and its "previous" alpha equals its own. We then switch to ``steps_offset=1`` (the SD
+    default) and warn.
+    """
+    sched = DDIMScheduler.from_config(config)
+    if not sched.config.set_alpha_to_one and sched.config.steps_offset == 0:
+        warnings.warn(
+            "scheduler has set_alpha_to_one=False and steps_offset=0: its last DDIM step would have "
+            "zero gradient; using steps_offset=1 (the Stable Diffusion default) instead",
+            stacklevel=2,
+        )
+        sched = DDIMScheduler.from_config(sched.config, steps_offset=1)
+    return sched

@@ -1,0 +1,261 @@
+"""Training configuration: YAML files validated by pydantic, every field documented.
+
+Load with :func:`load_config` (a YAML file plus ``key=value`` overrides, e.g.
+``train.learning_rate=1e-4`` or ``aspects.0.weight=2``). Any problem raises
+:class:`~focusnfix.errors.ConfigError` whose one-line message names the field and what was
+expected. See ``configs/*.yaml`` for commented presets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from focusnfix.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which pipeline to fine-tune."""
+
+    path: str = Field("toy", description="'toy' (the packaged toy world), a local diffusers pipeline directory, or a hub id.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the frozen base weights; LoRA parameters always train in float32."
+    )
+    variant: str | None = Field(None, description="from_pretrained variant, e.g. 'fp16'.")
+    revision: str | None = Field(None, description="from_pretrained revision (hub models).")
+
+
+class LoraConfigSection(_Section):
+    """The LoRA adapter trained on the UNet."""
+
+    rank: int = Field(8, gt=0, description="LoRA rank r.")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha (scale = alpha / rank); default: equal to rank.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        min_length=1,
+        description="UNet module names (PEFT target_modules) that get an adapter.",
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+
+
+class SamplingConfig(_Section):
+    """How images are sampled during training (DDIM, eta = 0, classifier-free guidance)."""
+
+    num_inference_steps: int = Field(20, ge=1, description="DDIM steps N.")
+    guidance_scale: float = Field(7.5, ge=0, description="classifier-free guidance scale (<= 1: no guidance).")
+    height: int | None = Field(None, gt=0, description="image height in pixels; default: the UNet's native size.")
+    width: int | None = Field(None, gt=0, description="image width in pixels; default: the UNet's native size.")
+    negative_prompt: str = Field("", description="negative prompt for guidance.")
+    grad_mode: Literal["draft_k", "draft_lv", "full"] = Field(
+        "draft_k",
+        description="draft_k: gradient through the last k steps; draft_lv: k = 1 plus lv_n re-noisings; "
+        "full: all steps, checkpointed.",
+    )
+    k: int = Field(2, ge=1, description="DRaFT-K: number of final sampling steps that carry gradient (paper: 2).")
+    lv_n: int = Field(2, ge=0, description="DRaFT-LV: re-noisings of the final step (DRaFT paper: 2).")
+    checkpoint_unet: bool = Field(False, description="recompute each graded UNet call in backward (saves memory).")
+    checkpoint_vae: bool = Field(False, description="recompute the VAE decode in backward (saves memory).")
+
+    @model_validator(mode="after")
+    def _k_le_steps(self) -> SamplingConfig:
+        if self.grad_mode == "draft_k" and self.k > self.num_inference_steps:
+            raise ValueError(f"k={self.k} exceeds num_inference_steps={self.num_inference_steps}")
+        return self
+
+
+class ObjectiveConfig(_Section):
+    """loss = -sum_a w_a r_a(I) + beta * ||(1 - M) * (I - I0)||."""
+
+    beta: float = Field(1.0, ge=0, description="weight of the regional constraint; 0 = plain DRaFT.")
+    norm: Literal["frobenius", "squared", "mean"] = Field(
+        "frobenius", description="frobenius (paper, unsquared), squared, or per-pixel mean of squares."
+    )
+    space: Literal["pixel", "latent"] = Field("pixel", description="compare decoded images (paper) or latents.")
+
+
+class MaskConfig(_Section):
+    """Heatmap of the frozen model's image -> mask of the region that may change."""
+
+    threshold_mode: Literal["absolute", "relative", "quantile"] = Field(
+        "relative", description="absolute: h >= t; relative: h >= t * max(h); quantile: top (1 - t) of pixels."
+    )
+    threshold: float = Field(0.5, ge=0, le=1, description="threshold t in [0, 1].")
+    dilate_px: int = Field(2, ge=0, description="dilation radius in image pixels.")
+    feather_px: float = Field(0.0, ge=0, description="Gaussian sigma of a soft edge in pixels (0 = hard mask).")
+
+
+class AspectConfig(_Section):
+    """One quality aspect: a reward and (optionally) a localizer."""
+
+    type: str = Field(..., description="aspect type: toyworld, mask_files, python, saliency (see docs/aspects.md).")
+    name: str | None = Field(None, description="name in logs; default: from the aspect.")
+    weight: float = Field(1.0, description="weight of this aspect's reward in the total reward (0 = mask only).")
+    localize: bool = Field(True, description="whether its heatmap contributes to the mask (union over aspects).")
+    args: dict[str, Any] = Field(default_factory=dict, description="type-specific arguments.")
+
+
+class DataConfig(_Section):
+    """The training pool: every prompt x every seed; Î0 and its mask are computed once per pair."""
+
+    prompts: list[str] | None = Field(None, description="training prompts (or use prompts_file).")
+    prompts_file: str | None = Field(None, description="text file with one prompt per line ('toy:train' = toy world).")
+    seeds_per_prompt: int = Field(4, ge=1, description="initial-noise seeds per prompt.")
+    seed_offset: int = Field(0, ge=0, description="seeds are seed_offset .. seed_offset + seeds_per_prompt - 1.")
+    cache_on_disk: bool = Field(True, description="also store cached Î0/masks under output_dir/reference_cache.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.prompts is None) == (self.prompts_file is None):
+            raise ValueError("give exactly one of data.prompts or data.prompts_file")
+        if self.prompts is not None and (not self.prompts or any(not p.strip() for p in self.prompts)):
+            raise ValueError("data.prompts must be a non-empty list of non-empty strings")
+        return self
+
+
+class TrainConfig(_Section):
+    """Optimisation, checkpoints and logging."""
+
+    output_dir: str = Field("runs/focusnfix", description="run directory (config, log, checkpoints, LoRA, samples).")
+    steps: int = Field(100, ge=1, description="optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="global images per micro-batch, split across processes.")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step.")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (DRaFT: 0.1).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps.")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast precision (accelerate).")
+    seed: int = Field(0, ge=0, description="seed of batch order and DRaFT-LV noise.")
+    checkpoint_every: int = Field(50, ge=0, description="save a resumable checkpoint every N steps (0 = never).")
+    keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep.")
+    sample_every: int = Field(0, ge=0, description="save a sample grid every N steps (0 = only at the end).")
+    num_sample_images: int = Field(4, ge=1, description="pool items shown in sample grids.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: what accelerate picks.")
+
+
+class Config(_Section):
+    """A whole training run."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    mask: MaskConfig = Field(default_factory=MaskConfig)
+    aspects: list[AspectConfig] = Field(..., min_length=1, description="the aspects to fix (at least one).")
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _checks(self) -> Config:
+        if not any(a.localize for a in self.aspects):
+            raise ValueError("aspects: at least one aspect must have localize: true (it gives the mask)")
+        names = [a.name for a in self.aspects if a.name]
+        if len(names) != len(set(names)):
+            raise ValueError(f"aspects: names must be unique, got {names}")
+        return self
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) or first["type"] == "missing" else f" (got {got!r})"
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"{loc}: {msg}{shown}{more}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.learning_rate=1e-4"`` -> (["train", "learning_rate"], 1e-4); values are YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML") from err
+    return key.strip().split("."), value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        where = ".".join(path[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {'.'.join(path)}: {where} is not a valid list index")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {'.'.join(path)}: {where} is not a section")
+    last = path[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override {'.'.join(path)}: {last} is not a valid list index")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Validate a config dict (plus overrides) into a :class:`Config`."""
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy through plain types
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return config_from_dict(data, overrides)
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML (written to every run directory)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def resolve_prompts(data: DataConfig, base_dir: Path | None = None) -> list[str]:
+    """The training prompts: the inline list, a file (one per line), or ``toy:train``/``toy:heldout``."""
+    if data.prompts is not None:
+        return list(data.prompts)
+    assert data.prompts_file is not None
+    if data.prompts_file.startswith("toy:"):
+        from focusnfix import toyworld
+
+        split = data.prompts_file.split(":", 1)[1]
+        if split not in ("train", "heldout"):
+            raise ConfigError(f"data.prompts_file: toy split must be train or heldout, got {split!r}")
+        return list(toyworld.prompts(split))
+    path = Path(data.prompts_file)
+    if not path.is_absolute() and base_dir is not None and not path.exists():
+        path = base_dir / path
+    if not path.is_file():
+        raise ConfigError(f"data.prompts_file: {data.prompts_file} does not exist")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise ConfigError(f"data.prompts_file: {path} holds no prompts")
+    return prompts

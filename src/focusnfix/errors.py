@@ -1,0 +1,12 @@
+"""Errors that reach the user as one clear line (the CLI prints them and exits with status 2)."""
+
+
+class InputError(ValueError):
+    """Bad user input: a config field, a path, a prompt, an image, a mask or a weights file.
+
+    The message names what is wrong and what was expected.
+    """
+
+
+class ConfigError(InputError):
+    """A config file or ``--set`` override failed validation; the message names the field."""

@@ -1,0 +1,87 @@
+"""Image helpers: tensors <-> PNG, grids, heatmap colouring. No gradients here."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``(B, C, H, W)`` in [0, 1] (C = 1 or 3) -> ``(B, H, W, 3)`` uint8."""
+    x = images.detach().float().clamp(0, 1).cpu()
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    return (x.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def colorize(heatmap: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, H, W)`` in [0, 1] -> ``(B, 3, H, W)`` with a black-red-yellow-white ramp."""
+    h = heatmap.detach().float().clamp(0, 1)
+    r = (h * 3).clamp(0, 1)
+    g = (h * 3 - 1).clamp(0, 1)
+    b = (h * 3 - 2).clamp(0, 1)
+    return torch.cat([r, g, b], dim=1)
+
+
+def overlay(images: torch.Tensor, mask: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """Tint the masked region red: images ``(B, 3, H, W)``, mask ``(B, 1, H, W)`` in [0, 1]."""
+    red = torch.zeros_like(images)
+    red[:, 0] = 1.0
+    m = alpha * mask.to(images)
+    return images * (1 - m) + red * m
+
+
+def grid(rows: list[torch.Tensor], pad: int = 2, scale: int = 1) -> np.ndarray:
+    """Rows of ``(B, C, H, W)`` images (same B, H, W) -> one ``(h, w, 3)`` uint8 grid."""
+    if not rows:
+        raise ValueError("grid of no rows")
+    cols = rows[0].shape[0]
+    h, w = rows[0].shape[-2:]
+    out = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(to_uint8(row)):
+            y, x = pad + r * (h + pad), pad + c * (w + pad)
+            out[y : y + h, x : x + w] = img
+    if scale > 1:
+        out = out.repeat(scale, axis=0).repeat(scale, axis=1)
+    return out
+
+
+def save_png(array: np.ndarray | torch.Tensor, path: str | Path) -> Path:
+    """Write an ``(h, w, 3)`` uint8 array or a ``(3, H, W)`` tensor in [0, 1] as PNG, atomically."""
+    if isinstance(array, torch.Tensor):
+        array = to_uint8(array[None])[0]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_image(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """An image file -> ``(3, H, W)`` in [0, 1], optionally resized to ``size = (H, W)``."""
+    from focusnfix.errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None:
+                im = im.resize((size[1], size[0]), Image.BICUBIC)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except OSError as err:
+        raise InputError(f"image {path} is not a readable image: {err}") from err
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

@@ -1,0 +1,137 @@
+"""LoRA on the UNet through PEFT, saved in diffusers' format.
+
+The adapter starts at zero (PEFT's default init: ``lora_B = 0``), so before the first update
+the fine-tuned UNet computes exactly what the frozen one does. Only LoRA parameters train;
+they are kept in fp32 even when the base weights are bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from focusnfix.errors import InputError
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(
+    unet: torch.nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    target_modules: list[str] | tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+    dropout: float = 0.0,
+) -> list[torch.nn.Parameter]:
+    """Freeze the UNet, add a zero-initialised LoRA adapter, return its (fp32) parameters."""
+    unet.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        lora_dropout=dropout,
+        init_lora_weights=True,  # A ~ kaiming, B = 0: the adapter's output is exactly zero
+        target_modules=list(target_modules),
+    )
+    try:
+        unet.add_adapter(config)
+    except ValueError as err:  # PEFT: target modules not found
+        raise InputError(f"lora.target_modules {list(target_modules)} do not match the UNet: {err}") from err
+    params = lora_parameters(unet)
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable LoRA parameters, in a stable order (by name)."""
+    return [p for n, p in sorted(unet.named_parameters()) if "lora_" in n and p.requires_grad]
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT-format state dict of the adapter (names as PEFT writes them)."""
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def load_lora_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a state dict from :func:`lora_state_dict` back into the adapter (for resume)."""
+    result = set_peft_model_state_dict(unet, state)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise InputError(f"LoRA checkpoint has keys the UNet's adapter lacks, e.g. {unexpected[:3]}")
+
+
+def save_lora_weights(unet: torch.nn.Module, pipeline_class: Any, out_dir: str | Path) -> Path:
+    """Write ``out_dir/pytorch_lora_weights.safetensors`` as ``pipe.load_lora_weights`` reads it.
+
+    Written into a temporary directory beside ``out_dir`` and moved into place, so a crash
+    never leaves a half-written LoRA.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    layers = convert_state_dict_to_diffusers(lora_state_dict(unet))
+    metadata = unet.peft_config["default"].to_dict()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        pipeline_class.save_lora_weights(
+            tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
+        )
+        replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir / LORA_WEIGHT_NAME
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move directory ``src`` to ``dst``, replacing ``dst`` if it exists (never leaving neither)."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_lora_file(lora_dir: str | Path) -> Path:
+    """Validate a LoRA directory or file; return the safetensors path.
+
+    Raises:
+        InputError: missing path, no ``pytorch_lora_weights.safetensors``, or a file that is
+            not a readable safetensors file of LoRA weights.
+    """
+    path = Path(lora_dir)
+    if path.is_dir():
+        path = path / LORA_WEIGHT_NAME
+    if not path.is_file():
+        raise InputError(f"LoRA weights not found: {path} (expected a directory holding {LORA_WEIGHT_NAME})")
+    if path.suffix != ".safetensors":
+        raise InputError(f"LoRA weights must be a .safetensors file, got {path}")
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises several error types on corrupt files
+        raise InputError(f"LoRA weights {path} are not a readable safetensors file: {err}") from err
+    if not any("lora" in k for k in state):
+        raise InputError(f"{path} holds no LoRA weights (no key contains 'lora')")
+    return path
+
+
+__all__ = [
+    "LORA_WEIGHT_NAME",
+    "add_lora",
+    "check_lora_file",
+    "load_lora_state_dict",
+    "lora_parameters",
+    "lora_state_dict",
+    "replace_dir",
+    "save_file",
+    "save_lora_weights",
+]

@@ -1,0 +1,192 @@
+"""Differentiable DDIM sampling (eta = 0) with classifier-free guidance and truncated backprop.
+
+Gradient modes (how much of the sampling chain carries gradient to the LoRA):
+
+* ``draft_k``: DRaFT-K. The first N - K steps run under ``torch.no_grad``; only the last K
+  UNet calls are in the autograd graph. Running the early steps without autograd gives the
+  same LoRA gradient as detaching their outputs and is cheaper.
+* ``draft_lv``: DRaFT-LV. K = 1, plus ``lv_n`` re-noisings of the final sample to the last
+  timestep, each denoised again with gradient; the reward is averaged over the 1 + n images.
+* ``full``: backprop through all N steps, each UNet call checkpointed (recomputed in backward).
+
+The initial noise is drawn per seed on the CPU exactly as diffusers' pipelines draw it for
+``generator=torch.Generator().manual_seed(seed)``, so the frozen model's image Î0 and the
+fine-tuned image Î share x_T, and ``focusnfix sample`` reproduces ``pipe(...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from focusnfix.backbones.base import Backbone, Conditioning
+
+GradMode = Literal["draft_k", "draft_lv", "full"]
+
+
+@dataclass
+class SamplingOptions:
+    """How to sample. Every field has the meaning of the config's ``sampling`` section."""
+
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str = ""
+    grad_mode: GradMode = "draft_k"
+    k: int = 2
+    lv_n: int = 2
+    checkpoint_unet: bool = False
+    checkpoint_vae: bool = False
+
+
+def initial_noise(
+    backbone: Backbone, seeds: list[int], height: int, width: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """x_T for each seed: ``(B, C, h, w)`` standard normal, drawn on the CPU per seed."""
+    shape = backbone.latent_shape(1, height, width)
+    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    x = torch.cat(noise).to(backbone.device, dtype or backbone.dtype)
+    return x * backbone.scheduler.init_noise_sigma
+
+
+def _image_size(backbone: Backbone, options: SamplingOptions) -> tuple[int, int]:
+    default_h, default_w = backbone.default_size
+    return options.height or default_h, options.width or default_w
+
+
+def denoise(
+    backbone: Backbone,
+    cond: Conditioning,
+    latents: torch.Tensor,
+    options: SamplingOptions,
+    grad_steps: int,
+    on_unet_call: Callable[[int, bool], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Run the DDIM chain from ``latents`` = x_T.
+
+    Args:
+        grad_steps: how many of the last UNet calls carry gradient (0 = none, N = all).
+        on_unet_call: optional ``(step_index, with_grad)`` callback, for tests and profiling.
+
+    Returns:
+        ``(x0, x_before_last, t_last)``: the final latents, the latents entering the last step
+        (for DRaFT-LV re-noising) and the last timestep.
+    """
+    sched = backbone.scheduler
+    sched.set_timesteps(options.num_inference_steps, device=latents.device)
+    timesteps = sched.timesteps
+    n = len(timesteps)
+    first_grad = n - grad_steps
+    grad_allowed = torch.is_grad_enabled()
+    x_prev = latents
+    for i, t in enumerate(timesteps):
+        with_grad = grad_allowed and i >= first_grad
+        if on_unet_call is not None:
+            on_unet_call(i, with_grad)
+        x_prev = latents
+        with torch.set_grad_enabled(with_grad):
+            latents = _step(backbone, cond, latents, t, options, checkpoint_it=with_grad and options.checkpoint_unet)
+    return latents, x_prev, int(timesteps[-1])
+
+
+def _step(
+    backbone: Backbone,
+    cond: Conditioning,
+    latents: torch.Tensor,
+    t: torch.Tensor,
+    options: SamplingOptions,
+    checkpoint_it: bool,
+) -> torch.Tensor:
+    def eps_fn(x: torch.Tensor) -> torch.Tensor:
+        return backbone.predict_noise(x, t, cond, options.guidance_scale)
+
+    eps = checkpoint(eps_fn, latents, use_reentrant=False) if checkpoint_it else eps_fn(latents)
+    # DDIMScheduler.step with eta = 0 is a deterministic, differentiable function of eps and x_t
+    return backbone.scheduler.step(eps, t, latents, eta=0.0, return_dict=False)[0]
+
+
+def decode(backbone: Backbone, latents: torch.Tensor, checkpoint_vae: bool = False) -> torch.Tensor:
+    """Latents -> images ``(B, 3, H, W)`` in [0, 1], optionally with a checkpointed decoder."""
+    if checkpoint_vae and torch.is_grad_enabled():
+        return checkpoint(backbone.decode, latents, use_reentrant=False)
+    return backbone.decode(latents)
+
+
+@dataclass
+class SampleOutput:
+    """Images and latents of one sampling call.
+
+    Attributes:
+        images: ``(B, 3, H, W)`` in [0, 1], the main chain's images (what inference draws).
+        latents: ``(B, C, h, w)`` their latents.
+        extra_images: DRaFT-LV's re-noised images ``(n, B, 3, H, W)``, or None.
+    """
+
+    images: torch.Tensor
+    latents: torch.Tensor
+    extra_images: torch.Tensor | None = None
+
+
+def sample(
+    backbone: Backbone,
+    prompts: list[str],
+    seeds: list[int],
+    options: SamplingOptions,
+    cond: Conditioning | None = None,
+    generator: torch.Generator | None = None,
+    on_unet_call: Callable[[int, bool], None] | None = None,
+) -> SampleOutput:
+    """Sample images for (prompt, seed) pairs with the backbone's current UNet.
+
+    Gradient flows as ``options.grad_mode`` says when autograd is enabled; call under
+    ``torch.no_grad()`` for plain inference.
+
+    Args:
+        prompts, seeds: B prompts and B seeds (x_T is drawn per seed).
+        cond: precomputed conditioning of ``prompts`` (else encoded here).
+        generator: RNG for DRaFT-LV re-noising (CPU generator).
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    height, width = _image_size(backbone, options)
+    guidance = options.guidance_scale > 1.0
+    if cond is None:
+        cond = backbone.encode_prompts(prompts, options.negative_prompt, guidance)
+    x_t = initial_noise(backbone, seeds, height, width)
+    n = options.num_inference_steps
+    grad_steps = {"draft_k": min(options.k, n), "draft_lv": 1, "full": n}[options.grad_mode]
+    x0, x_last_in, t_last = denoise(backbone, cond, x_t, options, grad_steps, on_unet_call)
+    images = decode(backbone, x0, options.checkpoint_vae)
+    extra = None
+    if options.grad_mode == "draft_lv" and options.lv_n > 0 and torch.is_grad_enabled():
+        extra = _renoise_last_step(backbone, cond, x0, t_last, options, generator, on_unet_call)
+    del x_last_in
+    return SampleOutput(images=images, latents=x0, extra_images=extra)
+
+
+def _renoise_last_step(
+    backbone: Backbone,
+    cond: Conditioning,
+    x0: torch.Tensor,
+    t_last: int,
+    options: SamplingOptions,
+    generator: torch.Generator | None,
+    on_unet_call: Callable[[int, bool], None] | None,
+) -> torch.Tensor:
+    """DRaFT-LV: ``lv_n`` times, re-noise the final latents to ``t_last`` and denoise once."""
+    sched = backbone.scheduler
+    t = torch.tensor([t_last], device=x0.device)
+    images = []
+    for _ in range(options.lv_n):
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        x_t = sched.add_noise(x0.detach(), noise, t)
+        if on_unet_call is not None:
+            on_unet_call(options.num_inference_steps, True)
+        x = _step(backbone, cond, x_t, t[0], options, checkpoint_it=options.checkpoint_unet)
+        images.append(decode(backbone, x, options.checkpoint_vae))
+    return torch.stack(images)

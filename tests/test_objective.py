@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from focusnfix.objective import focus_n_fix_loss, regional_constraint
+
+
+def test_frobenius_constraint_matches_definition():
+    torch.manual_seed(0)
+    policy, ref = torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8)
+    mask = (torch.rand(3, 1, 8, 8) > 0.5).float()
+    got = regional_constraint(policy, ref, mask)
+    want = torch.stack([(((1 - mask[b]) * (policy[b] - ref[b])) ** 2).sum().sqrt() for b in range(3)])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(regional_constraint(policy, ref, mask, "squared"), want**2)
+    torch.testing.assert_close(regional_constraint(policy, ref, mask, "mean"), want**2 / (3 * 8 * 8))
+
+
+def test_change_inside_mask_is_free_and_outside_is_not():
+    ref = torch.zeros(1, 3, 4, 4)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2] = 1
+    inside = ref.clone()
+    inside[..., :2] = 1.0
+    assert regional_constraint(inside, ref, mask).item() == 0.0
+    outside = ref.clone()
+    outside[..., 3] = 1.0
+    assert regional_constraint(outside, ref, mask).item() == pytest.approx((3 * 4) ** 0.5)
+
+
+def test_zero_difference_gives_zero_constraint_and_finite_zero_gradient():
+    ref = torch.rand(2, 3, 4, 4)
+    policy = ref.clone().requires_grad_(True)
+    c = regional_constraint(policy, ref, torch.zeros(2, 1, 4, 4))
+    assert torch.equal(c, torch.zeros(2))
+    c.sum().backward()
+    assert torch.isfinite(policy.grad).all() and policy.grad.abs().sum() == 0
+
+
+def test_loss_combines_terms_and_beta_zero_is_draft():
+    policy = torch.rand(2, 3, 4, 4, requires_grad=True)
+    ref = torch.rand(2, 3, 4, 4)
+    mask = torch.zeros(2, 1, 4, 4)
+    reward = policy.mean(dim=(1, 2, 3))
+    terms = focus_n_fix_loss(reward, policy, ref, mask, beta=0.5)
+    want = -reward.mean() + 0.5 * regional_constraint(policy, ref, mask).mean()
+    torch.testing.assert_close(terms.loss, want)
+    draft = focus_n_fix_loss(policy.mean(dim=(1, 2, 3)), policy, ref, mask, beta=0.0)
+    (g,) = torch.autograd.grad(draft.loss, policy)
+    torch.testing.assert_close(g, torch.full_like(g, -1 / (2 * 48)))  # only the reward term
+    assert draft.constraint.gt(0).all()  # still measured and logged
+
+
+def test_mask_is_resized_and_bad_shapes_are_named():
+    policy, ref = torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)
+    full = regional_constraint(policy, ref, torch.ones(1, 1, 2, 2))
+    assert full.item() == 0.0
+    with pytest.raises(ValueError, match="mask must be"):
+        regional_constraint(policy, ref, torch.ones(1, 8, 8))
+    with pytest.raises(ValueError, match="beta"):
+        focus_n_fix_loss(torch.zeros(1), policy, ref, torch.ones(1, 1, 8, 8), beta=-1)

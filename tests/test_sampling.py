@@ -1,0 +1,141 @@
+"""Sampler: same noise as diffusers, zero-LoRA exactness, gradient only through the last K steps."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from focusnfix.backbones import load_backbone, make_ddim_scheduler
+from focusnfix.lora import add_lora, lora_parameters
+from focusnfix.sampling import SamplingOptions, sample
+
+PROMPTS = ["a red circle", "a blue square"]
+SEEDS = [3, 7]
+
+
+@pytest.fixture()
+def backbone(tiny_sd_dir):
+    return load_backbone(str(tiny_sd_dir))
+
+
+def _perturb_lora(unet, scale=0.05):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lora_parameters(unet):
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def test_matches_the_diffusers_pipeline(backbone):
+    opts = SamplingOptions(num_inference_steps=5, guidance_scale=4.0)
+    with torch.no_grad():
+        ours = sample(backbone, PROMPTS[:1], SEEDS[:1], opts).images
+        theirs = backbone.pipe(
+            PROMPTS[:1], num_inference_steps=5, guidance_scale=4.0,
+            generator=torch.Generator().manual_seed(SEEDS[0]), output_type="pt",
+        ).images
+    assert ours.shape == theirs.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_zero_lora_reproduces_the_frozen_image_bit_for_bit(backbone):
+    opts = SamplingOptions(num_inference_steps=4, guidance_scale=3.0, k=2)
+    with torch.no_grad():
+        before = sample(backbone, PROMPTS, SEEDS, opts).images
+    add_lora(backbone.unet, rank=4)
+    with torch.no_grad(), backbone.adapters_disabled():
+        reference = sample(backbone, PROMPTS, SEEDS, opts).images
+    policy = sample(backbone, PROMPTS, SEEDS, opts).images  # with autograd, LoRA on
+    assert policy.requires_grad
+    assert torch.equal(policy.detach(), reference)
+    assert torch.equal(reference, before)
+    _perturb_lora(backbone.unet)
+    with torch.no_grad():
+        changed = sample(backbone, PROMPTS, SEEDS, opts).images
+        with backbone.adapters_disabled():
+            still_reference = sample(backbone, PROMPTS, SEEDS, opts).images
+    assert not torch.equal(changed, reference)
+    assert torch.equal(still_reference, reference)  # the frozen model is the same UNet, LoRA off
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_gradient_flows_only_through_the_last_k_unet_calls(backbone, k):
+    params = add_lora(backbone.unet, rank=4)
+    _perturb_lora(backbone.unet)  # B != 0 so A gets gradient too
+    calls = []
+    handle = backbone.unet.register_forward_hook(lambda m, i, o: calls.append(o[0].requires_grad))
+    opts = SamplingOptions(num_inference_steps=5, guidance_scale=3.0, k=k)
+    out = sample(backbone, PROMPTS, SEEDS, opts)
+    handle.remove()
+    assert calls == [False] * (5 - k) + [True] * k
+    out.images.mean().backward()
+    grads = [p.grad for p in params]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0  # non-zero even for K = 1
+
+
+def test_draft_k_gradient_equals_detached_full_graph(backbone):
+    """Running the early steps under no_grad gives the same LoRA gradient as keeping them
+    in the graph with their outputs detached (what peers do)."""
+    params = add_lora(backbone.unet, rank=4)
+    _perturb_lora(backbone.unet)
+    opts = SamplingOptions(num_inference_steps=4, guidance_scale=3.0, k=2)
+    sample(backbone, PROMPTS, SEEDS, opts).images.mean().backward()
+    ours = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    # manual chain: all steps with autograd, detach before the last two
+    sched = backbone.scheduler
+    cond = backbone.encode_prompts(PROMPTS)
+    from focusnfix.sampling import initial_noise
+
+    x = initial_noise(backbone, SEEDS, 32, 32)
+    sched.set_timesteps(4)
+    for i, t in enumerate(sched.timesteps):
+        if i == 2:
+            x = x.detach()
+        eps = backbone.predict_noise(x, t, cond, 3.0)
+        x = sched.step(eps, t, x).prev_sample
+    backbone.decode(x).mean().backward()
+    for a, p in zip(ours, params, strict=True):
+        torch.testing.assert_close(a, p.grad)
+
+
+def test_full_mode_with_checkpointing_gives_the_same_gradient(backbone):
+    params = add_lora(backbone.unet, rank=4)
+    _perturb_lora(backbone.unet)
+    grads = []
+    for ckpt in (False, True):
+        opts = SamplingOptions(num_inference_steps=3, guidance_scale=3.0, grad_mode="full",
+                               checkpoint_unet=ckpt, checkpoint_vae=ckpt)
+        sample(backbone, PROMPTS, SEEDS, opts).images.mean().backward()
+        grads.append([p.grad.clone() for p in params])
+        for p in params:
+            p.grad = None
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_draft_lv_renoises_the_last_step(backbone):
+    add_lora(backbone.unet, rank=4)
+    calls = []
+    handle = backbone.unet.register_forward_hook(lambda m, i, o: calls.append(o[0].requires_grad))
+    opts = SamplingOptions(num_inference_steps=4, guidance_scale=3.0, grad_mode="draft_lv", lv_n=2)
+    out = sample(backbone, PROMPTS, SEEDS, opts, generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    assert calls == [False, False, False, True, True, True]
+    assert out.extra_images.shape == (2, 2, 3, 32, 32)
+    assert not torch.equal(out.extra_images[0], out.extra_images[1])
+
+
+def test_identity_last_step_scheduler_is_fixed():
+    bad = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                        set_alpha_to_one=False, steps_offset=0)
+    with pytest.warns(UserWarning, match="zero gradient"):
+        fixed = make_ddim_scheduler(bad.config)
+    assert fixed.config.steps_offset == 1
+    # the last step of the fixed scheduler depends on the model output
+    fixed.set_timesteps(4)
+    x = torch.randn(1, 4, 2, 2)
+    eps = torch.randn(1, 4, 2, 2, requires_grad=True)
+    out = fixed.step(eps, fixed.timesteps[-1], x, eta=0.0).prev_sample
+    (g,) = torch.autograd.grad(out.sum(), eps)
+    assert g.abs().sum() > 0
