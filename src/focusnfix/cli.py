@@ -177,7 +177,7 @@ def _extensions():
     """Sub-commands that live beside their modules (toy world, evaluation, report, ...)."""
     import importlib
 
-    for module_name in ("focusnfix.toyworld.cli", "focusnfix.evaluate_cli"):
+    for module_name in ("focusnfix.toyworld.cli", "focusnfix.evaluate_cli", "focusnfix.rahf.cli"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:

@@ -252,6 +252,8 @@ class FocusNFixTrainer:
         self.options = sampling_options(config)
 
         lc = config.lora
+        # same LoRA init on every process and every run (PEFT draws lora_A from the global RNG)
+        torch.manual_seed(tc.seed)
         self.params = add_lora(self.backbone.unet, lc.rank, lc.alpha, lc.target_modules, lc.dropout)
         self.optimizer = torch.optim.AdamW(
             self.params, lr=tc.learning_rate, betas=tc.adam_betas, weight_decay=tc.weight_decay

@@ -1,0 +1,108 @@
+"""CLI: exit codes and one-line errors for bad input, sample/mask outputs, dry run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from conftest import base_config
+from focusnfix.cli import main
+
+
+def write_config(tmp_path, data, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda c: c["train"].update(learning_rate=-1), "train.learning_rate"),
+        (lambda c: c["train"].update(lr=1e-4), "train.lr"),
+        (lambda c: c["sampling"].update(k=10), "sampling"),
+        (lambda c: c["mask"].update(threshold_mode="bogus"), "mask.threshold_mode"),
+        (lambda c: c.pop("aspects"), "aspects"),
+        (lambda c: c["data"].update(prompts=[]), "data"),
+    ],
+)
+def test_bad_config_exits_2_naming_the_field(tiny_sd_dir, tmp_path, capsys, mutate, field):
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"))
+    mutate(cfg)
+    code = main(["train", "--config", str(write_config(tmp_path, cfg))])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and field in err, err
+
+
+def test_bad_override_and_missing_files(tiny_sd_dir, tmp_path, capsys):
+    cfg = write_config(tmp_path, base_config(str(tiny_sd_dir), str(tmp_path / "run")))
+    assert main(["train", "--config", str(cfg), "--set", "train.steps=zero"]) == 2
+    assert "train.steps" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+    (tmp_path / "broken.yaml").write_text("model: [unclosed")
+    assert main(["train", "--config", str(tmp_path / "broken.yaml")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_missing_model_path_is_named(tmp_path, capsys):
+    cfg = write_config(tmp_path, base_config(str(tmp_path / "no-such-model"), str(tmp_path / "run")))
+    assert main(["train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-model" in err and "does not exist" in err
+    assert main(["sample", "--model", str(tmp_path / "missing"), "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_plan_without_loading(tiny_sd_dir, tmp_path, capsys):
+    cfg = write_config(tmp_path, base_config(str(tiny_sd_dir), str(tmp_path / "run")))
+    assert main(["train", "--config", str(cfg), "--dry-run", "--set", "objective.beta=0"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["method"].startswith("DRaFT") and plan["pool"] == {"prompts": 2, "seeds_per_prompt": 2}
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_then_sample_matches_diffusers_with_the_lora(tiny_sd_dir, tmp_path, capsys):
+    cfg = write_config(tmp_path, base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=2))
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    lora = tmp_path / "run" / "lora"
+    out = tmp_path / "s.png"
+    args = ["sample", "--model", str(tiny_sd_dir), "--lora", str(lora), "--prompt", "a red circle",
+            "--seed", "11", "--steps", "4", "--guidance", "3", "--out", str(out)]
+    assert main(args) == 0
+    ours = np.asarray(Image.open(out)).astype(int)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir), safety_checker=None)
+    pipe.load_lora_weights(str(lora))
+    theirs = pipe("a red circle", num_inference_steps=4, guidance_scale=3.0,
+                  generator=torch.Generator().manual_seed(11), output_type="np").images[0]
+    theirs = (theirs * 255 + 0.5).astype(int)
+    assert ours.shape == theirs.shape == (32, 32, 3)
+    assert np.abs(ours - theirs).max() <= 1
+
+
+def test_sample_rejects_bad_lora_and_prompt(tiny_sd_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "pytorch_lora_weights.safetensors").write_bytes(b"not a safetensors file")
+    base = ["sample", "--model", str(tiny_sd_dir), "--out", str(tmp_path / "o.png")]
+    assert main([*base, "--prompt", "a", "--lora", str(bad)]) == 2
+    assert "not a readable safetensors" in capsys.readouterr().err
+    assert main([*base, "--prompt", "a", "--lora", str(tmp_path / "none")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main([*base, "--prompt", "  "]) == 2
+
+
+def test_mask_command_writes_the_picture(tiny_sd_dir, tmp_path, capsys):
+    cfg = write_config(tmp_path, base_config(str(tiny_sd_dir), str(tmp_path / "run")))
+    out = tmp_path / "mask.png"
+    assert main(["mask", "--config", str(cfg), "--prompt", "a red circle", "--seed", "1", "--scale", "1",
+                 "--out", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["mask_area"] == 0.5
+    img = np.asarray(Image.open(out))
+    assert img.shape == (32 + 4, 4 * 34 + 2, 3)  # Î0 | heatmap | mask | overlay

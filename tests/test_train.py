@@ -1,0 +1,183 @@
+"""Trainer: exact step 0, the regional constraint at work, LoRA files, resume, NaN guard."""
+
+import json
+import math
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from conftest import base_config
+from focusnfix.config import config_from_dict
+from focusnfix.lora import LORA_WEIGHT_NAME, lora_parameters
+from focusnfix.sampling import sample
+from focusnfix.train import FocusNFixTrainer, lora_vector
+
+
+def make_trainer(tiny_sd_dir, tmp_path, name="run", **train):
+    cfg = config_from_dict(base_config(str(tiny_sd_dir), str(tmp_path / name), **train))
+    return FocusNFixTrainer(cfg, progress=False)
+
+
+def test_step_zero_policy_equals_reference_and_constraint_is_exactly_zero(tiny_sd_dir, tmp_path):
+    trainer = make_trainer(tiny_sd_dir, tmp_path)
+    terms = trainer.loss_on(step=0, micro=0)
+    assert torch.equal(terms["constraint"], torch.zeros(2))
+    assert torch.equal(terms["outside_change"], torch.zeros(2))
+    assert terms["mask_area"].tolist() == [0.5, 0.5]  # the left half
+    terms["loss"].backward()
+    grads = [p.grad for p in lora_parameters(trainer.backbone.unet)]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def _outside_change(trainer):
+    """Mean |Î - Î0| over the right half (outside the left-half mask) and the mean reward,
+    on the whole training pool."""
+    prompts = [p for p, _ in trainer.pool]
+    seeds = [s for _, s in trainer.pool]
+    with torch.no_grad():
+        now = sample(trainer.backbone, prompts, seeds, trainer.options).images
+        with trainer.backbone.adapters_disabled():
+            ref = sample(trainer.backbone, prompts, seeds, trainer.options).images
+    w = now.shape[-1]
+    outside = (now - ref)[..., w // 2 :].abs().mean().item()
+    return outside, now.mean().item(), ref.mean().item()
+
+
+@pytest.mark.slow
+def test_constraint_keeps_outside_unchanged_while_reward_rises(tiny_sd_dir, tmp_path):
+    """Reward = mean brightness (wants change everywhere), mask = left half."""
+    results = {}
+    for beta in (0.0, 0.03):
+        cfg = base_config(str(tiny_sd_dir), str(tmp_path / f"beta{beta}"), steps=40, learning_rate=1e-2)
+        cfg["objective"]["beta"] = beta
+        # convolutions too: a random tiny UNet needs them to brighten one half only
+        cfg["lora"]["target_modules"] = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_out"]
+        trainer = FocusNFixTrainer(config_from_dict(cfg), progress=False)
+        trainer.train()
+        results[beta] = _outside_change(trainer)
+    (draft_out, draft_r, base_r), (fnf_out, fnf_r, _) = results[0.0], results[0.03]
+    print(f"\noutside |change|: DRaFT {draft_out:.5f}  Focus-N-Fix {fnf_out:.5f}  ratio {draft_out / fnf_out:.1f}")
+    print(f"reward (mean brightness): base {base_r:.5f}  DRaFT {draft_r:.5f}  Focus-N-Fix {fnf_r:.5f}")
+    assert draft_out >= 10 * fnf_out
+    assert fnf_r > base_r + 1e-3 and draft_r > base_r + 1e-3
+
+
+def test_run_directory_and_lora_loads_in_a_plain_pipeline(tiny_sd_dir, tmp_path):
+    trainer = make_trainer(tiny_sd_dir, tmp_path, steps=3, checkpoint_every=2, sample_every=2)
+    result = trainer.train()
+    run = result.run_dir
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    for key in ("loss", "reward", "constraint", "mask_area", "grad_norm", "seconds", "lr", "skipped"):
+        assert key in lines[0]
+    assert (run / "config.yaml").is_file() and (run / "samples" / "step_000002.png").is_file()
+    assert (run / "checkpoints" / "step_000002" / "lora.safetensors").is_file()
+    weights = run / "lora" / LORA_WEIGHT_NAME
+    assert weights.is_file()
+    assert all(k.startswith("unet.") for k in load_file(str(weights)))
+
+    # a plain diffusers pipeline loads the LoRA and draws what our sampler draws
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir), safety_checker=None)
+    pipe.load_lora_weights(str(run / "lora"))
+    with torch.no_grad():
+        theirs = pipe(["a red circle"], num_inference_steps=4, guidance_scale=3.0,
+                      generator=torch.Generator().manual_seed(5), output_type="pt").images
+        ours = sample(trainer.backbone, ["a red circle"], [5], trainer.options).images
+        with trainer.backbone.adapters_disabled():
+            base = sample(trainer.backbone, ["a red circle"], [5], trainer.options).images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    assert (ours - base).abs().max() > 1e-3  # the LoRA did change the image
+
+
+def test_resume_after_a_crash_ends_with_the_same_lora(tiny_sd_dir, tmp_path, monkeypatch):
+    straight = make_trainer(tiny_sd_dir, tmp_path, "straight", steps=5, checkpoint_every=2)
+    straight.train()
+    want = lora_vector(straight.backbone.unet)
+
+    crashed = make_trainer(tiny_sd_dir, tmp_path, "crashed", steps=5, checkpoint_every=2)
+    real_step = crashed.train_step
+
+    def crash_at_4(step):
+        if step == 3:
+            raise RuntimeError("simulated crash")
+        return real_step(step)
+
+    monkeypatch.setattr(crashed, "train_step", crash_at_4)
+    with pytest.raises(RuntimeError, match="simulated"):
+        crashed.train()
+    assert not (tmp_path / "crashed" / "lora").exists()
+    resumed = make_trainer(tiny_sd_dir, tmp_path, "crashed", steps=5, checkpoint_every=2)
+    resumed.train(resume=True)
+    assert torch.equal(lora_vector(resumed.backbone.unet), want)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "crashed" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_resume_refuses_a_changed_config_and_fresh_run_refuses_old_checkpoints(tiny_sd_dir, tmp_path):
+    from focusnfix.errors import InputError
+
+    make_trainer(tiny_sd_dir, tmp_path, "r", steps=2, checkpoint_every=1).train()
+    with pytest.raises(InputError, match="--resume"):
+        make_trainer(tiny_sd_dir, tmp_path, "r", steps=2, checkpoint_every=1).train()
+    with pytest.raises(InputError, match="different config"):
+        make_trainer(tiny_sd_dir, tmp_path, "r", steps=3, learning_rate=1e-3).train(resume=True)
+
+
+class _NaNOnce:
+    def __init__(self, aspect, bad_step_calls):
+        self.aspect, self.calls, self.bad = aspect, 0, bad_step_calls
+
+    def __call__(self, images, prompts):
+        self.calls += 1
+        r = self.aspect.reward(images, prompts)
+        return r * float("nan") if self.calls in self.bad else r
+
+
+def test_non_finite_step_is_skipped_and_logged(tiny_sd_dir, tmp_path):
+    trainer = make_trainer(tiny_sd_dir, tmp_path, steps=3)
+    aspect = trainer.aspects[0]
+    hook = _NaNOnce(type(aspect)(), bad_step_calls={2})
+    aspect.reward = hook  # the 2nd reward call (step 2) is NaN
+    trainer.train()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in lines] == [False, True, False]
+    assert math.isnan(lines[1]["loss"])
+    assert torch.isfinite(lora_vector(trainer.backbone.unet)).all()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_sd_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "killed"), steps=10, checkpoint_every=2)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(__file__))
+    cmd = [sys.executable, "-m", "focusnfix.cli", "train", "--config", str(path), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = tmp_path / "killed" / "checkpoints" / "step_000004" / "state.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), proc.stderr.read().decode()[-2000:]
+    assert not (tmp_path / "killed" / "lora").exists(), "run finished before it could be killed"
+    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+
+    straight = make_trainer(tiny_sd_dir, tmp_path, "straight", steps=10, checkpoint_every=2)
+    straight.train()
+    a = load_file(str(tmp_path / "killed" / "lora" / LORA_WEIGHT_NAME))
+    b = load_file(str(tmp_path / "straight" / "lora" / LORA_WEIGHT_NAME))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
