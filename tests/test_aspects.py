@@ -1,0 +1,109 @@
+"""Saliency localizers, user mask files, and the aspect registry."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from toy_aspects import RedClassifier
+
+from focusnfix.aspects import SaliencyAspect, build_aspect
+from focusnfix.aspects.saliency import gaussian_blur, input_gradient_saliency
+from focusnfix.errors import InputError
+
+
+def red_patch_images():
+    """Teal images with a red square at rows/cols 4..8 (image 0) and 10..14 (image 1)."""
+    x = torch.tensor([0.2, 0.5, 0.5]).view(1, 3, 1, 1).repeat(2, 1, 16, 16)
+    x[0, :, 4:8, 4:8] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    x[1, :, 10:14, 10:14] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    truth = torch.zeros(2, 1, 16, 16)
+    truth[0, :, 4:8, 4:8] = 1
+    truth[1, :, 10:14, 10:14] = 1
+    return x, truth
+
+
+@pytest.mark.parametrize("method", ["input_gradient", "smoothgrad", "gradcam"])
+def test_saliency_finds_the_defect(method):
+    images, truth = red_patch_images()
+    aspect = SaliencyAspect("safety", RedClassifier(), method=method, layer="features", blur_sigma=0.0,
+                            smooth_samples=4, noise_std=0.05)
+    hm = aspect.heatmap(images, ["", ""])
+    assert hm.shape == (2, 1, 16, 16) and hm.min() >= 0 and hm.max() == 1
+    inside = (hm * truth).sum() / truth.sum()
+    outside = (hm * (1 - truth)).sum() / (1 - truth).sum()
+    assert inside > 5 * outside
+    assert not images.requires_grad  # the caller's images are untouched
+
+
+def test_saliency_is_zero_where_the_reward_is_flat():
+    flat = torch.full((1, 3, 8, 8), 0.5)  # no red anywhere: relu is off, gradient is zero
+    hm = input_gradient_saliency(RedClassifier(), flat, [""])
+    assert torch.equal(hm, torch.zeros(1, 1, 8, 8))
+
+
+def test_reward_is_differentiable_and_lower_with_the_defect():
+    images, _ = red_patch_images()
+    clean = torch.full((1, 3, 16, 16), 0.5)
+    aspect = SaliencyAspect("safety", RedClassifier())
+    x = images.clone().requires_grad_(True)
+    r = aspect.reward(x, ["", ""])
+    r.sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert (r.detach() < aspect.reward(clean, [""])).all()
+
+
+def test_gaussian_blur_preserves_mass_and_shape():
+    x = torch.zeros(1, 1, 15, 15)
+    x[0, 0, 7, 7] = 1
+    y = gaussian_blur(x, 1.0)
+    assert y.shape == x.shape and y.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert y[0, 0, 7, 7] == y.max()
+
+
+def test_gradcam_needs_a_real_layer():
+    with pytest.raises(ValueError, match="layer"):
+        SaliencyAspect("s", RedClassifier(), method="gradcam")
+    with pytest.raises(ValueError, match="not a submodule"):
+        SaliencyAspect("s", RedClassifier(), method="gradcam", layer="nope")
+
+
+def test_mask_files_single_image_and_directory(tmp_path):
+    arr = np.zeros((8, 8), np.uint8)
+    arr[:, :4] = 255
+    Image.fromarray(arr).save(tmp_path / "left.png")
+    one = build_aspect("mask_files", {"path": str(tmp_path / "left.png")})
+    hm = one.heatmap(torch.zeros(2, 3, 16, 16), ["a", "b"])
+    assert hm.shape == (2, 1, 16, 16)
+    assert hm[..., :7].min() == 1 and hm[..., 9:].max() == 0
+    assert torch.equal(one.reward(torch.zeros(2, 3, 4, 4), ["a", "b"]), torch.zeros(2))
+
+    (tmp_path / "index.json").write_text(json.dumps({"a cat": "left.png"}))
+    by_prompt = build_aspect("mask_files", {"path": str(tmp_path)})
+    assert by_prompt.heatmap(torch.zeros(1, 3, 8, 8), ["a cat"]).sum() == 32
+    with pytest.raises(InputError, match="no mask image for prompt"):
+        by_prompt.heatmap(torch.zeros(1, 3, 8, 8), ["a dog"])
+
+
+def test_mask_files_errors_name_the_file(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        build_aspect("mask_files", {"path": str(tmp_path / "nope.png")})
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    with pytest.raises(InputError, match="bad.png"):
+        build_aspect("mask_files", {"path": str(tmp_path / "bad.png")})
+    (tmp_path / "index.json").write_text(json.dumps({"x": "missing.png"}))
+    with pytest.raises(InputError, match="missing.png"):
+        build_aspect("mask_files", {"path": str(tmp_path)})
+
+
+def test_registry_errors():
+    with pytest.raises(InputError, match="unknown aspect type"):
+        build_aspect("nope", {})
+    with pytest.raises(InputError, match="cannot import"):
+        build_aspect("python", {"target": "no_such_module:thing"})
+    with pytest.raises(InputError, match="expected a focusnfix Aspect"):
+        build_aspect("python", {"target": "toy_aspects:red_classifier"})
+    aspect = build_aspect("saliency", {"target": "toy_aspects:red_classifier", "method": "gradcam",
+                                       "layer": "features"}, name="safety")
+    assert aspect.name == "safety" and not any(p.requires_grad for p in aspect.parameters())
