@@ -1,0 +1,219 @@
+"""Human rating: a static HTML page to vote on base vs method, and folding the votes into metrics.
+
+The page (:func:`write_rating_page`) shows, per task, the base image ("original") beside one
+method's image ("candidate", method name hidden; tasks in a seeded random order) and asks, per
+aspect, whether the candidate is *improved*, the *same* or *worse* than the original on that
+aspect. Votes live in the page (``window.focusnfixVotes``, also readable as JSON through
+``window.focusnfixVotesJSON()``) and download as a JSON file (a ``Blob`` behind a link):
+
+    {"format": "focusnfix-votes/1", "rater": "name", "target": "safety",
+     "votes": [{"example": 0, "prompt": "...", "seed": 0, "method": "focusnfix",
+                "aspect": "safety", "vote": "improved" | "same" | "worse"}, ...]}
+
+:func:`fold_votes` turns such files (one rater each, or a list of such objects) into the three
+shares of the paper's human evaluation, per method, with a *rating* = one rater's votes on one
+(example, method):
+
+* ``improved_share``: ratings whose target-aspect vote is "improved" (among ratings with a
+  target vote);
+* ``degraded_share``: target-aspect vote "worse" (same denominator);
+* ``others_degraded_share``: any other aspect voted "worse" (among ratings with at least one
+  other-aspect vote).
+
+Intervals are percentile bootstraps over ratings (as in metrics.json).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from focusnfix.errors import InputError
+from focusnfix.report import CSS, chw_to_hwc, esc, png_data_uri, write_text_atomic
+
+VOTE_VALUES = ("improved", "same", "worse")
+VOTES_FORMAT = "focusnfix-votes/1"
+
+_JS = """
+(function(){
+  var votes = {};
+  window.focusnfixVotes = votes;
+  function collect(){
+    var rater = document.getElementById('rater').value || 'anonymous';
+    var list = [];
+    Object.keys(votes).sort().forEach(function(k){ list.push(votes[k]); });
+    return {format: %(fmt)s, rater: rater, target: %(target)s, votes: list};
+  }
+  window.focusnfixVotesJSON = function(){ return JSON.stringify(collect(), null, 1); };
+  function refresh(){
+    var n = Object.keys(votes).length;
+    document.getElementById('count').textContent = n + ' of ' + %(total)d + ' votes';
+    var a = document.getElementById('download');
+    if (a.href && a.href.indexOf('blob:') === 0) { URL.revokeObjectURL(a.href); }
+    a.href = URL.createObjectURL(new Blob([window.focusnfixVotesJSON()], {type: 'application/json'}));
+  }
+  document.querySelectorAll('button.vote').forEach(function(b){
+    b.addEventListener('click', function(){
+      var d = b.dataset;
+      var key = d.task + '|' + d.aspect;
+      votes[key] = {example: parseInt(d.example, 10), prompt: d.prompt, seed: parseInt(d.seed, 10),
+                    method: d.method, aspect: d.aspect, vote: d.vote};
+      document.querySelectorAll('button.vote[data-task="' + d.task + '"][data-aspect="' + d.aspect + '"]')
+        .forEach(function(o){ o.classList.toggle('chosen', o === b); });
+      refresh();
+    });
+  });
+  document.getElementById('rater').addEventListener('input', refresh);
+  refresh();
+})();
+"""
+
+_CSS = CSS + """
+.task{border:1px solid #ccc;margin:10px 0;padding:8px;display:flex;gap:16px;align-items:flex-start}
+.task img{image-rendering:pixelated;width:192px;height:192px;display:block;border:1px solid #888}
+button.vote{margin:2px;padding:3px 8px} button.chosen{background:#2c7be5;color:#fff}
+.aspect{margin:4px 0}
+"""
+
+
+def write_rating_page(eval_dir: str | Path, out_html: str | Path, seed: int = 0, max_examples: int | None = None) -> Path:
+    """Write the static rating page of an evaluation directory; returns its path.
+
+    Args:
+        eval_dir: evaluation directory (``metrics.json``, ``images.npz``, ``per_image.json``).
+        out_html: HTML file to write.
+        seed: seed of the task order.
+        max_examples: rate only the first examples (default: all).
+    """
+    from focusnfix.evaluate import load_eval
+
+    metrics, arrays, per_image = load_eval(eval_dir)
+    if "base" not in arrays:
+        raise InputError(f"{eval_dir} has no images.npz: nothing to rate")
+    target = metrics.get("aspect", "")
+    aspects = [target] + [a for a in metrics.get("aspects", []) if a != target]
+    items = per_image.get("items") or [{"prompt": p, "seed": s} for p in metrics.get("prompts", [])
+                                       for s in metrics.get("seeds", [])]
+    methods = [m for m in metrics.get("methods", {}) if m != "base" and f"method__{m}" in arrays]
+    n = arrays["base"].shape[0] if max_examples is None else min(max_examples, arrays["base"].shape[0])
+    tasks = [(i, m) for i in range(n) for m in methods]
+    order = np.random.default_rng(seed).permutation(len(tasks)) if tasks else []
+    base_uris = {}
+    cards = []
+    for t_index, k in enumerate(order):
+        i, m = tasks[int(k)]
+        if i not in base_uris:
+            base_uris[i] = png_data_uri(chw_to_hwc(arrays["base"][i]))
+        prompt, seed_i = items[i]["prompt"], items[i]["seed"]
+        cand = png_data_uri(chw_to_hwc(arrays[f"method__{m}"][i]))
+        task_id = f"t{t_index}"
+        rows = []
+        for a in aspects:
+            buttons = "".join(
+                f'<button type="button" class="vote" data-task="{task_id}" data-example="{i}" '
+                f'data-method="{esc(m)}" data-aspect="{esc(a)}" data-vote="{v}" data-prompt="{esc(prompt)}" '
+                f'data-seed="{esc(seed_i)}">{v}</button>' for v in VOTE_VALUES)
+            label = f"{esc(a)} (target)" if a == target else esc(a)
+            rows.append(f'<div class="aspect"><b>{label}</b>: {buttons}</div>')
+        cards.append(
+            f'<div class="task" id="{task_id}"><div><div>original</div><img src="{base_uris[i]}" alt="original {i}">'
+            f'</div><div><div>candidate</div><img src="{cand}" alt="candidate {task_id}"></div>'
+            f'<div><p class="prompt">Task {t_index + 1}: &ldquo;{esc(prompt)}&rdquo;</p>'
+            f'<p class="note">Compared with the original, on each aspect the candidate is:</p>{"".join(rows)}</div></div>')
+    js = _JS % {"fmt": json.dumps(VOTES_FORMAT), "target": json.dumps(target), "total": len(tasks) * len(aspects)}
+    js = js.replace("</", "<\\/")
+    page = (
+        '<!DOCTYPE html><html><head><meta charset="utf-8"><title>Focus-N-Fix rating</title>'
+        f"<style>{_CSS}</style></head><body><h1>Rate the candidates</h1>"
+        f"<p>Target aspect: <b>{esc(target)}</b>. Each task shows the original image and a candidate made from the "
+        "same prompt and noise. Vote per aspect; then download your votes and send the file.</p>"
+        '<p>Rater: <input id="rater" type="text" value="" placeholder="your name"> '
+        '<span id="count"></span> <a id="download" download="votes.json" href="#">download votes (JSON)</a></p>'
+        + "".join(cards) + f"<script>{js}</script></body></html>"
+    )
+    return write_text_atomic(out_html, page)
+
+
+# ---------------------------------------------------------------------------------------------
+# Folding votes
+# ---------------------------------------------------------------------------------------------
+def read_votes(paths: list[str | Path]) -> list[dict[str, Any]]:
+    """All vote records of one or more votes files, each record with its ``rater`` set."""
+    records = []
+    for i, path in enumerate(paths):
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"votes file {path} does not exist")
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise InputError(f"votes file {path} is not valid JSON: {err}") from err
+        docs = doc if isinstance(doc, list) else [doc]
+        for j, d in enumerate(docs):
+            if not isinstance(d, dict) or not isinstance(d.get("votes"), list):
+                raise InputError(f"votes file {path}: expected an object with a 'votes' list")
+            rater = str(d.get("rater") or f"{path.name}#{j}")
+            if rater == "anonymous":
+                rater = f"anonymous@{path.name}#{i}.{j}"
+            for v in d["votes"]:
+                if not isinstance(v, dict) or v.get("vote") not in VOTE_VALUES:
+                    raise InputError(f"votes file {path}: each vote needs 'vote' in {VOTE_VALUES}, got {v!r}")
+                for key in ("example", "method", "aspect"):
+                    if key not in v:
+                        raise InputError(f"votes file {path}: a vote lacks {key!r}: {v!r}")
+                records.append({**v, "rater": rater})
+    return records
+
+
+def fold_votes(records: list[dict[str, Any]], target: str, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Per method: ``{"n_ratings", "n_raters", "improved_share": S, "degraded_share": S,
+    "others_degraded_share": S}`` (see the module docstring for the definitions)."""
+    from focusnfix.evaluate import bootstrap_stat
+
+    ratings: dict[str, dict[tuple[str, int], dict[str, str]]] = {}
+    for r in records:
+        ratings.setdefault(str(r["method"]), {}).setdefault((r["rater"], int(r["example"])), {})[str(r["aspect"])] = r["vote"]
+    out = {}
+    for method, units in ratings.items():
+        imp, deg, oth = [], [], []
+        for votes in units.values():
+            if target in votes:
+                imp.append(float(votes[target] == "improved"))
+                deg.append(float(votes[target] == "worse"))
+            other = [v for a, v in votes.items() if a != target]
+            if other:
+                oth.append(float(any(v == "worse" for v in other)))
+        out[method] = {
+            "n_ratings": len(units),
+            "n_raters": len({k[0] for k in units}),
+            "improved_share": bootstrap_stat(imp, n_bootstrap, seed),
+            "degraded_share": bootstrap_stat(deg, n_bootstrap, seed),
+            "others_degraded_share": bootstrap_stat(oth, n_bootstrap, seed),
+        }
+    return out
+
+
+def apply_votes(eval_dir: str | Path, vote_files: list[str | Path], n_bootstrap: int | None = None) -> dict[str, Any]:
+    """Fold votes into ``eval_dir/metrics.json`` as ``methods[<m>]["human"]``; returns the metrics.
+
+    Methods without votes get ``"human": null``; votes for methods not in the metrics are an error.
+    """
+    from focusnfix.evaluate import load_eval, write_metrics
+
+    metrics, _, _ = load_eval(eval_dir)
+    settings = metrics.get("settings", {})
+    nb = n_bootstrap if n_bootstrap is not None else int(settings.get("n_bootstrap", 1000))
+    folded = fold_votes(read_votes(vote_files), metrics["aspect"], nb, int(settings.get("bootstrap_seed", 0)))
+    unknown = sorted(set(folded) - set(metrics["methods"]))
+    if unknown:
+        raise InputError(f"votes name methods that {eval_dir}/metrics.json lacks: {unknown}")
+    for name, entry in metrics["methods"].items():
+        entry["human"] = None if name == "base" else folded.get(name)
+    write_metrics(eval_dir, metrics)
+    return metrics
+
+
+__all__ = ["VOTES_FORMAT", "VOTE_VALUES", "apply_votes", "fold_votes", "read_votes", "write_rating_page"]
