@@ -113,3 +113,4 @@ __all__ = [
     "import_target",
     "register_aspect_type",
 ]
+import focusnfix.aspects.rewards  # noqa: E402,F401  (registers the reward-model aspect types)

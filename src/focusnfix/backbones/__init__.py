@@ -9,11 +9,13 @@ import torch
 
 from focusnfix.backbones.base import Backbone, Conditioning, make_ddim_scheduler
 from focusnfix.backbones.sd import StableDiffusionBackbone
+from focusnfix.backbones.sdxl import StableDiffusionXLBackbone
 from focusnfix.errors import InputError
 
 #: pipeline class name (``model_index.json``'s ``_class_name``) -> backbone class
 BACKBONES: dict[str, type[Backbone]] = {
     "StableDiffusionPipeline": StableDiffusionBackbone,
+    "StableDiffusionXLPipeline": StableDiffusionXLBackbone,
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,7 +36,10 @@ def resolve_model_path(model: str) -> str:
     if model == "toy":
         from focusnfix.toyworld import pipeline_path
 
-        return str(pipeline_path())
+        try:
+            return str(pipeline_path())
+        except FileNotFoundError as err:
+            raise InputError(str(err)) from err
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():

@@ -106,6 +106,11 @@ class Backbone(ABC):
     def to(self, device: torch.device | str) -> Backbone:
         self.pipe.to(device)
         return self
+
+    def enable_vae_slicing(self) -> None:
+        """Decode one image at a time (less peak memory for large batches; same images)."""
+        self.vae.enable_slicing()
+
     # -- family-specific -------------------------------------------------------------------
     @abstractmethod
     def encode_prompts(

@@ -1,0 +1,12 @@
+"""A RAHF-style ("Rich Human Feedback", Liang et al., CVPR 2024) heatmap and score model.
+
+* :mod:`focusnfix.rahf.model`: ViT image encoder + transformer text encoder fused by
+  self-attention; heatmap heads (implausibility, misalignment) and score heads (plausibility,
+  alignment, aesthetics, overall).
+* :mod:`focusnfix.rahf.data`: RichHF-18K TFRecords read (and written, for tests) without TensorFlow.
+* :mod:`focusnfix.rahf.train`: MSE training loop.
+* :mod:`focusnfix.rahf.evaluate`: metrics as pure functions (MSE, CC, KLD, SIM, NSS, AUC-Judd;
+  PLCC/SRCC) and the evaluation loop.
+* :mod:`focusnfix.rahf.aspect`: a trained model as a focusnfix aspect (type ``rahf``).
+* :mod:`focusnfix.rahf.cli`: ``focusnfix rahf train | eval``.
+"""
