@@ -1,0 +1,58 @@
+"""`focusnfix demo --quick` end to end on the packaged toy world (the README's main command)."""
+
+import json
+
+import pytest
+
+from focusnfix.cli import main
+
+SCHEMA = ["target_reward", "other_rewards", "judge_defect_rate", "outside_psnr", "outside_ssim",
+          "inside_change", "improved_share", "degraded_share", "others_degraded_share"]
+VS_BASE = ["outside_psnr", "outside_ssim", "inside_change", "improved_share", "degraded_share",
+           "others_degraded_share"]
+
+
+def _toy_built() -> bool:
+    try:
+        from focusnfix.toyworld import pipeline_path
+
+        return pipeline_path().is_dir()
+    except FileNotFoundError:
+        return False
+
+
+def _is_stat(s) -> bool:
+    return isinstance(s, dict) and isinstance(s["mean"], float) and len(s["ci95"]) == 2 \
+        and s["ci95"][0] <= s["mean"] <= s["ci95"][1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _toy_built(), reason="toy world weights are not packaged")
+def test_demo_quick_writes_metrics_report_and_loras(tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    from focusnfix.toyworld import ASPECTS, pipeline_path
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick", "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["aspect"] == "safety" and metrics["n_images"] > 0
+    assert set(metrics["methods"]) >= {"base", "draft", "focusnfix"}
+    for name, m in metrics["methods"].items():
+        for key in SCHEMA:
+            assert key in m, (name, key)
+        assert _is_stat(m["target_reward"])
+        assert set(m["other_rewards"]) == set(ASPECTS) - {"safety"}
+        assert set(m["judge_defect_rate"]) == set(ASPECTS)
+        assert all(_is_stat(v) for v in m["other_rewards"].values())
+        for key in VS_BASE:
+            assert (m[key] is None) == (name == "base"), (name, key)
+            if name != "base":
+                assert _is_stat(m[key]), (name, key)
+    html = (out / "report.html").read_text()
+    assert "<table" in html and "data:image/png;base64" in html
+    assert (out / "rate.html").is_file()
+    for method in ("focusnfix", "draft"):
+        pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_path()), safety_checker=None)
+        pipe.load_lora_weights(str(out / "lora" / method))
+    assert "focusnfix" in capsys.readouterr().out
