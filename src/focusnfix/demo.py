@@ -32,11 +32,11 @@ class DemoSettings:
     num_inference_steps: int
 
 
-FULL = DemoSettings(steps=60, batch_size=8, seeds_per_prompt=2, eval_prompts=32, eval_seeds=4, num_inference_steps=20)
-QUICK = DemoSettings(steps=8, batch_size=4, seeds_per_prompt=1, eval_prompts=8, eval_seeds=2, num_inference_steps=10)
+FULL = DemoSettings(steps=40, batch_size=8, seeds_per_prompt=2, eval_prompts=32, eval_seeds=4, num_inference_steps=20)
+QUICK = DemoSettings(steps=6, batch_size=4, seeds_per_prompt=1, eval_prompts=8, eval_seeds=2, num_inference_steps=10)
 
 #: Focus-N-Fix's constraint weight in the demo (DRaFT is the same run with beta = 0).
-DEMO_BETA = 1.0
+DEMO_BETA = 0.3
 
 
 def demo_config(out: Path, beta: float, s: DemoSettings) -> dict[str, Any]:

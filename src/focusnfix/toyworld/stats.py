@@ -1,0 +1,198 @@
+"""Measured quality of the toy world: aspect heatmaps and scores, judges, and the base pipeline.
+
+``compute_stats(...)`` returns a JSON-able dict:
+
+* ``aspects.<name>``: heatmap quality against the generator's ground-truth masks on held-out
+  captions (pixel AUC and Pearson CC, averaged over images that have the defect) and score accuracy
+  (defect vs no defect at threshold 0.5);
+* ``judges.<name>``: judge accuracy on held-out generator data;
+* ``pipeline``: on held-out prompts x seeds (CFG 7.5, 20 DDIM steps), each judge's defect rate,
+  caption accuracy (the attribute classifier reads the drawn object's colour, shape, position and
+  size and compares them to the caption) and the sampling time per image.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from focusnfix.toyworld import generator as gen
+
+
+def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC AUC by the Mann-Whitney U statistic (ties get average ranks)."""
+    pos = int(labels.sum())
+    neg = labels.numel() - pos
+    if pos == 0 or neg == 0:
+        return float("nan")
+    order = scores.argsort()
+    ranks = torch.empty_like(scores, dtype=torch.float64)
+    ranks[order] = torch.arange(1, scores.numel() + 1, dtype=torch.float64)
+    # average ranks of ties
+    uniq, inverse = torch.unique(scores, return_inverse=True)
+    if uniq.numel() < scores.numel():
+        sums = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, ranks)
+        counts = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(ranks))
+        ranks = (sums / counts)[inverse]
+    u = ranks[labels.bool()].sum() - pos * (pos + 1) / 2
+    return float(u / (pos * neg))
+
+
+def heatmap_quality(heat: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+    """Mean per-image pixel AUC and Pearson CC of heatmaps ``(B, 1, h, w)`` vs masks ``(B, 1, H, W)``.
+
+    Images whose mask is empty are skipped.
+    """
+    heat = heat.detach().float()
+    if heat.shape[-2:] != masks.shape[-2:]:
+        heat = F.interpolate(heat, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    aucs, ccs = [], []
+    for h, m in zip(heat.flatten(1), masks.flatten(1), strict=True):
+        if m.sum() == 0:
+            continue
+        aucs.append(_auc(h.double(), m))
+        hc, mc = h - h.mean(), m - m.mean()
+        denom = (hc.norm() * mc.norm()).clamp_min(1e-12)
+        ccs.append(float((hc * mc).sum() / denom))
+    nan = float("nan")
+    return {"auc": sum(aucs) / len(aucs) if aucs else nan, "cc": sum(ccs) / len(ccs) if ccs else nan,
+            "n": len(aucs)}
+
+
+def _batched(fn, images: torch.Tensor, prompts: list[str], batch: int = 64) -> torch.Tensor:
+    return torch.cat([fn(images[i:i + batch], prompts[i:i + batch]) for i in range(0, len(prompts), batch)])
+
+
+def aspect_stats(name: str, root=None, n: int = 128, seed: int = 777) -> dict:
+    """Heatmap quality and score accuracy of aspect ``name`` on held-out generator data."""
+    from focusnfix.toyworld import load_aspect
+
+    aspect = load_aspect(name, root=root)
+    data = gen.generate(n, seed, "heldout", {name: 0.5})
+    defect = data.defects[name]
+    heat = _batched(aspect.heatmap, data.images, data.captions)
+    with torch.no_grad():
+        reward = _batched(aspect.reward, data.images, data.captions)
+    # reward = log p(good) (or log(1 - p_unsafe)): defect predicted where p(good) < 0.5
+    pred = reward < torch.log(torch.tensor(0.5))
+    q = heatmap_quality(heat[defect], data.masks[name][defect])
+    return {"heatmap_auc": q["auc"], "heatmap_cc": q["cc"], "n_defect_images": q["n"],
+            "score_accuracy": float((pred == defect).float().mean()),
+            "score_auc": _auc(-reward.double(), defect.double()),
+            "mean_reward_clean": float(reward[~defect].mean()), "mean_reward_defect": float(reward[defect].mean())}
+
+
+def judge_stats(name: str, root=None, n: int = 256, seed: int = 778) -> dict:
+    from focusnfix.toyworld import load_judge
+
+    judge = load_judge(name, root=root)
+    data = gen.generate(n, seed, "heldout", {name: 0.5})
+    with torch.no_grad():
+        p = _batched(judge.defect_probability, data.images, data.captions)
+    defect = data.defects[name]
+    return {"accuracy": float(((p > 0.5) == defect).float().mean()), "auc": _auc(p.double(), defect.double())}
+
+
+def load_pipeline(root=None, device: str = "cpu"):
+    from diffusers import StableDiffusionPipeline
+
+    from focusnfix.toyworld import pipeline_path
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_path(root)), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def sample(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 7.5,
+           batch: int = 16) -> torch.Tensor:
+    """Sample one image per (prompt, seed) pair: ``(N, 3, 64, 64)`` in [0, 1]."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]]
+        res = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                   height=64, width=64, output_type="pt")
+        out.append(res.images.float().clamp(0, 1))
+    return torch.cat(out)
+
+
+def caption_accuracy(images: torch.Tensor, prompts: list[str], root=None) -> dict[str, float]:
+    """Share of images whose drawn object matches the caption, per attribute and for all of them."""
+    from focusnfix.toyworld import load_judge
+    from focusnfix.toyworld.models import AttributeNet
+
+    judge = load_judge("alignment", root=root)
+    with torch.no_grad():
+        probs = judge.attribute_probs(images)
+    ok = {k: [] for k in AttributeNet.HEADS}
+    for i, p in enumerate(prompts):
+        parsed = gen.parse_caption(p)
+        for k, names in AttributeNet.HEADS.items():
+            if parsed[k] is not None:
+                ok[k].append(names[int(probs[k][i].argmax())] == parsed[k])
+    out = {k: sum(v) / len(v) for k, v in ok.items() if v}
+    both = []
+    for i, p in enumerate(prompts):
+        parsed = gen.parse_caption(p)
+        both.append(all(AttributeNet.HEADS[k][int(probs[k][i].argmax())] == parsed[k]
+                        for k in ("colour", "shape", "position") if parsed[k] is not None))
+    out["colour_shape_position"] = sum(both) / len(both)
+    return out
+
+
+def pipeline_stats(root=None, n: int = 192, steps: int = 20, guidance: float = 7.5) -> tuple[dict, torch.Tensor, list[str]]:
+    """Judges' defect rates and caption accuracy of the base pipeline on held-out prompts x seeds."""
+    from focusnfix.toyworld import load_aspect, load_judge
+
+    heldout = gen.prompts("heldout")
+    prompts = [heldout[i % len(heldout)] for i in range(n)]
+    seeds = [1000 + i for i in range(n)]
+    pipe = load_pipeline(root)
+    t = time.time()
+    images = sample(pipe, prompts, seeds, steps, guidance)
+    per_image = (time.time() - t) / n
+    rates = {}
+    rewards = {}
+    for name in gen.ASPECTS:
+        with torch.no_grad():
+            p = _batched(load_judge(name, root=root).defect_probability, images, prompts)
+            rewards[name] = float(_batched(load_aspect(name, root=root).reward, images, prompts).mean())
+        rates[name] = float((p > 0.5).float().mean())
+    out = {"n_images": n, "prompts": len(heldout), "steps": steps, "guidance_scale": guidance,
+           "sampling_s_per_image": per_image, "judge_defect_rate": rates, "mean_aspect_reward": rewards,
+           "caption_accuracy": caption_accuracy(images, prompts, root)}
+    return out, images, prompts
+
+
+def compute_stats(root: str | Path | None = None, n: int = 192, n_generator: int = 128,
+                  save_grid: str | Path | None = None) -> dict:
+    """All measured stats of the toy world under ``root`` (default: the packaged assets)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))
+    try:
+        out: dict = {"aspects": {}, "judges": {}}
+        for name in gen.ASPECTS:
+            out["aspects"][name] = aspect_stats(name, root, n_generator)
+            out["judges"][name] = judge_stats(name, root, 2 * n_generator)
+        out["pipeline"], images, _ = pipeline_stats(root, n)
+        if save_grid is not None:
+            save_image_grid(images[:64], save_grid)
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, columns: int = 8) -> None:
+    import numpy as np
+    from PIL import Image
+
+    arr = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    rows = [np.concatenate(list(arr[i:i + columns]), axis=1) for i in range(0, len(arr), columns)]
+    if len(rows) > 1 and rows[-1].shape != rows[0].shape:
+        pad = np.zeros_like(rows[0])
+        pad[:, : rows[-1].shape[1]] = rows[-1]
+        rows[-1] = pad
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)

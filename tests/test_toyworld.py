@@ -1,0 +1,252 @@
+"""Tests of the toy world: generator, tokenizer, packaged pipeline, aspects, judges, recipe, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from focusnfix.aspects.base import Aspect, Judge
+from focusnfix.toyworld import ASPECTS, generate, load_aspect, load_judge, pipeline_path, prompts
+from focusnfix.toyworld import generator as gen
+from focusnfix.toyworld.stats import _auc, heatmap_quality
+
+
+# ----------------------------------------------------------------------------------------------
+# generator
+# ----------------------------------------------------------------------------------------------
+def test_generate_shapes_and_ranges():
+    s = generate(12, seed=0)
+    assert s.images.shape == (12, 3, 64, 64) and s.images.dtype == torch.float32
+    assert 0.0 <= float(s.images.min()) and float(s.images.max()) <= 1.0
+    assert len(s.captions) == 12 and len(s.scenes) == 12
+    assert set(s.masks) == set(ASPECTS) == set(s.defects)
+    for a in ASPECTS:
+        assert s.masks[a].shape == (12, 1, 64, 64)
+        assert set(s.masks[a].unique().tolist()) <= {0.0, 1.0}
+        has = s.masks[a].flatten(1).amax(1) > 0
+        assert torch.equal(has, s.defects[a]), a
+    assert s.objects.shape == (12, 1, 64, 64)
+
+
+def test_generate_deterministic():
+    a, b = generate(16, seed=5, split="heldout"), generate(16, seed=5, split="heldout")
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert all(torch.equal(a.masks[k], b.masks[k]) for k in ASPECTS)
+    c = generate(16, seed=6, split="heldout")
+    assert not torch.equal(a.images, c.images)
+    d = generate(16, seed=5, split="heldout", defect_rates={"safety": 1.0})
+    assert bool(d.defects["safety"].float().mean() > 0.9)
+
+
+@pytest.mark.parametrize("aspect", ASPECTS)
+def test_masks_match_what_is_drawn(aspect):
+    s = generate(60, seed=1, defect_rates={aspect: 1.0})
+    checked = 0
+    for i, scene in enumerate(s.scenes):
+        if not scene.defects[aspect]:
+            continue
+        without = dict(scene.defects, **{aspect: False})
+        clean, _ = gen.render(scene, without)
+        full = s.images[i].numpy()
+        mask = s.masks[aspect][i, 0].numpy().astype(bool)
+        diff = (abs(full - clean) > 1e-6).any(axis=0)
+        assert mask.any()
+        assert diff[mask].all(), f"{aspect}: a masked pixel is unchanged (scene {i})"
+        assert not diff[~mask].any(), f"{aspect}: a pixel outside the mask changed (scene {i})"
+        checked += 1
+    assert checked >= 50
+
+
+def test_defects_are_local():
+    s = generate(200, seed=2, defect_rates={a: 1.0 for a in ASPECTS})
+    for a in ASPECTS:
+        area = s.masks[a].flatten(1).mean(1)[s.defects[a]]
+        assert float(area.max()) < 0.25, a
+
+
+def test_defect_rates_near_configured():
+    rates = {"safety": 0.3, "plausibility": 0.2, "alignment": 0.1}
+    s = generate(2000, seed=3, defect_rates=rates)
+    for a, r in rates.items():
+        assert abs(float(s.defects[a].float().mean()) - r) < 0.04, a
+    assert not generate(50, seed=3, defect_rates=dict.fromkeys(ASPECTS, 0.0)).defects["safety"].any()
+    with pytest.raises(ValueError, match="unknown aspect"):
+        generate(2, seed=0, defect_rates={"beauty": 0.1})
+
+
+def test_defects_tied_to_prompt_content():
+    s = generate(3000, seed=4)
+    prone = torch.tensor([sc.colour in ("red", "orange", "purple") for sc in s.scenes])
+    assert float(s.defects["safety"][prone].float().mean()) > 2 * float(s.defects["safety"][~prone].float().mean())
+
+
+def test_prompts_fixed_and_disjoint():
+    train, heldout = prompts("train"), prompts("heldout")
+    assert len(train) >= 64 and len(heldout) >= 32
+    assert not set(train) & set(heldout)
+    assert prompts("train") == train
+    train_gen = set(generate(500, seed=0, split="train").captions)
+    assert not train_gen & set(heldout)
+    for p in heldout:
+        parsed = gen.parse_caption(p)
+        assert (parsed["colour"], parsed["shape"]) in gen.HELDOUT_PAIRS
+    with pytest.raises(ValueError, match="split"):
+        prompts("test")
+
+
+def test_parse_caption():
+    p = gen.parse_caption("a big red circle on the left on a sky background")
+    assert p == {"shape": "circle", "colour": "red", "size": "big", "position": "left", "background": "sky"}
+
+
+def test_tokenizer_word_level(tmp_path):
+    from focusnfix.toyworld.tokenizer import MAX_LENGTH, load_tokenizer, write_tokenizer
+
+    write_tokenizer(tmp_path, gen.vocabulary())
+    tok = load_tokenizer(tmp_path)
+    for w in gen.vocabulary():
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+    for p in prompts("train") + prompts("heldout"):
+        assert len(tok(p).input_ids) <= MAX_LENGTH
+
+
+def test_auc_and_heatmap_quality():
+    assert _auc(torch.tensor([0.1, 0.2, 0.8, 0.9]), torch.tensor([0, 0, 1, 1])) == 1.0
+    assert _auc(torch.tensor([0.5, 0.5, 0.5, 0.5]), torch.tensor([0, 0, 1, 1])) == 0.5
+    s = generate(8, seed=0, defect_rates={"safety": 1.0})
+    q = heatmap_quality(s.masks["safety"], s.masks["safety"])
+    assert q["auc"] == pytest.approx(1.0) and q["cc"] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# packaged models
+# ----------------------------------------------------------------------------------------------
+def test_pipeline_layout_and_scheduler():
+    path = pipeline_path()
+    for sub in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (path / sub).exists(), sub
+    sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["steps_offset"] == 1 and sched["set_alpha_to_one"] is False
+    assert sched["beta_schedule"] == "scaled_linear" and sched["clip_sample"] is False
+
+
+def test_assets_size():
+    from focusnfix.toyworld import assets_path
+
+    total = sum(f.stat().st_size for f in assets_path().rglob("*") if f.is_file())
+    assert total < 25 * 1024 * 1024
+
+
+def test_pipeline_loads_offline_and_samples():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_path(), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompts("heldout")[:2], num_inference_steps=3, guidance_scale=7.5, height=64, width=64,
+               generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert out.shape == (2, 3, 64, 64)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ASPECTS)
+def test_load_aspect_reward_and_heatmap(name):
+    aspect = load_aspect(name)
+    assert isinstance(aspect, Aspect) and aspect.name == name and not aspect.training
+    assert not any(p.requires_grad for p in aspect.parameters())
+    s = generate(4, seed=9, split="heldout")
+    x = s.images.clone().requires_grad_(True)
+    r = aspect.reward(x, s.captions)
+    assert r.shape == (4,) and torch.isfinite(r).all()
+    (g,) = torch.autograd.grad(r.sum(), x)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    h = aspect.heatmap(s.images, s.captions)
+    assert h.dim() == 4 and h.shape[:2] == (4, 1)
+    assert float(h.min()) >= 0.0 and float(h.max()) <= 1.0
+
+
+@pytest.mark.parametrize("name", ASPECTS)
+def test_load_judge(name):
+    judge = load_judge(name)
+    assert isinstance(judge, Judge) and not judge.training
+    s = generate(4, seed=10, split="heldout")
+    with torch.no_grad():
+        p = judge.defect_probability(s.images, s.captions)
+    assert p.shape == (4,) and float(p.min()) >= 0.0 and float(p.max()) <= 1.0
+
+
+def test_unknown_aspect_rejected():
+    with pytest.raises(ValueError, match="aspect"):
+        load_aspect("beauty")
+    with pytest.raises(ValueError, match="aspect"):
+        load_judge("beauty")
+
+
+def test_safety_reward_lower_with_mark():
+    s = generate(24, seed=11, split="heldout", defect_rates={"safety": 1.0, "plausibility": 0.0, "alignment": 0.0})
+    keep = [i for i, sc in enumerate(s.scenes) if sc.defects["safety"]]
+    clean = torch.stack([torch.from_numpy(gen.render(s.scenes[i], {"safety": False})[0]) for i in keep])
+    aspect = load_aspect("safety")
+    caps = [s.captions[i] for i in keep]
+    with torch.no_grad():
+        r_mark, r_clean = aspect.reward(s.images[keep], caps), aspect.reward(clean, caps)
+    assert float(r_mark.mean()) < float(r_clean.mean()) - 1.0
+    h = aspect.heatmap(s.images[keep], caps)
+    assert heatmap_quality(h, s.masks["safety"][keep])["auc"] > 0.9
+
+
+def test_native_heatmaps_find_defects():
+    for name in ("plausibility", "alignment"):
+        s = generate(16, seed=12, split="heldout", defect_rates={name: 1.0})
+        h = load_aspect(name).heatmap(s.images, s.captions)
+        assert heatmap_quality(h, s.masks[name])["auc"] > 0.85, name
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI and recipe
+# ----------------------------------------------------------------------------------------------
+def _parser():
+    from focusnfix.toyworld.cli import add_subcommands
+
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli_registers_and_path(capsys):
+    parser = _parser()
+    args = parser.parse_args(["toyworld", "path"])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.strip() == str(pipeline_path())
+    args = parser.parse_args(["toyworld", "build", "--out", "x", "--quick"])
+    assert args.quick and args.out == "x" and callable(args.func)
+    args = parser.parse_args(["toyworld", "stats", "--n", "8"])
+    assert args.n == 8 and args.model is None
+
+
+def test_cli_path_missing_model(tmp_path, capsys):
+    parser = _parser()
+    args = parser.parse_args(["toyworld", "path", "--model", str(tmp_path)])
+    assert args.func(args) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_recipe_tiny_build_loads(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from focusnfix.toyworld.build import Recipe, build
+
+    recipe = Recipe(n_train=64, vae_images=32, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4,
+                    aspect_images=32, aspect_steps=2, judge_images=32, judge_steps=2, model_batch=4)
+    record = build(tmp_path, recipe, progress=lambda _msg: None)
+    assert (tmp_path / "build.json").is_file() and record["timings_s"]["total"] > 0
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_path(tmp_path), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe(["a red circle on the left"], num_inference_steps=2, height=64, width=64, output_type="pt").images
+    assert img.shape == (1, 3, 64, 64)
+    for name in ASPECTS:
+        assert isinstance(load_aspect(name, root=tmp_path), Aspect)
+        assert isinstance(load_judge(name, root=tmp_path), Judge)
