@@ -38,12 +38,12 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from conftest import base_config
-    from tiny import save_tiny_sd
-
     from focusnfix.config import config_from_dict
     from focusnfix.sampling import initial_noise, sample
     from focusnfix.train import FocusNFixTrainer, compute_reference
+
+    from conftest import base_config
+    from tiny import save_tiny_sd
 
     tmp = Path(tempfile.mkdtemp())
     model = str(save_tiny_sd(tmp / "sd")) if args.model == "tiny" else args.model

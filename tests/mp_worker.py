@@ -15,10 +15,11 @@ torch.set_num_threads(1)
 
 from safetensors.torch import save_file  # noqa: E402
 
-from conftest import base_config  # noqa: E402
 from focusnfix.config import config_from_dict  # noqa: E402
 from focusnfix.lora import lora_parameters  # noqa: E402
 from focusnfix.train import FocusNFixTrainer, lora_vector  # noqa: E402
+
+from conftest import base_config  # noqa: E402
 
 
 def main(model: str, out: str) -> None:

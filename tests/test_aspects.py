@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from toy_aspects import RedClassifier
 
 from focusnfix.aspects import SaliencyAspect, build_aspect
 from focusnfix.aspects.saliency import gaussian_blur, input_gradient_saliency
 from focusnfix.errors import InputError
+
+from toy_aspects import RedClassifier
 
 
 def red_patch_images():

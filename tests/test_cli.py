@@ -9,8 +9,9 @@ import yaml
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from conftest import base_config
 from focusnfix.cli import main
+
+from conftest import base_config
 
 
 def write_config(tmp_path, data, name="cfg.yaml"):

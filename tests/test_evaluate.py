@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import base_config
 from focusnfix.aspects.base import Judge
 from focusnfix.backbones import load_backbone
 from focusnfix.config import MaskConfig
@@ -19,6 +18,8 @@ from focusnfix.errors import InputError
 from focusnfix.evaluate import PSNR_CAP, bootstrap_stat, evaluate, inside_change, outside_psnr, outside_ssim
 from focusnfix.lora import add_lora, save_lora_weights
 from focusnfix.sampling import SamplingOptions
+
+from conftest import base_config
 from toy_aspects import BrightnessAspect
 
 EVIL = 'a red circle <script>alert("x")</script> & "q"'

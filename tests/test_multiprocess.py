@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import base_config
 from focusnfix.config import config_from_dict
 from focusnfix.lora import lora_parameters
 from focusnfix.train import FocusNFixTrainer
+
+from conftest import base_config
 
 WORKER = Path(__file__).parent / "mp_worker.py"
 

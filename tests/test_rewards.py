@@ -21,6 +21,7 @@ from focusnfix.aspects import ASPECT_TYPES, build_aspect
 from focusnfix.aspects.rewards.aesthetic import LaionAestheticHead, load_head
 from focusnfix.aspects.rewards.base import CLIP_MEAN, CLIP_STD, clip_preprocess
 from focusnfix.errors import InputError
+
 from tiny import WORDS, write_tokenizer
 
 PROMPTS = ["a red circle", "a blue square"]

@@ -26,6 +26,7 @@ from focusnfix.config import config_from_dict
 from focusnfix.lora import add_lora, lora_parameters, save_lora_weights
 from focusnfix.sampling import SamplingOptions, sample
 from focusnfix.train import FocusNFixTrainer
+
 from tiny import WORDS, tiny_sd_pipeline, write_tokenizer
 from toy_aspects import BrightnessAspect
 

@@ -8,11 +8,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from conftest import base_config
 from focusnfix.config import config_from_dict
 from focusnfix.lora import LORA_WEIGHT_NAME, lora_parameters
 from focusnfix.sampling import sample
 from focusnfix.train import FocusNFixTrainer, lora_vector
+
+from conftest import base_config
 
 
 def make_trainer(tiny_sd_dir, tmp_path, name="run", **train):
