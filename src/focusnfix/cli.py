@@ -101,7 +101,7 @@ def cmd_mask(args: argparse.Namespace) -> int:
     from focusnfix.config import load_config
     from focusnfix.images import colorize, grid, overlay, save_png
     from focusnfix.masks import mask_area
-    from focusnfix.train import build_aspects, compute_reference, sampling_options
+    from focusnfix.reference import build_aspects, compute_reference, sampling_options
 
     _check_prompt(args.prompt)
     config = load_config(args.config, args.set)

@@ -426,7 +426,7 @@ def evaluate(
         if not name or any(c in name for c in "/\\ ") or name.startswith("."):
             raise InputError(f"method name {name!r} must be non-empty without spaces or slashes")
     from focusnfix.lora import check_lora_file
-    from focusnfix.train import compute_reference
+    from focusnfix.reference import compute_reference
 
     for lora in methods.values():
         if lora is not None:
@@ -596,7 +596,7 @@ def aspects_from_config(config: Any) -> tuple[dict[str, Aspect], str, dict[str, 
     The target is the first aspect with a non-zero weight. Judges exist for ``toyworld``
     aspects only (the toy world's independent judge of the same aspect), when packaged.
     """
-    from focusnfix.train import build_aspects
+    from focusnfix.reference import build_aspects
 
     built = build_aspects(config)
     aspects = {a.name: a for a in built}
@@ -641,7 +641,8 @@ def sweep(
     """
     from focusnfix.config import load_config, resolve_prompts
     from focusnfix.lora import LORA_WEIGHT_NAME
-    from focusnfix.train import FocusNFixTrainer, sampling_options
+    from focusnfix.reference import sampling_options
+    from focusnfix.train import FocusNFixTrainer
 
     if not betas:
         raise InputError("--betas must list at least one beta")
