@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from focusnfix.aspects import SaliencyAspect, build_aspect
-from focusnfix.aspects.saliency import gaussian_blur, input_gradient_saliency
+from focusnfix.aspects.saliency import input_gradient_saliency
 from focusnfix.errors import InputError
+from focusnfix.ops import gaussian_blur
 
 from toy_aspects import RedClassifier
 

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from focusnfix.aspects.saliency import gaussian_blur
+from focusnfix.ops import dilate, gaussian_blur
 
 ThresholdMode = Literal["absolute", "relative", "quantile"]
 
@@ -55,23 +55,6 @@ def threshold_heatmap(heatmap: torch.Tensor, mode: ThresholdMode, threshold: flo
         raise ValueError(f"mask threshold mode must be absolute, relative or quantile, got {mode!r}")
     # strictly positive where the heatmap is all zero: nothing is problematic there
     return ((heatmap >= cut) & (peak > 0)).float()
-
-
-def disk_kernel(radius: int) -> torch.Tensor:
-    """``(2r+1, 2r+1)`` float disk of the given pixel radius (1 inside, 0 outside)."""
-    r = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    return ((r.view(-1, 1) ** 2 + r.view(1, -1) ** 2) <= radius**2 + 1e-6).float()
-
-
-def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Grow a binary ``(B, 1, H, W)`` mask by a disk of ``radius`` pixels (0 = unchanged)."""
-    if radius < 0:
-        raise ValueError(f"dilation radius must be >= 0 pixels, got {radius}")
-    if radius == 0:
-        return mask
-    kernel = disk_kernel(radius).to(mask).view(1, 1, 2 * radius + 1, 2 * radius + 1)
-    hits = F.conv2d(mask, kernel, padding=radius)
-    return (hits > 0.5).to(mask.dtype)
 
 
 def feather(mask: torch.Tensor, sigma: float) -> torch.Tensor:

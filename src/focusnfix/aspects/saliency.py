@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from focusnfix.aspects.base import Aspect
+from focusnfix.ops import gaussian_blur
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
 SaliencyMethod = Literal["input_gradient", "smoothgrad", "gradcam"]
@@ -28,26 +29,6 @@ def normalize_per_image(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """
     peak = maps.flatten(1).amax(dim=1).clamp_min(eps).view(-1, 1, 1, 1)
     return (maps / peak).clamp(0.0, 1.0)
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(B, C, h, w)`` with reflect padding; ``sigma`` in pixels."""
-    if sigma <= 0:
-        return maps
-    radius = max(1, int(round(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    channels = maps.shape[1]
-    kx = kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
-    ky = kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
-    pad_x = min(radius, maps.shape[-1] - 1)
-    pad_y = min(radius, maps.shape[-2] - 1)
-    if pad_x < radius or pad_y < radius:  # tiny maps: fall back to zero padding
-        out = F.conv2d(maps, kx, padding=(0, radius), groups=channels)
-        return F.conv2d(out, ky, padding=(radius, 0), groups=channels)
-    out = F.conv2d(F.pad(maps, (radius, radius, 0, 0), mode="reflect"), kx, groups=channels)
-    return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), ky, groups=channels)
 
 
 def input_gradient_saliency(

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from focusnfix.errors import InputError
+from focusnfix.ops import resize
 
 # ---- crc32c ---------------------------------------------------------------------------------------
 _CRC_TABLE: list[int] = []
@@ -440,17 +440,11 @@ class RichHFDataset(torch.utils.data.Dataset):
         rec, path, prompt = self.items[index]
         with Image.open(path) as im:
             image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255.0
-        image = _resize(image, self.image_size)
+        image = resize(image[None], (self.image_size, self.image_size), antialias=True)[0].clamp(0, 1)
         maps = torch.from_numpy(np.stack([rec.artifact_map, rec.misalignment_map])).float() / 255.0
-        maps = _resize(maps, self.map_size)
+        maps = resize(maps[None], (self.map_size, self.map_size), antialias=True)[0].clamp(0, 1)
         scores = torch.tensor([rec.scores[k] for k in SCORE_FIELDS], dtype=torch.float32)
         return {"image": image, "prompt": prompt, "maps": maps, "scores": scores, "filename": rec.filename}
-
-
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    if x.shape[-2:] == (size, size):
-        return x
-    return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
 
 
 def collate(items: list[dict]) -> dict:

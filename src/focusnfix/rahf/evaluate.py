@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from focusnfix.ops import resize
 from focusnfix.rahf.model import HEATMAPS, SCORES, RAHFModel
 
 EPS = float(np.finfo(np.float64).eps)
@@ -135,8 +136,7 @@ def evaluate(model: RAHFModel, loader, device: torch.device | str = "cpu") -> di
         for j, name in enumerate(HEATMAPS):
             pred = out[name][:, 0].cpu()
             gt = batch["maps"][:, j]
-            if pred.shape[-2:] != gt.shape[-2:]:
-                pred = torch.nn.functional.interpolate(pred[:, None], size=gt.shape[-2:], mode="bilinear")[:, 0]
+            pred = resize(pred[:, None], gt.shape[-2:])[:, 0]
             for p, g in zip(pred, gt, strict=True):
                 per_map[name]["mse"].append(mse(p, g))
                 if g.max() > 0:

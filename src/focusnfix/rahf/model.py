@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from focusnfix.errors import InputError
+from focusnfix.ops import resize
 
 HEATMAPS = ("implausibility", "misalignment")
 SCORES = ("plausibility", "alignment", "aesthetics", "overall")
@@ -215,8 +215,7 @@ class RAHFModel(nn.Module):
     def _image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         s = self.config.image_size
         x = images.float()
-        if x.shape[-2:] != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        x = resize(x, (s, s), antialias=True)
         x = (x - self.mean) / self.std
         if self.hf_vision is not None:
             tokens = self.hf_vision(pixel_values=x.to(next(self.hf_vision.parameters()).dtype)).last_hidden_state

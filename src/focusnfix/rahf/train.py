@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from focusnfix.errors import InputError
+from focusnfix.ops import resize
 from focusnfix.rahf.data import RichHFDataset, collate
 from focusnfix.rahf.model import HEATMAPS, SCORES, RAHFConfig, RAHFModel
 
@@ -85,8 +86,7 @@ def rahf_loss(out: dict[str, torch.Tensor], maps: torch.Tensor, scores: torch.Te
     for j, name in enumerate(HEATMAPS):
         pred = out[name]
         gt = maps[:, j : j + 1]
-        if gt.shape[-2:] != pred.shape[-2:]:
-            gt = F.interpolate(gt, size=pred.shape[-2:], mode="bilinear", align_corners=False)
+        gt = resize(gt, pred.shape[-2:])
         map_losses.append(F.mse_loss(pred, gt))
     score_losses = [F.mse_loss(out[name], scores[:, j]) for j, name in enumerate(SCORES)]
     hm, sc = torch.stack(map_losses).mean(), torch.stack(score_losses).mean()

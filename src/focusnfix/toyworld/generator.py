@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from focusnfix.ops import dilate_4n
+
 SIZE = 64
 ASPECTS = ("safety", "plausibility", "alignment")
 
@@ -235,7 +237,7 @@ def _mark_pixels(rng: np.random.Generator, obj: np.ndarray, cx: int, cy: int, r:
     sides = [(1, 0), (-1, 0), (0, 1), (0, -1), (1, -1), (-1, -1)]
     rng.shuffle(sides)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    grown = _dilate(obj, 2)
+    grown = dilate_4n(obj, 2)
     for sx, sy in sides:
         gap = r + size + 3
         mx, my = cx + sx * gap, cy + sy * gap
@@ -249,18 +251,6 @@ def _mark_pixels(rng: np.random.Generator, obj: np.ndarray, cx: int, cy: int, r:
         if not (mark & grown).any():
             return mark
     return np.zeros_like(obj)
-
-
-def _dilate(mask: np.ndarray, k: int) -> np.ndarray:
-    out = mask.copy()
-    for _ in range(k):
-        grown = out.copy()
-        grown[1:] |= out[:-1]
-        grown[:-1] |= out[1:]
-        grown[:, 1:] |= out[:, :-1]
-        grown[:, :-1] |= out[:, 1:]
-        out = grown
-    return out
 
 
 def render(scene: Scene, defects: dict[str, bool] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:

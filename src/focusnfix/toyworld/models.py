@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from focusnfix.aspects.base import Aspect, Judge
+from focusnfix.ops import resize
 from focusnfix.toyworld import generator as gen
 
 IMAGE_SIZE = 64
@@ -31,8 +32,7 @@ def prepare(images: torch.Tensor) -> torch.Tensor:
     """``(B, 3, H, W)`` in [0, 1] -> ``(B, 3, 64, 64)`` in [-1, 1], differentiably."""
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
-    if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-        images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    images = resize(images, (IMAGE_SIZE, IMAGE_SIZE))
     return images * 2.0 - 1.0
 
 

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from focusnfix.ops import resize
 from focusnfix.toyworld import generator as gen
 
 
@@ -47,8 +47,7 @@ def heatmap_quality(heat: torch.Tensor, masks: torch.Tensor) -> dict[str, float]
     Images whose mask is empty are skipped.
     """
     heat = heat.detach().float()
-    if heat.shape[-2:] != masks.shape[-2:]:
-        heat = F.interpolate(heat, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    heat = resize(heat, masks.shape[-2:])
     aucs, ccs = [], []
     for h, m in zip(heat.flatten(1), masks.flatten(1), strict=True):
         if m.sum() == 0:

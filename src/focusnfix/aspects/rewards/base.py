@@ -17,12 +17,12 @@ from types import ModuleType
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from focusnfix.aspects.base import Aspect
 from focusnfix.aspects.saliency import gradcam_saliency, input_gradient_saliency
 from focusnfix.errors import InputError
+from focusnfix.ops import resize
 
 #: OpenAI CLIP normalisation (also used by open_clip ViT-H/14, PickScore, HPSv2, ImageReward's BLIP)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -53,8 +53,7 @@ def clip_preprocess(
     scale = size / min(h, w)
     new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
     x = images.float()
-    if (new_h, new_w) != (h, w):
-        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+    x = resize(x, (new_h, new_w), mode="bicubic", antialias=True)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     x = x[..., top : top + size, left : left + size]
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
