@@ -46,7 +46,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,7 @@ import torch
 from focusnfix.aspects.base import Aspect, Judge
 from focusnfix.backbones import Backbone, load_backbone
 from focusnfix.errors import InputError
+from focusnfix.files import atomic_write, atomic_write_text
 from focusnfix.sampling import SamplingOptions, initial_noise, sample
 
 #: PSNR reported for an outside region that did not change at all (dB)
@@ -276,14 +276,6 @@ def _scores(
 
 def _to_u8(x: torch.Tensor) -> np.ndarray:
     return (x.detach().float().clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
-
-
-def _atomic_write(path: Path, data: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def _json_clean(obj: Any) -> Any:
@@ -531,13 +523,11 @@ def evaluate(
     }
     arrays = {"base": _to_u8(base), "heatmap": _to_u8(heatmap), "mask": _to_u8(mask)}
     arrays.update({f"method__{k}": _to_u8(v) for k, v in images.items()})
-    tmp = out_dir / ".images.tmp.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, out_dir / "images.npz")
+    atomic_write(out_dir / "images.npz", lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
     per_image_doc = {"items": [{"prompt": p, "seed": s} for p, s in items], "methods": per_image_out}
-    _atomic_write(out_dir / "per_image.json", json.dumps(_json_clean(_tolists(per_image_doc))))
+    atomic_write_text(out_dir / "per_image.json", json.dumps(_json_clean(_tolists(per_image_doc))))
     metrics = _json_clean(metrics)
-    _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -583,7 +573,7 @@ def load_eval(eval_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarra
 def write_metrics(eval_dir: str | Path, metrics: dict[str, Any]) -> Path:
     """Atomically rewrite ``eval_dir/metrics.json``."""
     path = Path(eval_dir) / "metrics.json"
-    _atomic_write(path, json.dumps(_json_clean(metrics), indent=2))
+    atomic_write_text(path, json.dumps(_json_clean(metrics), indent=2))
     return path
 
 
@@ -676,7 +666,7 @@ def sweep(
         points.append({"beta": b, "method": name, "draft": b == 0, "run_dir": str(runs[b]),
                        "lora_dir": str(runs[b] / "lora"), **{k: entry.get(k) for k in keys}})
     doc = {"aspect": target, "eval_dir": str(out_dir / "eval"), "config": str(config_path), "points": points}
-    _atomic_write(out_dir / "sweep.json", json.dumps(_json_clean(doc), indent=2))
+    atomic_write_text(out_dir / "sweep.json", json.dumps(_json_clean(doc), indent=2))
     return doc
 
 

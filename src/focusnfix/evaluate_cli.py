@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from focusnfix.errors import InputError
+from focusnfix.files import read_prompts_file
 
 
 def _name_path_pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -37,13 +38,7 @@ def read_prompts(spec: str) -> list[str]:
         from focusnfix import toyworld
 
         return list(toyworld.prompts(split))
-    path = Path(spec)
-    if not path.is_file():
-        raise InputError(f"--prompts: file {spec} does not exist (or use toy:heldout)")
-    prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    if not prompts:
-        raise InputError(f"--prompts: {spec} holds no prompts")
-    return prompts
+    return read_prompts_file(spec, "--prompts")
 
 
 def _toy_aspects(names: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:

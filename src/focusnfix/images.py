@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from focusnfix.files import atomic_write
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -56,17 +56,7 @@ def save_png(array: np.ndarray | torch.Tensor, path: str | Path) -> Path:
     """Write an ``(h, w, 3)`` uint8 array or a ``(3, H, W)`` tensor in [0, 1] as PNG, atomically."""
     if isinstance(array, torch.Tensor):
         array = to_uint8(array[None])[0]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"), suffix=".png")
 
 
 def load_image(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from focusnfix.errors import InputError
-from focusnfix.report import CSS, chw_to_hwc, esc, png_data_uri, write_text_atomic
+from focusnfix.files import atomic_write_text
+from focusnfix.report import CSS, chw_to_hwc, esc, png_data_uri
 
 VOTE_VALUES = ("improved", "same", "worse")
 VOTES_FORMAT = "focusnfix-votes/1"
@@ -134,7 +135,7 @@ def write_rating_page(eval_dir: str | Path, out_html: str | Path, seed: int = 0,
         '<span id="count"></span> <a id="download" download="votes.json" href="#">download votes (JSON)</a></p>'
         + "".join(cards) + f"<script>{js}</script></body></html>"
     )
-    return write_text_atomic(out_html, page)
+    return atomic_write_text(out_html, page)
 
 
 # ---------------------------------------------------------------------------------------------

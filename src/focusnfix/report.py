@@ -20,8 +20,6 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from focusnfix.errors import InputError
+from focusnfix.files import atomic_write_text
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 #: preferred column order of methods (others follow in metrics.json order)
@@ -340,19 +339,7 @@ def write_report(
         body.append(_sweep_section(Path(sweep)))
     page = ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Focus-N-Fix report</title>"
             f"<style>{CSS}</style></head><body>" + "".join(body) + "</body></html>")
-    return write_text_atomic(out_html, page)
+    return atomic_write_text(out_html, page)
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same directory (mode 0644)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
-
-
-__all__ = ["diff_map", "esc", "fmt_stat", "png_data_uri", "read_log", "svg_plot", "write_report", "write_text_atomic"]
+__all__ = ["diff_map", "esc", "fmt_stat", "png_data_uri", "read_log", "svg_plot", "write_report"]
