@@ -58,20 +58,3 @@ def save_png(array: np.ndarray | torch.Tensor, path: str | Path) -> Path:
         array = to_uint8(array[None])[0]
     return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"), suffix=".png")
 
-
-def load_image(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """An image file -> ``(3, H, W)`` in [0, 1], optionally resized to ``size = (H, W)``."""
-    from focusnfix.errors import InputError
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if size is not None:
-                im = im.resize((size[1], size[0]), Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    except OSError as err:
-        raise InputError(f"image {path} is not a readable image: {err}") from err
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

@@ -66,7 +66,7 @@ def denoise(
     options: SamplingOptions,
     grad_steps: int,
     on_unet_call: Callable[[int, bool], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+) -> tuple[torch.Tensor, int]:
     """Run the DDIM chain from ``latents`` = x_T.
 
     Args:
@@ -74,8 +74,7 @@ def denoise(
         on_unet_call: optional ``(step_index, with_grad)`` callback, for tests and profiling.
 
     Returns:
-        ``(x0, x_before_last, t_last)``: the final latents, the latents entering the last step
-        (for DRaFT-LV re-noising) and the last timestep.
+        ``(x0, t_last)``: the final latents and the last timestep (DRaFT-LV re-noises to it).
     """
     sched = backbone.scheduler
     sched.set_timesteps(options.num_inference_steps, device=latents.device)
@@ -83,15 +82,13 @@ def denoise(
     n = len(timesteps)
     first_grad = n - grad_steps
     grad_allowed = torch.is_grad_enabled()
-    x_prev = latents
     for i, t in enumerate(timesteps):
         with_grad = grad_allowed and i >= first_grad
         if on_unet_call is not None:
             on_unet_call(i, with_grad)
-        x_prev = latents
         with torch.set_grad_enabled(with_grad):
             latents = _step(backbone, cond, latents, t, options, checkpoint_it=with_grad and options.checkpoint_unet)
-    return latents, x_prev, int(timesteps[-1])
+    return latents, int(timesteps[-1])
 
 
 def _step(
@@ -160,12 +157,11 @@ def sample(
     x_t = initial_noise(backbone, seeds, height, width)
     n = options.num_inference_steps
     grad_steps = {"draft_k": min(options.k, n), "draft_lv": 1, "full": n}[options.grad_mode]
-    x0, x_last_in, t_last = denoise(backbone, cond, x_t, options, grad_steps, on_unet_call)
+    x0, t_last = denoise(backbone, cond, x_t, options, grad_steps, on_unet_call)
     images = decode(backbone, x0, options.checkpoint_vae)
     extra = None
     if options.grad_mode == "draft_lv" and options.lv_n > 0 and torch.is_grad_enabled():
         extra = _renoise_last_step(backbone, cond, x0, t_last, options, generator, on_unet_call)
-    del x_last_in
     return SampleOutput(images=images, latents=x0, extra_images=extra)
 
 

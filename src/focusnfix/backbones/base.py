@@ -38,20 +38,6 @@ class Conditioning:
     uncond: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def select(self, index: torch.Tensor | list[int]) -> Conditioning:
-        """The conditioning of a subset of the batch."""
-        return Conditioning(_index_tree(self.cond, index), _index_tree(self.uncond, index), self.extra)
-
-
-def _index_tree(tree: Any, index: torch.Tensor | list[int]) -> Any:
-    if tree is None:
-        return None
-    if isinstance(tree, dict):
-        return {k: _index_tree(v, index) for k, v in tree.items()}
-    if isinstance(tree, torch.Tensor):
-        return tree[index]
-    return tree
-
 
 class Backbone(ABC):
     """Adapter over a diffusers pipeline (see module docstring).
@@ -106,10 +92,6 @@ class Backbone(ABC):
     def to(self, device: torch.device | str) -> Backbone:
         self.pipe.to(device)
         return self
-
-    def enable_vae_slicing(self) -> None:
-        """Decode one image at a time (less peak memory for large batches; same images)."""
-        self.vae.enable_slicing()
 
     # -- family-specific -------------------------------------------------------------------
     @abstractmethod

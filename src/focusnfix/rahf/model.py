@@ -338,6 +338,3 @@ def _text_encoder_from_config(cfg) -> nn.Module:
         return T5EncoderModel(cfg)
     return AutoModel.from_config(cfg)
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

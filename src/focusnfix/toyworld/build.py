@@ -81,10 +81,6 @@ def _cosine_lr(opt: torch.optim.Optimizer, base: float, step: int, total: int, w
         g["lr"] = lr
 
 
-def _generate_chunked(n: int, seed: int, split: str = "train", rates: dict | None = None) -> gen.Scenes:
-    return gen.generate(n, seed, split, rates)
-
-
 # ----------------------------------------------------------------------------------------------
 # pipeline
 # ----------------------------------------------------------------------------------------------
