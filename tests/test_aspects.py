@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from focusnfix.aspects import SaliencyAspect, build_aspect
+from focusnfix.aspects import SaliencyAspect
+from focusnfix.aspects.registry import build_aspect
 from focusnfix.aspects.saliency import input_gradient_saliency
 from focusnfix.errors import InputError
 from focusnfix.ops import gaussian_blur

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from focusnfix.aspects import build_aspect
 from focusnfix.aspects.nudenet import NudeNetAspect, boxes_to_heatmap, to_bgr_uint8
+from focusnfix.aspects.registry import build_aspect
 from focusnfix.errors import InputError
 
 

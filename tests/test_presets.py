@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from focusnfix.aspects import ASPECT_TYPES
+from focusnfix.aspects.registry import ASPECT_TYPES
 from focusnfix.cli import main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

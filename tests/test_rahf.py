@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from focusnfix.aspects import build_aspect
+from focusnfix.aspects.registry import build_aspect
 from focusnfix.cli import main
 from focusnfix.errors import InputError
 from focusnfix.rahf import evaluate as M

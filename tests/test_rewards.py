@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel
 
-from focusnfix.aspects import ASPECT_TYPES, build_aspect
+from focusnfix.aspects.registry import ASPECT_TYPES, build_aspect
 from focusnfix.aspects.rewards.aesthetic import LaionAestheticHead, load_head
 from focusnfix.aspects.rewards.base import CLIP_MEAN, CLIP_STD, clip_preprocess
 from focusnfix.errors import InputError

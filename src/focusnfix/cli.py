@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def training_plan(config) -> dict:
     """What a run would do, from the config alone (no weights loaded)."""
-    from focusnfix.aspects import ASPECT_TYPES
+    from focusnfix.aspects.registry import ASPECT_TYPES
     from focusnfix.backbones import resolve_model_path
     from focusnfix.config import resolve_prompts
 

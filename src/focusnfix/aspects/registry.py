@@ -1,0 +1,117 @@
+"""The aspect types a config can name (``aspects[].type``), all registered here.
+
+Built-in types:
+
+* ``toyworld``: the toy world's aspect models; ``args: {aspect: safety|plausibility|alignment}``.
+* ``mask_files``: user-given masks (:class:`MaskFileAspect`); ``args: {path: ...}``.
+* ``python``: any factory returning an :class:`Aspect`; ``args: {target: "pkg.mod:fn", kwargs: {...}}``.
+* ``saliency``: a scalar reward module from a factory, localized by saliency;
+  ``args: {target: "pkg.mod:fn", kwargs: {...}, method: input_gradient|smoothgrad|gradcam,
+  layer: ..., blur_sigma: ...}``.
+* reward models (see :mod:`focusnfix.aspects.rewards`): ``clip_score``, ``pickscore``,
+  ``aesthetic``, ``hpsv2``, ``imagereward``; the ``nudenet`` localizer; a trained ``rahf`` model.
+  Their optional packages (extras) are imported when such an aspect is built, not here.
+
+More types register with :func:`register_aspect_type`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from focusnfix import toyworld
+from focusnfix.aspects.base import Aspect
+from focusnfix.aspects.mask_files import MaskFileAspect
+from focusnfix.aspects.nudenet import NudeNetAspect
+from focusnfix.aspects.rewards import aesthetic, clip_score, hpsv2, imagereward, pickscore
+from focusnfix.aspects.saliency import SaliencyAspect
+from focusnfix.errors import InputError
+from focusnfix.rahf import aspect as rahf_aspect
+
+AspectFactory = Callable[..., Aspect]
+ASPECT_TYPES: dict[str, AspectFactory] = {}
+
+
+def register_aspect_type(name: str, factory: AspectFactory) -> None:
+    """Make ``type: name`` usable in configs; ``factory(**args)`` returns an :class:`Aspect`."""
+    ASPECT_TYPES[name] = factory
+
+
+def import_target(target: str) -> Any:
+    """``"package.module:attribute"`` -> the attribute."""
+    if ":" not in target:
+        raise InputError(f"target {target!r} must look like 'package.module:attribute'")
+    module_name, attr = target.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise InputError(f"cannot import {module_name!r} for target {target!r}: {err}") from err
+    try:
+        return getattr(module, attr)
+    except AttributeError as err:
+        raise InputError(f"module {module_name!r} has no attribute {attr!r}") from err
+
+
+def build_aspect(type_name: str, args: dict[str, Any], name: str | None = None) -> Aspect:
+    """Build one aspect from its config entry; frozen and in eval mode."""
+    if type_name not in ASPECT_TYPES:
+        raise InputError(f"unknown aspect type {type_name!r}; known: {', '.join(sorted(ASPECT_TYPES))}")
+    try:
+        aspect = ASPECT_TYPES[type_name](**args)
+    except TypeError as err:
+        raise InputError(f"aspect type {type_name!r}: bad args {sorted(args)}: {err}") from err
+    if name:
+        aspect.name = name
+    aspect.eval().requires_grad_(False)
+    return aspect
+
+
+def _toyworld(aspect: str) -> Aspect:
+    if aspect not in toyworld.ASPECTS:
+        raise InputError(f"toyworld aspect must be one of {list(toyworld.ASPECTS)}, got {aspect!r}")
+    return toyworld.load_aspect(aspect)
+
+
+def _python(target: str, kwargs: dict[str, Any] | None = None) -> Aspect:
+    aspect = import_target(target)(**(kwargs or {}))
+    if not isinstance(aspect, Aspect):
+        raise InputError(f"{target} returned {type(aspect).__name__}, expected a focusnfix Aspect")
+    return aspect
+
+
+def _saliency(
+    target: str,
+    kwargs: dict[str, Any] | None = None,
+    name: str = "saliency",
+    method: str = "input_gradient",
+    layer: str | None = None,
+    smooth_samples: int = 8,
+    noise_std: float = 0.1,
+    blur_sigma: float = 1.0,
+) -> Aspect:
+    model = import_target(target)(**(kwargs or {}))
+    if not isinstance(model, nn.Module):
+        raise InputError(f"{target} returned {type(model).__name__}, expected an nn.Module reward")
+    try:
+        return SaliencyAspect(name, model, method, layer, smooth_samples, noise_std, blur_sigma)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise InputError(str(err)) from err
+
+
+register_aspect_type("toyworld", _toyworld)
+register_aspect_type("mask_files", MaskFileAspect)
+register_aspect_type("python", _python)
+register_aspect_type("saliency", _saliency)
+register_aspect_type("clip_score", clip_score.from_pretrained)
+register_aspect_type("pickscore", pickscore.from_pretrained)
+register_aspect_type("aesthetic", aesthetic.from_pretrained)
+register_aspect_type("hpsv2", hpsv2.from_pretrained)
+register_aspect_type("imagereward", imagereward.from_pretrained)
+register_aspect_type("nudenet", NudeNetAspect)
+register_aspect_type("rahf", rahf_aspect.from_pretrained)
+
+__all__ = ["ASPECT_TYPES", "AspectFactory", "build_aspect", "import_target", "register_aspect_type"]
