@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,9 @@ from focusnfix.aspects.base import Judge
 from focusnfix.backbones import load_backbone
 from focusnfix.config import MaskConfig
 from focusnfix.errors import InputError
-from focusnfix.evaluate import PSNR_CAP, bootstrap_stat, evaluate, inside_change, outside_psnr, outside_ssim
+from focusnfix.evaluate import evaluate
 from focusnfix.lora import add_lora, save_lora_weights
+from focusnfix.metrics import PSNR_CAP, bootstrap_stat, inside_change, outside_psnr, outside_ssim
 from focusnfix.sampling import SamplingOptions
 
 from conftest import base_config
@@ -272,3 +275,10 @@ def test_cli_eval_toy_world(tmp_path):
     assert m["aspect"] == "safety" and set(m["methods"]["base"]["judge_defect_rate"]) == {
         "safety", "plausibility", "alignment"}
     assert set(m["methods"]["base"]["other_rewards"]) == {"plausibility", "alignment"}
+
+
+def test_evaluation_never_imports_the_trainer():
+    code = ("import sys, focusnfix.evaluate, focusnfix.metrics, focusnfix.baselines, focusnfix.report, "
+            "focusnfix.rating; print('focusnfix.train' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -148,7 +148,7 @@ def parse_betas(text: str) -> list[float]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from focusnfix.evaluate import sweep
+    from focusnfix.sweep import sweep
 
     prompts = read_prompts(args.prompts) if args.prompts else None
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))

@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 
 from focusnfix.errors import InputError
+from focusnfix.evaluate import load_eval, write_metrics
 from focusnfix.files import atomic_write_text
+from focusnfix.metrics import bootstrap_stat
 from focusnfix.report import CSS, chw_to_hwc, esc, png_data_uri
 
 VOTE_VALUES = ("improved", "same", "worse")
@@ -89,8 +91,6 @@ def write_rating_page(eval_dir: str | Path, out_html: str | Path, seed: int = 0,
         seed: seed of the task order.
         max_examples: rate only the first examples (default: all).
     """
-    from focusnfix.evaluate import load_eval
-
     metrics, arrays, per_image = load_eval(eval_dir)
     if "base" not in arrays:
         raise InputError(f"{eval_dir} has no images.npz: nothing to rate")
@@ -172,8 +172,6 @@ def read_votes(paths: list[str | Path]) -> list[dict[str, Any]]:
 def fold_votes(records: list[dict[str, Any]], target: str, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Per method: ``{"n_ratings", "n_raters", "improved_share": S, "degraded_share": S,
     "others_degraded_share": S}`` (see the module docstring for the definitions)."""
-    from focusnfix.evaluate import bootstrap_stat
-
     ratings: dict[str, dict[tuple[str, int], dict[str, str]]] = {}
     for r in records:
         ratings.setdefault(str(r["method"]), {}).setdefault((r["rater"], int(r["example"])), {})[str(r["aspect"])] = r["vote"]
@@ -202,8 +200,6 @@ def apply_votes(eval_dir: str | Path, vote_files: list[str | Path], n_bootstrap:
 
     Methods without votes get ``"human": null``; votes for methods not in the metrics are an error.
     """
-    from focusnfix.evaluate import load_eval, write_metrics
-
     metrics, _, _ = load_eval(eval_dir)
     settings = metrics.get("settings", {})
     nb = n_bootstrap if n_bootstrap is not None else int(settings.get("n_bootstrap", 1000))

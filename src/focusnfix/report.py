@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from focusnfix.errors import InputError
+from focusnfix.evaluate import load_eval
 from focusnfix.files import atomic_write_text
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -321,11 +322,9 @@ def write_report(
             ``per_image.json`` for the example rows).
         out_html: the HTML file to write.
         train_logs: run name -> ``log.jsonl`` (or its run directory), plotted vs step.
-        sweep: a ``sweep.json`` from :func:`focusnfix.evaluate.sweep`.
+        sweep: a ``sweep.json`` from :func:`focusnfix.sweep.sweep`.
         max_examples: at most this many example rows.
     """
-    from focusnfix.evaluate import load_eval
-
     metrics, arrays, per_image = load_eval(eval_dir)
     body = [f"<h1>Focus-N-Fix evaluation: target aspect {esc(metrics.get('aspect'))}</h1>",
             f'<p>{esc(metrics.get("n_images"))} images ({len(metrics.get("prompts", []))} prompts &times; '
