@@ -123,7 +123,7 @@ def test_resume_refuses_a_changed_config_and_fresh_run_refuses_old_checkpoints(t
     make_trainer(tiny_sd_dir, tmp_path, "r", steps=2, checkpoint_every=1).train()
     with pytest.raises(InputError, match="--resume"):
         make_trainer(tiny_sd_dir, tmp_path, "r", steps=2, checkpoint_every=1).train()
-    with pytest.raises(InputError, match="different config"):
+    with pytest.raises(InputError, match="train.learning_rate changed"):
         make_trainer(tiny_sd_dir, tmp_path, "r", steps=3, learning_rate=1e-3).train(resume=True)
 
 

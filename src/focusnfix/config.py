@@ -15,10 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from focusnfix.errors import ConfigError
+from focusnfix.files import read_prompts_file
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -108,7 +109,14 @@ class DataConfig(_Section):
     prompts_file: str | None = Field(None, description="text file with one prompt per line ('toy:train' = toy world).")
     seeds_per_prompt: int = Field(4, ge=1, description="initial-noise seeds per prompt.")
     seed_offset: int = Field(0, ge=0, description="seeds are seed_offset .. seed_offset + seeds_per_prompt - 1.")
-    cache_on_disk: bool = Field(True, description="also store cached Î0/masks under output_dir/reference_cache.")
+    cache_on_disk: bool = Field(
+        True,
+        description="store the reference cache (Î0, latents, heatmap, mask per prompt and seed) under "
+        "output_dir/reference_cache, read lazily; false keeps every item in RAM (grows with the pool).",
+    )
+    cache_ram_items: int = Field(
+        256, ge=1, description="reference items kept in RAM (LRU) when cache_on_disk; about 1.1 MB each at 512x512."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -253,9 +261,4 @@ def resolve_prompts(data: DataConfig, base_dir: Path | None = None) -> list[str]
     path = Path(data.prompts_file)
     if not path.is_absolute() and base_dir is not None and not path.exists():
         path = base_dir / path
-    if not path.is_file():
-        raise ConfigError(f"data.prompts_file: {data.prompts_file} does not exist")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if not prompts:
-        raise ConfigError(f"data.prompts_file: {path} holds no prompts")
-    return prompts
+    return read_prompts_file(path, "data.prompts_file")

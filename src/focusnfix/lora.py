@@ -124,10 +124,33 @@ def check_lora_file(lora_dir: str | Path) -> Path:
     return path
 
 
+def load_lora_into(pipe: Any, lora: str | Path, adapter_name: str | None = None) -> Path:
+    """Validate a LoRA (directory or file) and load it with ``pipe.load_lora_weights``.
+
+    Returns:
+        The safetensors file that was loaded.
+
+    Raises:
+        InputError: the file is missing or not LoRA safetensors (see :func:`check_lora_file`),
+            or its layers do not fit the pipeline (a LoRA trained for another model).
+    """
+    path = check_lora_file(lora)
+    kwargs = {"weight_name": path.name}
+    if adapter_name is not None:
+        kwargs["adapter_name"] = adapter_name
+    try:
+        pipe.load_lora_weights(str(path.parent), **kwargs)
+    except (ValueError, KeyError, RuntimeError) as err:  # PEFT's NoMatchingPeftModuleError is a ValueError
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"LoRA {path} does not fit this {type(pipe).__name__}: {first[:300]}") from None
+    return path
+
+
 __all__ = [
     "LORA_WEIGHT_NAME",
     "add_lora",
     "check_lora_file",
+    "load_lora_into",
     "load_lora_state_dict",
     "lora_parameters",
     "lora_state_dict",

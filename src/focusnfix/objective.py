@@ -26,6 +26,7 @@ def regional_constraint(
     reference: torch.Tensor,
     mask: torch.Tensor,
     norm: ConstraintNorm = "frobenius",
+    tolerance: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
     """Per-image change outside the mask.
 
@@ -36,6 +37,9 @@ def regional_constraint(
         mask: ``(B, 1, H, W)`` in [0, 1], 1 = may change; resized (bilinear) if its size differs.
         norm: ``"frobenius"`` (paper: ``sqrt(sum d²)``), ``"squared"`` (``sum d²``) or
             ``"mean"`` (per-pixel mean of ``d²`` over the whole image).
+        tolerance: a float or a tensor broadcastable to ``policy``, >= 0: differences up to it
+            count as none (``d - clamp(d, -t, t)``). The reference cache stores Î0 quantized
+            and passes its quantization error here, so a zero LoRA's constraint stays exactly 0.
 
     Returns:
         ``(B,)`` non-negative. Its gradient is finite (zero) where policy equals reference.
@@ -46,7 +50,11 @@ def regional_constraint(
         raise ValueError(f"mask must be (B, 1, H, W) with B={policy.shape[0]}, got {tuple(mask.shape)}")
     if mask.shape[-2:] != policy.shape[-2:]:
         mask = F.interpolate(mask.float(), size=policy.shape[-2:], mode="bilinear", align_corners=False)
-    outside = (1.0 - mask.to(policy.dtype)) * (policy - reference.detach())
+    diff = policy - reference.detach()
+    if not (isinstance(tolerance, float) and tolerance == 0.0):
+        tol = torch.as_tensor(tolerance, dtype=diff.dtype, device=diff.device)
+        diff = diff - diff.clamp(-tol, tol)  # soft threshold: 0 inside the dead zone, shifted outside
+    outside = (1.0 - mask.to(policy.dtype)) * diff
     flat = outside.flatten(1)
     if norm == "frobenius":
         # linalg.vector_norm has a zero (not NaN) subgradient at 0, which step 0 relies on:
@@ -75,12 +83,13 @@ def focus_n_fix_loss(
     mask: torch.Tensor,
     beta: float,
     norm: ConstraintNorm = "frobenius",
+    tolerance: float | torch.Tensor = 0.0,
 ) -> ObjectiveTerms:
     """``loss = −mean(reward) + beta · mean(constraint)``.
 
     Args:
         reward: ``(B,)`` differentiable reward of the policy images (higher is better).
-        policy, reference, mask, norm: see :func:`regional_constraint`.
+        policy, reference, mask, norm, tolerance: see :func:`regional_constraint`.
         beta: weight of the regional constraint; 0 gives plain DRaFT (the constraint is still
             computed and logged, without gradient).
 
@@ -93,9 +102,9 @@ def focus_n_fix_loss(
         raise ValueError(f"beta must be >= 0, got {beta}")
     if beta == 0:
         with torch.no_grad():
-            constraint = regional_constraint(policy, reference, mask, norm)
+            constraint = regional_constraint(policy, reference, mask, norm, tolerance)
         loss = -reward.mean()
     else:
-        constraint = regional_constraint(policy, reference, mask, norm)
+        constraint = regional_constraint(policy, reference, mask, norm, tolerance)
         loss = -reward.mean() + beta * constraint.mean()
     return ObjectiveTerms(loss=loss, reward=reward.detach(), constraint=constraint.detach())

@@ -1,49 +1,101 @@
-"""The frozen model's reference per (prompt, seed): image Î0, latents, heatmaps and mask.
+"""The frozen model's reference per (prompt, seed): image Î0, latents, heatmap and mask.
 
 Training and evaluation both take their reference from here, so both build masks with the same
 function from the same config.
+
+The :class:`ReferenceCache` stores each item compactly (uint8 image and heatmap, fp16 latents,
+bit-packed mask) under a key that hashes everything that determines it: the prompt, the seed,
+the sampling options that shape Î0, the model's identity (a content hash of its weights), the
+localizing aspects (their config and a content hash of their weights) and the mask settings. A
+stale item can therefore never be read for a new config; a changed field is named once, when
+the cache folder's manifest no longer matches, and the folder's items are rebuilt.
+
+Quantizing Î0 to uint8 (and latents to fp16) keeps the cache small; the regional constraint
+then ignores differences within half a quantization step (``Reference.image_tolerance``), the
+uncertainty of the stored value, so a zero LoRA still gives an exactly zero constraint.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from focusnfix import masks as mask_ops
 from focusnfix.aspects import Aspect, build_aspect
 from focusnfix.backbones import Backbone
-from focusnfix.config import Config
+from focusnfix.config import Config, MaskConfig
 from focusnfix.errors import InputError
+from focusnfix.files import atomic_write, atomic_write_text
 from focusnfix.sampling import SamplingOptions, sample
+
+#: bump when the stored layout or the meaning of an item changes: old caches are rebuilt
+CACHE_FORMAT = 2
+#: half a uint8 step plus a margin for float rounding and batch-composition noise (1e-5 is
+#: 0.003 of a grey level): the true Î0 lies within this of the stored one
+IMAGE_TOLERANCE = 0.5 / 255 + 1e-5
+#: fp16 rounds to 11 significant bits: |x - fp16(x)| <= 2^-11 |x|; 2^-10 leaves a margin
+LATENT_RELATIVE_TOLERANCE = 2.0**-10
+#: sampling options that shape only the policy's gradient, never Î0
+_GRADIENT_ONLY = ("grad_mode", "k", "lv_n", "checkpoint_unet", "checkpoint_vae")
 
 
 def sampling_options(config: Config) -> SamplingOptions:
-    s = config.sampling
-    return SamplingOptions(**s.model_dump())
+    """The run's sampling options (DDIM steps, guidance, size, gradient mode)."""
+    return SamplingOptions(**config.sampling.model_dump())
 
 
 def build_aspects(config: Config) -> list[Aspect]:
+    """The config's aspects, built in config order."""
     return [build_aspect(a.type, dict(a.args), a.name) for a in config.aspects]
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference cache
+# Computing a reference
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Reference:
-    """Reference data of a batch: Î0 ``(B, 3, H, W)`` in [0, 1], its latents, heatmaps and mask."""
+    """Reference data of a batch.
+
+    Attributes:
+        images: Î0 ``(B, 3, H, W)`` in [0, 1].
+        latents: Î0's final latents ``(B, C, h, w)``.
+        heatmap: ``(B, 1, H, W)`` in [0, 1]: maximum over the localizing aspects (pictures, logs).
+        mask: ``(B, 1, H, W)`` in [0, 1], 1 = may change: union of the localizing aspects' masks.
+        image_tolerance: how far the true Î0 may lie from ``images`` per pixel (0 = exact).
+        latent_tolerance: the same for ``latents``, per element (None = exact).
+    """
 
     images: torch.Tensor
     latents: torch.Tensor
-    heatmap: torch.Tensor  # (B, 1, H, W): max over localizing aspects, for pictures and logs
-    mask: torch.Tensor  # (B, 1, H, W) in [0, 1], 1 = may change
+    heatmap: torch.Tensor
+    mask: torch.Tensor
+    image_tolerance: float = 0.0
+    latent_tolerance: torch.Tensor | None = None
+
+
+def build_mask(heatmaps: list[torch.Tensor], size: tuple[int, int], mask_cfg: MaskConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heatmaps of the localizing aspects -> ``(heatmap, mask)``, both ``(B, 1, H, W)`` in [0, 1].
+
+    The one place where a run's mask settings turn heatmaps into the mask (training, evaluation
+    and ``focusnfix mask`` all call it): each heatmap is resized, thresholded, dilated and
+    feathered; the mask is the union, the heatmap the pixel-wise maximum.
+    """
+    resized = [mask_ops.resize_heatmap(h.float(), size) for h in heatmaps]
+    masks = [
+        mask_ops.heatmap_to_mask(h, size, mask_cfg.threshold_mode, mask_cfg.threshold, mask_cfg.dilate_px, mask_cfg.feather_px)
+        for h in resized
+    ]
+    return mask_ops.union(resized), mask_ops.union(masks)
 
 
 def compute_reference(
@@ -53,28 +105,22 @@ def compute_reference(
     prompts: list[str],
     seeds: list[int],
     options: SamplingOptions,
-    mask_cfg: Any,
+    mask_cfg: MaskConfig,
 ) -> Reference:
-    """Î0 with the LoRA disabled, the union of the localizing aspects' masks, no gradient."""
+    """Î0 with the LoRA disabled, its heatmap and mask (union of the localizing aspects), no gradient."""
     with torch.no_grad(), backbone.adapters_disabled():
         out = sample(backbone, prompts, seeds, options)
     images = out.images.float()
-    size = tuple(images.shape[-2:])
-    heatmaps, masks = [], []
+    heatmaps = []
     for aspect, loc in zip(aspects, localize, strict=True):
         if not loc:
             continue
         with torch.no_grad():
             hm = aspect.heatmap(images, prompts)
         _check_heatmap(hm, aspect, images.shape[0])
-        hm = mask_ops.resize_heatmap(hm.float(), size)
         heatmaps.append(hm)
-        masks.append(
-            mask_ops.heatmap_to_mask(
-                hm, size, mask_cfg.threshold_mode, mask_cfg.threshold, mask_cfg.dilate_px, mask_cfg.feather_px
-            )
-        )
-    return Reference(images, out.latents.float(), mask_ops.union(heatmaps), mask_ops.union(masks))
+    heatmap, mask = build_mask(heatmaps, tuple(images.shape[-2:]), mask_cfg)
+    return Reference(images, out.latents.float(), heatmap, mask)
 
 
 def _check_heatmap(hm: torch.Tensor, aspect: Aspect, batch: int) -> None:
@@ -84,51 +130,303 @@ def _check_heatmap(hm: torch.Tensor, aspect: Aspect, batch: int) -> None:
         raise InputError(f"aspect {aspect.name!r}: heatmap values must be finite and in [0, 1]")
 
 
-class ReferenceCache:
-    """Î0, latents, heatmap and mask per pool item, computed on first use and kept.
+# ---------------------------------------------------------------------------------------------
+# Identity: what determines an item
+# ---------------------------------------------------------------------------------------------
+def hash_tensors(named: Iterable[tuple[str, torch.Tensor]], skip: Callable[[str], bool] = lambda _: False) -> str:
+    """sha256 over names, dtypes, shapes and bytes of tensors (content identity of weights)."""
+    h = hashlib.sha256()
+    for name, t in sorted(named, key=lambda kv: kv[0]):
+        if skip(name):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
-    Items missing from a batch are computed together, in batch order, so the reference of a
-    batch seen first at step 0 is computed in exactly the policy's batch composition (bit-exact
-    zero constraint for a zero LoRA). With ``directory`` set, items are also written there and
-    read back on resume, so a resumed run sees the same references as an uninterrupted one.
+
+def _is_lora(name: str) -> bool:
+    return "lora_" in name
+
+
+def model_identity(backbone: Backbone) -> dict[str, str]:
+    """Content hash of the pipeline's weights (LoRA parameters excluded) and scheduler config.
+
+    Hashing the loaded weights, not a path, catches a model replaced in place, a hub revision
+    that moved, and a different dtype; it costs about a second per GB of weights.
+    """
+    out: dict[str, str] = {}
+    for name, component in sorted(backbone.pipe.components.items()):
+        if isinstance(component, torch.nn.Module):
+            out[name] = hash_tensors(component.state_dict().items(), skip=_is_lora)[:16]
+    out["scheduler"] = hashlib.sha256(json.dumps(dict(backbone.scheduler.config), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return out
+
+
+def _file_hashes(value: Any) -> Any:
+    """Content hashes of the files a config value names (mask images, weight files)."""
+    if isinstance(value, dict):
+        return {k: _file_hashes(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_file_hashes(v) for v in value]
+    if isinstance(value, str) and len(value) < 4096:
+        p = Path(value)
+        try:
+            if p.is_file():
+                return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+            if p.is_dir():
+                h = hashlib.sha256()
+                for f in sorted(x for x in p.rglob("*") if x.is_file()):
+                    h.update(str(f.relative_to(p)).encode() + f.read_bytes())
+                return h.hexdigest()[:16]
+        except OSError:
+            return None
+    return None
+
+
+def reference_fields(config: Config, backbone: Backbone, aspects: list[Aspect], device: str) -> dict[str, Any]:
+    """Everything besides (prompt, seed) that determines a reference item, as a JSON-able dict."""
+    sampling = {k: v for k, v in config.sampling.model_dump(mode="json").items() if k not in _GRADIENT_ONLY}
+    localizers = []
+    for aspect, cfg in zip(aspects, config.aspects, strict=True):
+        if cfg.localize:
+            localizers.append(
+                {
+                    "type": cfg.type,
+                    "name": aspect.name,
+                    "args": cfg.args,
+                    "files": _file_hashes(cfg.args),
+                    "weights": hash_tensors(aspect.state_dict().items())[:16],
+                }
+            )
+    return {
+        "format": CACHE_FORMAT,
+        "model": model_identity(backbone),
+        "sampling": sampling,
+        "precision": {"mixed_precision": config.train.mixed_precision, "device": device},
+        "aspects": localizers,
+        "mask": config.mask.model_dump(mode="json"),
+    }
+
+
+def fingerprint(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON-like trees differ (``["mask.threshold", ...]``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += changed_fields(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        out = []
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            out += changed_fields(a, b, f"{prefix}.{i}" if prefix else str(i))
+        return out
+    return [] if old == new else [prefix or "(root)"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Compact storage of one item
+# ---------------------------------------------------------------------------------------------
+def encode_item(images: torch.Tensor, latents: torch.Tensor, heatmap: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One item -> compact tensors: uint8 image ``(3, H, W)`` and heatmap ``(1, H, W)``,
+    fp16 latents, and the mask as packed bits when it is binary (uint8 levels when soft)."""
+    lat16 = latents.detach().to(torch.float16).cpu().contiguous()
+    if not torch.isfinite(lat16).all():
+        raise InputError("reference latents overflow float16; the model's latents are out of the usual range")
+    item = {
+        "image": _to_u8(images),
+        "latents": lat16,
+        "heatmap": _to_u8(heatmap),
+        "mask_shape": torch.tensor(list(mask.shape), dtype=torch.int64),
+    }
+    m = mask.detach().float().cpu()
+    if bool(((m == 0) | (m == 1)).all()):
+        item["mask_bits"] = torch.from_numpy(np.packbits(m.numpy().astype(np.uint8).reshape(-1)))
+    else:
+        item["mask_u8"] = _to_u8(m)
+    return item
+
+
+def decode_item(item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`encode_item`: float32 ``image``, ``latents``, ``heatmap``, ``mask``."""
+    shape = [int(x) for x in item["mask_shape"].tolist()]
+    if "mask_bits" in item:
+        n = int(np.prod(shape))
+        bits = np.unpackbits(item["mask_bits"].numpy())[:n]
+        mask = torch.from_numpy(bits.astype(np.float32)).reshape(shape)
+    else:
+        mask = item["mask_u8"].float() / 255
+    return {
+        "images": item["image"].float() / 255,
+        "latents": item["latents"].float(),
+        "heatmap": item["heatmap"].float() / 255,
+        "mask": mask,
+    }
+
+
+def _to_u8(x: torch.Tensor) -> torch.Tensor:
+    return (x.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
+
+
+def item_nbytes(item: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in item.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+# ---------------------------------------------------------------------------------------------
+class ReferenceCache:
+    """Reference items keyed by content, on disk (read lazily) with a small in-RAM LRU.
+
+    Args:
+        compute: ``(prompts, seeds) -> Reference`` of the frozen model (uncompressed).
+        fields: what determines an item besides (prompt, seed) (:func:`reference_fields`).
+        directory: where items live (``<key>.safetensors`` plus ``manifest.json``); None keeps
+            every item in RAM (compact, grows with the pool).
+        ram_items: how many compact items the LRU holds when ``directory`` is set.
+        manage: this process writes the manifest and removes stale items (the main process;
+            other processes of a multi-process run only read and add items).
+        announce: where one-line notices go (a changed field, a rebuild).
+
+    Items missing from a batch are computed together, in batch order. Every item is returned
+    through its compact form, also right after it was computed, so a run reads the same
+    reference whether an item came from RAM, disk or a fresh computation.
     """
 
-    def __init__(self, compute: Callable[[list[str], list[int]], Reference], directory: Path | None = None):
+    def __init__(
+        self,
+        compute: Callable[[list[str], list[int]], Reference],
+        fields: dict[str, Any],
+        directory: Path | None = None,
+        ram_items: int = 256,
+        manage: bool = True,
+        announce: Callable[[str], None] = print,
+    ) -> None:
         self.compute = compute
+        self.fields = fields
+        self.fingerprint = fingerprint(fields)
         self.directory = directory
-        self.items: dict[int, dict[str, torch.Tensor]] = {}
-        if directory is not None:
-            directory.mkdir(parents=True, exist_ok=True)
+        self.ram_items = ram_items if directory is not None else None
+        self.ram: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self.stats = {"computed": 0, "disk": 0, "ram": 0}
+        self.manage = manage
+        self.announce = announce
+        self._opened = False
 
-    def _path(self, index: int) -> Path:
+    # -- manifest ----------------------------------------------------------------------------
+    def open(self) -> None:
+        """Check the folder's manifest: announce changed fields, drop stale items, write it.
+
+        Called once by the managing process before items are read (the trainer calls it before
+        other processes start; a single process calls it on first use)."""
+        self._opened = True
+        if self.directory is None or not self.manage:
+            return
+        directory, announce = self.directory, self.announce
+        directory.mkdir(parents=True, exist_ok=True)
+        manifest = directory / "manifest.json"
+        old = None
+        if manifest.is_file():
+            try:
+                old = json.loads(manifest.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                old = None
+        stale = any(directory.glob("*.safetensors")) and (old is None or old.get("fingerprint") != self.fingerprint)
+        if stale:
+            what = changed_fields(old.get("fields") if old else None, self.fields) if old else ["manifest missing"]
+            announce(
+                f"reference cache {directory}: {', '.join(what[:6])}{' ...' if len(what) > 6 else ''} changed "
+                "since its items were made; rebuilding them"
+            )
+            for f in directory.glob("*.safetensors"):
+                f.unlink()
+        if old is None or old.get("fingerprint") != self.fingerprint:
+            doc = {"format": CACHE_FORMAT, "fingerprint": self.fingerprint, "fields": self.fields}
+            atomic_write_text(manifest, json.dumps(doc, indent=1, default=str))
+
+    # -- items -------------------------------------------------------------------------------
+    def key(self, prompt: str, seed: int) -> str:
+        """Content key of one item: a hash of (prompt, seed, everything in ``fields``)."""
+        doc = json.dumps({"fingerprint": self.fingerprint, "prompt": prompt, "seed": int(seed)})
+        return hashlib.sha256(doc.encode()).hexdigest()[:40]
+
+    def _path(self, key: str) -> Path:
         assert self.directory is not None
-        return self.directory / f"item_{index:06d}.safetensors"
+        return self.directory / f"{key}.safetensors"
 
-    def get(self, indices: list[int], prompts: list[str], seeds: list[int], device: torch.device) -> Reference:
-        missing = [i for i, idx in enumerate(indices) if idx not in self.items]
-        still = []
-        for i in missing:
-            if self.directory is not None and self._path(indices[i]).is_file():
-                self.items[indices[i]] = load_file(str(self._path(indices[i])))
-            else:
-                still.append(i)
-        if still:
-            ref = self.compute([prompts[i] for i in still], [seeds[i] for i in still])
-            for j, i in enumerate(still):
-                item = {k: getattr(ref, k)[j].detach().cpu().contiguous() for k in ("images", "latents", "heatmap", "mask")}
-                self.items[indices[i]] = item
-                if self.directory is not None:
-                    _atomic_save(item, self._path(indices[i]))
-        stacked = {k: torch.stack([self.items[idx][k] for idx in indices]).to(device) for k in ("images", "latents", "heatmap", "mask")}
-        return Reference(**stacked)
+    def _remember(self, key: str, item: dict[str, torch.Tensor]) -> None:
+        self.ram[key] = item
+        self.ram.move_to_end(key)
+        while self.ram_items is not None and len(self.ram) > self.ram_items:
+            self.ram.popitem(last=False)
+
+    def _lookup(self, key: str) -> dict[str, torch.Tensor] | None:
+        if key in self.ram:
+            self.ram.move_to_end(key)
+            self.stats["ram"] += 1
+            return self.ram[key]
+        if self.directory is not None and self._path(key).is_file():
+            try:
+                item = load_file(str(self._path(key)))
+            except (SafetensorError, OSError):
+                return None  # a damaged file: recompute and overwrite it
+            self.stats["disk"] += 1
+            self._remember(key, item)
+            return item
+        return None
+
+    def fill(self, prompts: list[str], seeds: list[int]) -> None:
+        """Compute (in one batch, in the given order) and store the items not yet cached."""
+        if not self._opened:
+            self.open()
+        keys = [self.key(p, s) for p, s in zip(prompts, seeds, strict=True)]
+        todo = [i for i, k in enumerate(keys) if self._lookup(k) is None]
+        if not todo:
+            return
+        ref = self.compute([prompts[i] for i in todo], [seeds[i] for i in todo])
+        self.stats["computed"] += len(todo)
+        for j, i in enumerate(todo):
+            item = encode_item(ref.images[j], ref.latents[j], ref.heatmap[j], ref.mask[j])
+            if self.directory is not None:
+                path = self._path(keys[i])
+                atomic_write(path, lambda tmp, item=item: save_file(item, tmp))
+            self._remember(keys[i], item)
+
+    def get(self, prompts: list[str], seeds: list[int], device: torch.device | str = "cpu") -> Reference:
+        """The batch's reference (computing what is missing), on ``device``."""
+        self.fill(prompts, seeds)
+        items = []
+        for p, s in zip(prompts, seeds, strict=True):
+            item = self._lookup(self.key(p, s))
+            assert item is not None
+            items.append(decode_item(item))
+        stacked = {k: torch.stack([it[k] for it in items]).to(device) for k in ("images", "latents", "heatmap", "mask")}
+        tol = stacked["latents"].abs() * LATENT_RELATIVE_TOLERANCE + 1e-6
+        return Reference(**stacked, image_tolerance=IMAGE_TOLERANCE, latent_tolerance=tol)
+
+    def ram_bytes(self) -> int:
+        """Bytes held by the in-RAM items."""
+        return sum(item_nbytes(it) for it in self.ram.values())
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+__all__ = [
+    "CACHE_FORMAT",
+    "IMAGE_TOLERANCE",
+    "Reference",
+    "ReferenceCache",
+    "build_aspects",
+    "build_mask",
+    "changed_fields",
+    "compute_reference",
+    "decode_item",
+    "encode_item",
+    "fingerprint",
+    "hash_tensors",
+    "model_identity",
+    "reference_fields",
+    "sampling_options",
+]

@@ -5,31 +5,23 @@ One optimizer step:
 1. pick a global batch of (prompt, seed) pairs from the training pool (deterministic in
    ``(train.seed, step)``) and take this process's shard;
 2. reference: the frozen model's image Î0 (LoRA disabled, no grad) and its mask, from the
-   reference cache (computed once per pair, then reused every epoch);
+   content-keyed reference cache (computed once per pair, then reused every epoch);
 3. policy: sample the same prompts from the same x_T with the LoRA on, gradient through the
    last K steps (DRaFT-K / -LV / full), decode inside the graph;
-4. loss = −Σ_a w_a r_a(Î) + β ‖(1 − M) ⊙ (Î − Î0)‖_F, backward;
-5. average LoRA gradients over processes, clip, skip the update if anything is non-finite,
-   AdamW step, log, checkpoint.
+4. loss = −Σ_a w_a r_a(Î) + β ‖(1 − M) ⊙ (Î − Î0)‖_F, backward (through the fp16 loss scaler
+   when ``mixed_precision: fp16``);
+5. average LoRA gradients over processes, unscale, clip, step through the scaler (which skips
+   the update on non-finite gradients and lowers its scale), log, checkpoint.
 
-Run directory layout (``train.output_dir``)::
-
-    config.yaml                 resolved config
-    log.jsonl                   one JSON line per step
-    checkpoints/step_000050/    lora.safetensors, optimizer.pt, scheduler.pt, state.json
-    reference_cache/            Î0, latents and mask per pool item (safetensors)
-    samples/step_000050.png     reference row / fine-tuned row
-    lora/pytorch_lora_weights.safetensors   final LoRA (diffusers format)
+The run folder's layout and rules (lock, ``--overwrite``, what a resume must match) are in
+:mod:`focusnfix.rundir`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,14 +35,31 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from focusnfix import masks as mask_ops
+from focusnfix import rundir
 from focusnfix.aspects import Aspect
 from focusnfix.backbones import Backbone, load_backbone
 from focusnfix.config import Config, dump_config, resolve_prompts
-from focusnfix.errors import InputError
-from focusnfix.images import grid, save_png
-from focusnfix.lora import add_lora, load_lora_state_dict, lora_parameters, lora_state_dict, save_lora_weights
+from focusnfix.errors import InputError, warn
+from focusnfix.files import atomic_write_text
+from focusnfix.images import grid, overlay, save_png
+from focusnfix.lora import (
+    add_lora,
+    load_lora_state_dict,
+    lora_parameters,
+    lora_state_dict,
+    replace_dir,
+    save_lora_weights,
+)
 from focusnfix.objective import focus_n_fix_loss
-from focusnfix.reference import Reference, ReferenceCache, build_aspects, compute_reference, sampling_options  # noqa: F401
+from focusnfix.reference import (
+    Reference,
+    ReferenceCache,
+    build_aspects,
+    compute_reference,
+    model_identity,
+    reference_fields,
+    sampling_options,
+)
 from focusnfix.sampling import sample
 
 
@@ -86,13 +95,17 @@ def _lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return fn
 
 
-def config_fingerprint(config: Config) -> str:
-    """Hash of everything that must not change between a run and its resume."""
-    data = config.model_dump(mode="json")
-    data["train"].pop("steps")  # extending a finished run is allowed
-    data["train"].pop("checkpoint_every")
-    data["train"].pop("sample_every")
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+def _warn_long_prompts(backbone: Backbone, prompts: list[str]) -> None:
+    tokenizer = getattr(backbone.pipe, "tokenizer", None)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if tokenizer is None or not limit or limit > 100_000:
+        return
+    long = [p for p in prompts if len(tokenizer(p, verbose=False).input_ids) > limit]
+    if long:
+        warn(
+            f"{len(long)} prompt(s) exceed the text encoder's {limit} tokens and are truncated, "
+            f"e.g. {long[0][:60]!r}{'...' if len(long[0]) > 60 else ''}"
+        )
 
 
 class FocusNFixTrainer:
@@ -116,9 +129,7 @@ class FocusNFixTrainer:
     ) -> None:
         self.config = config
         tc = config.train
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=tc.mixed_precision, cpu=tc.device == "cpu"
-        )
+        self.accelerator = accelerator or Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.device == "cpu")
         self.progress = progress
         self.run_dir = Path(tc.output_dir)
         self.prompts = resolve_prompts(config.data)
@@ -133,6 +144,8 @@ class FocusNFixTrainer:
             config.model.path, config.model.dtype, config.model.variant, config.model.revision
         )
         self.backbone.to(self.accelerator.device)
+        if self.accelerator.is_main_process:
+            _warn_long_prompts(self.backbone, self.prompts)
         self.aspects = aspects if aspects is not None else build_aspects(config)
         if len(self.aspects) != len(config.aspects):
             raise InputError(f"{len(self.aspects)} aspects given but the config lists {len(config.aspects)}")
@@ -141,31 +154,38 @@ class FocusNFixTrainer:
         self.weights = [a.weight for a in config.aspects]
         self.localize = [a.localize for a in config.aspects]
         self.options = sampling_options(config)
+        # identity of the frozen weights, before the adapter exists (resume and cache keys)
+        self.model_id = model_identity(self.backbone)
+        self.run_fields = rundir.run_fields(config, self.prompts, self.model_id)
 
         lc = config.lora
         # same LoRA init on every process and every run (PEFT draws lora_A from the global RNG)
         torch.manual_seed(tc.seed)
         self.params = add_lora(self.backbone.unet, lc.rank, lc.alpha, lc.target_modules, lc.dropout)
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=tc.learning_rate, betas=tc.adam_betas, weight_decay=tc.weight_decay
+        # The optimizer is not passed through accelerator.prepare: the UNet is not wrapped in DDP
+        # (LoRA gradients are averaged explicitly in _sync_gradients, which works for any number
+        # of UNet calls per backward) and the fp16 loss scaler is ours, so a skipped update always
+        # goes through it (scaler.step skips, scaler.update lowers the scale).
+        self.optimizer = torch.optim.AdamW(self.params, lr=tc.learning_rate, betas=tc.adam_betas, weight_decay=tc.weight_decay)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(tc.lr_scheduler, tc.warmup_steps, tc.steps))
+        fp16 = "fp16" in (tc.mixed_precision, self.accelerator.mixed_precision)
+        self.scaler = torch.amp.GradScaler(self.accelerator.device.type, enabled=fp16)
+
+        fields = reference_fields(config, self.backbone, self.aspects, self.accelerator.device.type)
+        self.cache = ReferenceCache(
+            self._compute_reference,
+            fields,
+            self.run_dir / "reference_cache" if config.data.cache_on_disk else None,
+            ram_items=config.data.cache_ram_items,
+            manage=self.accelerator.is_main_process,
+            announce=warn,
         )
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(tc.lr_scheduler, tc.warmup_steps, tc.steps)
-        )
-        # Only the optimizer goes through accelerate (fp16 loss scaling). The UNet is not wrapped
-        # in DDP: LoRA gradients are averaged explicitly in _sync_gradients, which works for any
-        # number of UNet calls per backward (DDP's reducer does not).
-        self.optimizer = self.accelerator.prepare(self.optimizer)
-        cache_dir = self.run_dir / "reference_cache" if config.data.cache_on_disk else None
-        self.cache = ReferenceCache(self._compute_reference, cache_dir)
         self.step = 0
 
     # -- pieces --------------------------------------------------------------------------------
     def _compute_reference(self, prompts: list[str], seeds: list[int]) -> Reference:
         with self.accelerator.autocast():
-            return compute_reference(
-                self.backbone, self.aspects, self.localize, prompts, seeds, self.options, self.config.mask
-            )
+            return compute_reference(self.backbone, self.aspects, self.localize, prompts, seeds, self.options, self.config.mask)
 
     def total_reward(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted sum of the aspects' rewards ``(B,)`` and each aspect's reward (detached)."""
@@ -190,9 +210,8 @@ class FocusNFixTrainer:
 
     def loss_on(self, step: int, micro: int) -> dict[str, Any]:
         """Forward one micro-batch and return the loss terms (loss keeps its graph)."""
-        idx, prompts, seeds = self.local_batch_items(step, micro)
-        device = self.accelerator.device
-        ref = self.cache.get(idx, prompts, seeds, device)
+        _, prompts, seeds = self.local_batch_items(step, micro)
+        ref = self.cache.get(prompts, seeds, self.accelerator.device)
         rank = self.accelerator.process_index
         generator = torch.Generator().manual_seed(hash((self.config.train.seed, step, micro, rank)) % 2**63)
         with self.accelerator.autocast():
@@ -204,13 +223,15 @@ class FocusNFixTrainer:
                     reward = reward + self.total_reward(extra.float(), prompts)[0]
                 reward = reward / (1 + out.extra_images.shape[0])
             if self.config.objective.space == "latent":
-                policy, reference = out.latents.float(), ref.latents
+                policy, reference, tol = out.latents.float(), ref.latents, ref.latent_tolerance
             else:
-                policy, reference = images, ref.images
+                policy, reference, tol = images, ref.images, ref.image_tolerance
             terms = focus_n_fix_loss(
-                reward, policy, reference, ref.mask, self.config.objective.beta, self.config.objective.norm
+                reward, policy, reference, ref.mask, self.config.objective.beta, self.config.objective.norm,
+                tolerance=0.0 if tol is None else tol,
             )
-        change = (images.detach() - ref.images).abs().mean(dim=1, keepdim=True)
+        diff = images.detach() - ref.images
+        change = (diff - diff.clamp(-ref.image_tolerance, ref.image_tolerance)).abs().mean(dim=1, keepdim=True)
         keep = 1.0 - ref.mask
         outside_change = (change * keep).flatten(1).sum(1) / keep.flatten(1).sum(1).clamp_min(1.0)
         return {
@@ -248,23 +269,23 @@ class FocusNFixTrainer:
         acc: dict[str, list[torch.Tensor]] = {}
         for micro in range(tc.grad_accum):
             terms = self.loss_on(step, micro)
-            self.accelerator.backward(terms["loss"] / tc.grad_accum)
+            self.scaler.scale(terms["loss"] / tc.grad_accum).backward()
             for key in ("loss", "reward", "constraint", "mask_area", "outside_change"):
                 acc.setdefault(key, []).append(terms[key].detach().reshape(-1))
             for name, r in terms["parts"].items():
                 acc.setdefault(f"reward/{name}", []).append(r.reshape(-1))
+        # averaged before unscaling: every process then finds the same inf/NaN and keeps the same scale
         self._sync_gradients()
-        grad_norm = self.accelerator.clip_grad_norm_(self.params, tc.max_grad_norm)
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm))
         record: dict[str, Any] = {"step": step + 1}
         for key, values in acc.items():
             record[key] = self._mean_over_processes(torch.cat(values))
         finite = math.isfinite(record["loss"]) and math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
-            self.lr_scheduler.step()
-        else:  # never write non-finite weights: drop this update and say so
-            self.lr_scheduler.step()
+        if finite:  # never write non-finite weights: drop this update and say so
+            self.scaler.step(self.optimizer)
+        self.scaler.update()  # lowers the fp16 loss scale after an overflow (no-op without fp16)
+        self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         record.update(
             grad_norm=grad_norm,
@@ -272,19 +293,14 @@ class FocusNFixTrainer:
             skipped=not finite,
             seconds=round(time.perf_counter() - t0, 4),
         )
+        if self.scaler.is_enabled():
+            record["loss_scale"] = float(self.scaler.get_scale())
         return record
 
     # -- run directory ---------------------------------------------------------------------------
     @property
     def log_path(self) -> Path:
         return self.run_dir / "log.jsonl"
-
-    def _checkpoint_dirs(self) -> list[Path]:
-        root = self.run_dir / "checkpoints"
-        if not root.is_dir():
-            return []
-        done = [d for d in root.glob("step_*") if (d / "state.json").is_file()]
-        return sorted(done, key=lambda d: int(d.name.split("_")[1]))
 
     def save_checkpoint(self) -> Path | None:
         """Write ``checkpoints/step_N`` atomically (main process); prune old ones."""
@@ -294,88 +310,108 @@ class FocusNFixTrainer:
         root = self.run_dir / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step_{self.step:06d}"
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp_", dir=root))
-        try:
-            save_file(lora_state_dict(self.backbone.unet), str(tmp / "lora.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
-            state = {"step": self.step, "fingerprint": config_fingerprint(self.config)}
-            (tmp / "state.json").write_text(json.dumps(state))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for old in self._checkpoint_dirs()[: -self.config.train.keep_checkpoints]:
+        tmp = root / f".tmp_step_{self.step:06d}"
+        tmp.mkdir(exist_ok=True)
+        save_file(lora_state_dict(self.backbone.unet), str(tmp / "lora.safetensors"))
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+        if self.scaler.is_enabled():
+            torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        atomic_write_text(tmp / "state.json", json.dumps({"step": self.step, "fields": self.run_fields}))
+        replace_dir(tmp, final)
+        for old in rundir.checkpoint_dirs(self.run_dir)[: -self.config.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
     def load_checkpoint(self, path: Path) -> None:
+        """Restore LoRA, optimizer, LR schedule, loss scaler and RNG from ``path``."""
         state = json.loads((path / "state.json").read_text())
-        if state.get("fingerprint") != config_fingerprint(self.config):
-            raise InputError(
-                f"checkpoint {path} was written with a different config; resume needs the same config "
-                "(only train.steps, checkpoint_every and sample_every may change)"
-            )
+        rundir.check_resume(state, self.run_fields, path)
         load_lora_state_dict(self.backbone.unet, load_file(str(path / "lora.safetensors"), device="cpu"))
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         self.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        if self.scaler.is_enabled() and (path / "scaler.pt").is_file():
+            self.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        if (path / "rng.pt").is_file():
+            rng = torch.load(path / "rng.pt", weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
         self.step = int(state["step"])
 
-    def _truncate_log(self, step: int) -> None:
-        if not self.log_path.is_file():
-            return
-        keep = [
-            line for line in self.log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
-        ]
-        tmp = self.log_path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.log_path)
-
-    def _prepare_run_dir(self, resume: bool) -> None:
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
         main = self.accelerator.is_main_process
-        if resume:
-            ckpts = self._checkpoint_dirs()
-            if ckpts:
-                self.load_checkpoint(ckpts[-1])
-                if main:
-                    self._truncate_log(self.step)
-                    print(f"resuming from {ckpts[-1]} (step {self.step})")
-            elif main:
-                print(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
-        elif main and self._checkpoint_dirs():
-            raise InputError(
-                f"{self.run_dir} already holds checkpoints; pass --resume to continue or choose another train.output_dir"
-            )
         if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(self.config))
-            if not resume and self.log_path.exists():
-                self.log_path.unlink()
+            ckpt = rundir.prepare(self.run_dir, resume, overwrite)
+            if ckpt is not None:  # refuse a mismatched resume before anything in the folder changes
+                rundir.check_resume(json.loads((ckpt / "state.json").read_text()), self.run_fields, ckpt)
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))
+            self.cache.open()
+        self.accelerator.wait_for_everyone()
+        ckpts = rundir.checkpoint_dirs(self.run_dir) if resume else []
+        if ckpts:
+            self.load_checkpoint(ckpts[-1])
+        if main:
+            rundir.truncate_log(self.log_path, self.step)  # a resume rewrites the steps after its checkpoint
+            if ckpts:
+                print(f"resuming from {ckpts[-1]} (step {self.step})")
+            elif resume:
+                print(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
         self.accelerator.wait_for_everyone()
 
     def save_samples(self, name: str) -> Path | None:
-        """Reference row above fine-tuned row for the first pool items."""
+        """Mask overlay, reference, fine-tuned and |difference| x4 rows for the first pool items."""
         if not self.accelerator.is_main_process:
             return None
         n = min(self.config.train.num_sample_images, len(self.pool))
-        items = self.pool[:n]
-        prompts, seeds = [p for p, _ in items], [s for _, s in items]
-        ref = self.cache.get(list(range(n)), prompts, seeds, self.accelerator.device)
+        prompts, seeds = [p for p, _ in self.pool[:n]], [s for _, s in self.pool[:n]]
+        ref = self.cache.get(prompts, seeds, self.accelerator.device)
         with torch.no_grad(), self.accelerator.autocast():
             now = sample(self.backbone, prompts, seeds, self.options).images.float()
-        from focusnfix.images import overlay
-
         rows = [overlay(ref.images, ref.mask, 0.35), ref.images, now, (now - ref.images).abs().mul(4).clamp(0, 1)]
         return save_png(grid([r.cpu() for r in rows], scale=2), self.run_dir / "samples" / f"{name}.png")
 
     # -- the loop --------------------------------------------------------------------------------
-    def train(self, resume: bool = False) -> TrainResult:
+    def train(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
+        """Train to ``train.steps``.
+
+        Args:
+            resume: continue from the run folder's last checkpoint (its config, prompts and
+                model must match; a run without a checkpoint starts again at step 0).
+            overwrite: replace a run already in the folder (its reference cache is kept and
+                reused where its items still match).
+
+        Raises:
+            InputError: the folder holds a run and neither flag was given, another training
+                holds the folder, or a resume does not match its checkpoint.
+        """
+        main = self.accelerator.is_main_process
+        lock = rundir.RunLock(self.run_dir) if main else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            self._prepare_run_dir(resume, overwrite)
+            self._loop()
+            lora_dir = self.run_dir / "lora"
+            self.accelerator.wait_for_everyone()
+            if main:
+                save_lora_weights(self.backbone.unet, type(self.backbone.pipe), lora_dir)
+            self.save_samples("final")
+            self.accelerator.wait_for_everyone()
+        finally:
+            if lock is not None:
+                lock.release()
+        return TrainResult(self.run_dir, lora_dir, self.step, self.log_path)
+
+    def _loop(self) -> None:
         tc = self.config.train
-        self._prepare_run_dir(resume)
         main = self.accelerator.is_main_process
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (self.progress and main), desc="focusnfix")
-        log = open(self.log_path, "a") if main else None  # noqa: SIM115 - closed below
+        log = open(self.log_path, "a", encoding="utf-8") if main else None  # noqa: SIM115 - closed below
         try:
             while self.step < tc.steps:
                 record = self.train_step(self.step)
@@ -384,9 +420,7 @@ class FocusNFixTrainer:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{record['loss']:.4f}", reward=f"{record['reward']:.4f}", c=f"{record['constraint']:.4f}"
-                )
+                bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward']:.4f}", c=f"{record['constraint']:.4f}")
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                     self.save_checkpoint()
                 if tc.sample_every and self.step % tc.sample_every == 0:
@@ -395,13 +429,6 @@ class FocusNFixTrainer:
             bar.close()
             if log is not None:
                 log.close()
-        lora_dir = self.run_dir / "lora"
-        self.accelerator.wait_for_everyone()
-        if main:
-            save_lora_weights(self.backbone.unet, type(self.backbone.pipe), lora_dir)
-        self.save_samples("final")
-        self.accelerator.wait_for_everyone()
-        return TrainResult(self.run_dir, lora_dir, self.step, self.log_path)
 
 
 def lora_vector(unet: torch.nn.Module) -> torch.Tensor:

@@ -1,9 +1,12 @@
 """User-given masks as a localizer: the user paints the region to fix.
 
 ``path`` is either one image (the same region for every prompt) or a directory with an
-``index.json`` mapping each prompt to an image file in that directory. White (255) = may
-change, black (0) = keep; grey levels give a soft heatmap. The reward is zero: combine this
-aspect (``weight: 0``) with a reward aspect that has ``localize: false``.
+``index.json`` mapping each prompt to an image file in that directory. White = may change,
+black = keep; grey levels give a soft heatmap. Accepted: 8-bit grey (``L``, ``1``, palette),
+16-bit grey (``I;16``, scaled by 65535), 32-bit float grey (``F``, values in [0, 1]) and RGB(A)
+whose three channels are equal. A mask must have the image's size unless ``resize: true``
+(bilinear). The reward is zero: combine this aspect (``weight: 0``) with a reward aspect that
+has ``localize: false``.
 """
 
 from __future__ import annotations
@@ -20,23 +23,43 @@ from focusnfix.errors import InputError
 
 
 def read_mask_image(path: Path) -> torch.Tensor:
-    """A grayscale image file -> ``(1, 1, h, w)`` in [0, 1]."""
+    """A greyscale image file -> ``(1, 1, h, w)`` in [0, 1] (see the module docstring for modes)."""
     if not path.is_file():
         raise InputError(f"mask image {path} does not exist")
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+            im.load()
+            mode = im.mode
+            if mode in ("L", "1", "P"):
+                arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+            elif mode.startswith("I;16") or mode == "I":
+                arr = np.asarray(im, dtype=np.float64)
+                if arr.min() < 0 or arr.max() > 65535:
+                    raise InputError(f"mask image {path}: {mode} values must lie in 0..65535")
+                arr = (arr / 65535.0).astype(np.float32)
+            elif mode == "F":
+                arr = np.asarray(im, dtype=np.float32)
+                if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+                    raise InputError(f"mask image {path}: float masks must hold values in [0, 1]")
+            elif mode in ("RGB", "RGBA", "LA"):
+                rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
+                if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+                    raise InputError(f"mask image {path} is in colour; a mask must be greyscale (white = may change)")
+                arr = rgb[..., 0] / 255.0
+            else:
+                raise InputError(f"mask image {path} has mode {mode}; expected 8- or 16-bit greyscale")
     except OSError as err:
         raise InputError(f"mask image {path} is not a readable image: {err}") from err
-    return torch.from_numpy(arr)[None, None]
+    return torch.from_numpy(np.ascontiguousarray(arr))[None, None]
 
 
 class MaskFileAspect(Aspect):
     """Heatmaps from mask images; zero reward."""
 
-    def __init__(self, path: str | Path, name: str = "user_mask") -> None:
+    def __init__(self, path: str | Path, name: str = "user_mask", resize: bool = False) -> None:
         super().__init__()
         self.name = name
+        self.resize = resize
         root = Path(path)
         self.single: torch.Tensor | None = None
         self.by_prompt: dict[str, Path] = {}
@@ -72,5 +95,12 @@ class MaskFileAspect(Aspect):
                 m = read_mask_image(self.by_prompt[prompt])
             else:
                 raise InputError(f"no mask image for prompt {prompt!r} in the mask directory's index.json")
-            maps.append(torch.nn.functional.interpolate(m, size=size, mode="bilinear", align_corners=False))
+            if tuple(m.shape[-2:]) != tuple(size):
+                if not self.resize:
+                    raise InputError(
+                        f"mask for prompt {prompt!r} is {m.shape[-1]}x{m.shape[-2]} but the images are "
+                        f"{size[1]}x{size[0]}; give masks of the image size or set resize: true in the aspect's args"
+                    )
+                m = torch.nn.functional.interpolate(m, size=size, mode="bilinear", align_corners=False)
+            maps.append(m)
         return torch.cat(maps).to(images.device).clamp(0, 1)

@@ -1,0 +1,241 @@
+"""Run state you can trust: content-keyed references, run-folder rules, fp16 loss scaling.
+
+Each test here failed on the trainer before the reference cache was keyed by content (pool
+index keys, path-only fingerprints), before run folders had a lock and --overwrite, and before
+the fp16 update went through the loss scaler.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from focusnfix.config import config_from_dict
+from focusnfix.errors import InputError
+from focusnfix.rundir import RunLock
+from focusnfix.train import FocusNFixTrainer, lora_vector
+
+from conftest import base_config
+from tiny import save_tiny_sd
+
+
+def _trainer(cfg: dict, **kw) -> FocusNFixTrainer:
+    return FocusNFixTrainer(config_from_dict(cfg), progress=False, **kw)
+
+
+def _log(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def workspace(tiny_sd_dir, tmp_path):
+    """A private copy of the tiny model, a prompts file and a 1-step config over both."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd_dir, model)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    cfg = base_config(str(model), str(tmp_path / "run"), steps=1, checkpoint_every=1)
+    cfg["data"] = {"prompts_file": str(prompts), "seeds_per_prompt": 2}
+    return cfg, model, prompts
+
+
+CHANGES = {
+    "seed_offset": "data.seed_offset",
+    "mask_threshold": "mask.threshold",
+    "prompts_file": "data.prompts_sha256",
+    "model_weights": "model.weights.unet",
+}
+
+
+def _apply(change: str, cfg: dict, model, prompts) -> None:
+    if change == "seed_offset":
+        cfg["data"]["seed_offset"] = 7
+    elif change == "mask_threshold":
+        cfg["mask"]["threshold"] = 0.25
+    elif change == "prompts_file":
+        prompts.write_text("a green circle\na big square\n")
+    elif change == "model_weights":
+        save_tiny_sd(model, seed=1)  # other weights, same path
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_reusing_a_run_folder_after_a_change_that_determines_the_reference(change, workspace, tmp_path, capsys):
+    cfg, model, prompts = workspace
+    _trainer(cfg).train()
+    assert _log(tmp_path / "run")[0]["constraint"] == 0.0
+    _apply(change, cfg, model, prompts)
+
+    # --resume with a checkpoint: refused, naming the changed field
+    with pytest.raises(InputError, match=CHANGES[change].replace(".", r"\.")):
+        _trainer(cfg).train(resume=True)
+    # --overwrite: the first step is exactly what a fresh folder gives, zero constraint included
+    capsys.readouterr()
+    _trainer(cfg).train(overwrite=True)
+    if change == "mask_threshold":
+        assert "mask.threshold changed" in capsys.readouterr().err
+    reused = _log(tmp_path / "run")
+    assert len(reused) == 1 and reused[0]["constraint"] == 0.0
+    fresh_cfg = json.loads(json.dumps(cfg))
+    fresh_cfg["train"]["output_dir"] = str(tmp_path / "fresh")
+    _trainer(fresh_cfg).train()
+    fresh = _log(tmp_path / "fresh")
+    for key in ("loss", "reward", "constraint", "mask_area", "outside_change"):
+        assert reused[0][key] == fresh[0][key], key
+
+
+def test_a_used_folder_is_not_overwritten_silently(workspace, tmp_path):
+    cfg, *_ = workspace
+    _trainer(cfg).train()
+    with pytest.raises(InputError, match="--overwrite"):
+        _trainer(cfg).train()
+    with pytest.raises(InputError, match="exclude each other"):
+        _trainer(cfg).train(resume=True, overwrite=True)
+
+
+def test_a_second_training_into_a_held_folder_is_refused_with_the_holders_pid(workspace, tmp_path):
+    cfg, *_ = workspace
+    holder = RunLock(tmp_path / "run")
+    holder.acquire()
+    try:
+        with pytest.raises(InputError, match=f"in use by another training \\(PID {os.getpid()}\\)"):
+            _trainer(cfg).train()
+    finally:
+        holder.release()
+    _trainer(cfg).train()  # free again
+
+
+def test_resume_before_the_first_checkpoint_restarts_the_log(tiny_sd_dir, tmp_path, monkeypatch):
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=3, checkpoint_every=0)
+    crashed = _trainer(cfg)
+    real_step = crashed.train_step
+
+    def crash_at_3(step):
+        if step == 2:
+            raise RuntimeError("simulated crash")
+        return real_step(step)
+
+    monkeypatch.setattr(crashed, "train_step", crash_at_3)
+    with pytest.raises(RuntimeError, match="simulated"):
+        crashed.train()
+    assert [r["step"] for r in _log(tmp_path / "run")] == [1, 2]
+    _trainer(cfg).train(resume=True)
+    assert [r["step"] for r in _log(tmp_path / "run")] == [1, 2, 3]
+
+
+def _overflow_at(trainer: FocusNFixTrainer, bad_step: int) -> None:
+    """Make the loss of 0-based step ``bad_step`` infinite, as an fp16 overflow does."""
+    real = trainer.loss_on
+
+    def loss_on(step, micro):
+        terms = real(step, micro)
+        if step == bad_step:
+            terms["loss"] = terms["loss"] * float("inf")
+        return terms
+
+    trainer.loss_on = loss_on
+
+
+def test_fp16_overflow_is_skipped_through_the_scaler_and_resume_keeps_the_scale(tiny_sd_dir, tmp_path, monkeypatch):
+    def make(name):
+        cfg = base_config(str(tiny_sd_dir), str(tmp_path / name), steps=5, checkpoint_every=3, mixed_precision="fp16")
+        # the test's Accelerator: accelerate makes no GradScaler on CPU, the trainer makes its own
+        trainer = _trainer(cfg, accelerator=Accelerator(cpu=True))
+        assert trainer.scaler.is_enabled()
+        _overflow_at(trainer, bad_step=1)
+        return trainer
+
+    straight = make("straight")
+    straight.train()
+    log = _log(tmp_path / "straight")
+    assert [r["skipped"] for r in log] == [False, True, False, False, False]
+    scales = [r["loss_scale"] for r in log]
+    assert scales[1] == scales[0] / 2 and scales[2:] == [scales[1]] * 3  # backed off once, then trained on
+    assert torch.isfinite(lora_vector(straight.backbone.unet)).all()
+
+    crashed = make("crashed")
+    real_step = crashed.train_step
+
+    def crash_at_5(step):
+        if step == 4:
+            raise RuntimeError("simulated crash")
+        return real_step(step)
+
+    monkeypatch.setattr(crashed, "train_step", crash_at_5)
+    with pytest.raises(RuntimeError, match="simulated"):
+        crashed.train()
+    resumed = make("crashed")
+    resumed.train(resume=True)
+    assert _log(tmp_path / "crashed")[-1]["loss_scale"] == scales[-1]  # the saved scale, not the initial one
+    assert torch.equal(lora_vector(resumed.backbone.unet), lora_vector(straight.backbone.unet))
+
+
+def test_a_lora_made_for_another_model_is_a_one_line_error(tiny_sd_dir, tmp_path):
+    from focusnfix.backbones import load_backbone
+    from focusnfix.lora import load_lora_into
+
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=1)
+    _trainer(cfg).train()
+    toy = load_backbone("toy")  # the packaged toy pipeline: another UNet architecture
+    with pytest.raises(InputError, match="does not fit this StableDiffusionPipeline"):
+        load_lora_into(toy.pipe, tmp_path / "run" / "lora")
+
+
+def test_long_prompts_are_reported_not_truncated_silently(tiny_sd_dir, tmp_path, capsys):
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=1)
+    cfg["data"]["prompts"] = ["a red circle " * 500]
+    _trainer(cfg)
+    err = capsys.readouterr().err
+    assert "exceed the text encoder's 12 tokens and are truncated" in err
+
+
+@pytest.mark.parametrize("field", ["objective.beta", "train.learning_rate", "train.max_grad_norm"])
+def test_infinite_numbers_are_refused_by_the_config(field, tiny_sd_dir, tmp_path):
+    from focusnfix.errors import ConfigError
+
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.") + ".*finite"):
+        config_from_dict(cfg, [f"{field}=.inf"])
+
+
+def test_a_prompts_file_that_is_not_utf8_is_a_one_line_error(tiny_sd_dir, tmp_path):
+    from focusnfix.config import resolve_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("a red circle\nune île\n".encode("latin-1"))
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"))
+    cfg["data"] = {"prompts_file": str(path)}
+    with pytest.raises(InputError, match="data.prompts_file: .* is not UTF-8 text"):
+        resolve_prompts(config_from_dict(cfg).data)
+
+
+def _png(path, array, mode=None):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.asarray(array), mode=mode).save(path)
+    return path
+
+
+def test_mask_files_read_16_bit_refuse_colour_and_wrong_sizes(tmp_path):
+    import numpy as np
+
+    from focusnfix.aspects.mask_files import MaskFileAspect
+
+    images = torch.zeros(1, 3, 8, 8)
+    half = np.zeros((8, 8), dtype=np.uint16)
+    half[:, :4] = 65535
+    heat = MaskFileAspect(_png(tmp_path / "m16.png", half)).heatmap(images, ["p"])
+    assert heat[0, 0, :, :4].eq(1).all() and heat[0, 0, :, 4:].eq(0).all()  # not an all-ones mask
+
+    colour = np.zeros((8, 8, 3), dtype=np.uint8)
+    colour[..., 0] = 255
+    with pytest.raises(InputError, match="colour"):
+        MaskFileAspect(_png(tmp_path / "rgb.png", colour))
+
+    small = _png(tmp_path / "small.png", np.full((4, 4), 255, dtype=np.uint8))
+    with pytest.raises(InputError, match="4x4 but the images are 8x8.*resize: true"):
+        MaskFileAspect(small).heatmap(images, ["p"])
+    assert MaskFileAspect(small, resize=True).heatmap(images, ["p"]).shape == (1, 1, 8, 8)
