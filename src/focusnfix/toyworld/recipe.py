@@ -1,0 +1,69 @@
+"""The recipe of a toy world build (sizes, steps, seeds) and the training utilities its stages share."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+
+@dataclass
+class Recipe:
+    """Sizes and step counts of one build (``quick()`` gives the fast, lower-quality one)."""
+
+    seed: int = 0
+    n_train: int = 20000  # pipeline training scenes
+    vae_images: int = 8000
+    vae_steps: int = 800
+    vae_batch: int = 32
+    vae_crop: int = 32
+    vae_lr: float = 2e-3
+    unet_steps: int = 2400
+    unet_batch: int = 48
+    unet_lr: float = 1e-3
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    aspect_images: int = 6000
+    aspect_steps: int = 600
+    judge_images: int = 6000
+    judge_steps: int = 500
+    model_batch: int = 48
+    model_lr: float = 2e-3
+    threads: int = 1  # torch threads per process
+    parallel: bool = True  # train aspect models + judges in a second process while the UNet trains
+    device: str = "cpu"  # the shipped build is CPU; "cuda" gives a faster build of the same recipe
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> Recipe:
+        return cls(seed=seed, n_train=2000, vae_images=1000, vae_steps=150, unet_steps=150, unet_batch=32,
+                   aspect_images=800, aspect_steps=60, judge_images=800, judge_steps=50)
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's and torch's global generators."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cosine_lr(opt: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int = 50) -> None:
+    """Set ``opt``'s learning rate: linear warm-up, then cosine decay to 2% of ``base``."""
+    if step < warmup:
+        lr = base * (step + 1) / warmup
+    else:
+        lr = base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        lr = max(lr, base * 0.02)
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def save_module(module: nn.Module, path: Path) -> None:
+    """Write a module's state dict as safetensors."""
+    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
+__all__ = ["Recipe", "cosine_lr", "save_module", "seed_all"]
