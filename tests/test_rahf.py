@@ -16,18 +16,9 @@ from focusnfix.aspects.registry import build_aspect
 from focusnfix.cli import main
 from focusnfix.errors import InputError
 from focusnfix.rahf import evaluate as M
-from focusnfix.rahf.data import (
-    RichHFDataset,
-    RichHFRecord,
-    crc32c,
-    encode_example,
-    parse_example,
-    read_richhf,
-    read_tfrecord,
-    write_richhf,
-    write_tfrecord,
-)
+from focusnfix.rahf.data import RichHFDataset, RichHFRecord, read_richhf, write_richhf
 from focusnfix.rahf.model import HEATMAPS, SCORES, RAHFModel, tiny_config
+from focusnfix.rahf.tfrecord import crc32c, encode_example, parse_example, read_tfrecord, write_tfrecord
 from focusnfix.rahf.train import RAHFTrainConfig, train_rahf
 
 PROMPTS = ["a red circle on the left", "a blue square", "a green circle", "a big red square"]
