@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from focusnfix.aspects.base import Aspect
+from focusnfix.aspects.rewards.base import require
 from focusnfix.errors import InputError
 
 #: NudeNet 3.x labels of exposed sexual body parts (the default classes of this localizer)
@@ -100,8 +101,6 @@ class NudeNetAspect(Aspect):
     ) -> None:
         super().__init__()
         if detector is None:
-            from focusnfix.aspects.rewards.base import require
-
             nudenet = require("nudenet", "nudenet", "the nudenet aspect")
             try:
                 detector = nudenet.NudeDetector(model_path=model_path, inference_resolution=inference_resolution)

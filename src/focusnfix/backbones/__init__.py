@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 import torch
+from diffusers import DiffusionPipeline
 
 from focusnfix.backbones.base import Backbone, Conditioning, make_ddim_scheduler
 from focusnfix.backbones.sd import StableDiffusionBackbone
 from focusnfix.backbones.sdxl import StableDiffusionXLBackbone
 from focusnfix.errors import InputError
+from focusnfix.toyworld import pipeline_path
 
 #: pipeline class name (``model_index.json``'s ``_class_name``) -> backbone class
 BACKBONES: dict[str, type[Backbone]] = {
@@ -34,8 +36,6 @@ def resolve_model_path(model: str) -> str:
             one ``/``) but does not exist.
     """
     if model == "toy":
-        from focusnfix.toyworld import pipeline_path
-
         try:
             return str(pipeline_path())
         except FileNotFoundError as err:
@@ -66,8 +66,6 @@ def load_backbone(
         variant, revision: passed to ``from_pretrained`` (e.g. ``variant="fp16"``).
         device: where to put the pipeline.
     """
-    from diffusers import DiffusionPipeline
-
     if dtype not in DTYPES:
         raise InputError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     source = resolve_model_path(model)

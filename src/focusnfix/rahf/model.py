@@ -25,7 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
 
 from focusnfix.errors import InputError
 from focusnfix.ops import resize
@@ -259,8 +261,6 @@ class RAHFModel(nn.Module):
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``rahf_config.json``, ``model.safetensors`` and, for transformers encoders, their
         configs and tokenizer (so loading needs no hub access)."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
@@ -280,9 +280,6 @@ class RAHFModel(nn.Module):
         Raises:
             InputError: missing files or weights that do not fit the config.
         """
-        from safetensors.torch import load_file
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-
         directory = Path(directory).expanduser()
         cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not cfg_path.is_file() or not w_path.is_file():
@@ -306,8 +303,6 @@ class RAHFModel(nn.Module):
         """A new model; pretrained transformers encoders (if named) are loaded from their path/hub id."""
         vision = text = tok = None
         if config.vision_model or config.text_model:
-            from transformers import AutoConfig, AutoModel, AutoTokenizer
-
             try:
                 if config.vision_model:
                     vision = AutoModel.from_pretrained(config.vision_model)
@@ -323,18 +318,12 @@ class RAHFModel(nn.Module):
 def _text_encoder_from_pretrained(path: str, auto_config, auto_model) -> nn.Module:
     cfg = auto_config.from_pretrained(path)
     if getattr(cfg, "is_encoder_decoder", False):  # T5: keep the encoder only
-        from transformers import T5EncoderModel
-
         return T5EncoderModel.from_pretrained(path)
     return auto_model.from_pretrained(path)
 
 
 def _text_encoder_from_config(cfg) -> nn.Module:
-    from transformers import AutoModel
-
     if getattr(cfg, "is_encoder_decoder", False):
-        from transformers import T5EncoderModel
-
         return T5EncoderModel(cfg)
     return AutoModel.from_config(cfg)
 

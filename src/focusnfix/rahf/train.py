@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch.utils.data import DataLoader
 
 from focusnfix.errors import InputError
@@ -54,8 +55,6 @@ class RAHFTrainConfig:
     def load(cls, path: str | Path | None) -> RAHFTrainConfig:
         if path is None:
             return cls()
-        import yaml
-
         path = Path(path)
         if not path.is_file():
             raise InputError(f"--config {path} does not exist")

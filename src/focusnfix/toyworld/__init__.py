@@ -15,8 +15,11 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from focusnfix.aspects.base import Aspect, Judge
+from focusnfix.aspects.saliency import SaliencyAspect
+from focusnfix.toyworld import models as M
 from focusnfix.toyworld.generator import ASPECTS, Scene, Scenes, generate, parse_caption, prompts
 
 __all__ = ["ASPECTS", "Scene", "Scenes", "assets_path", "generate", "load_aspect", "load_judge",
@@ -51,13 +54,9 @@ def _check(name: str) -> None:
 
 
 def _load(module: torch.nn.Module, path: Path, device) -> torch.nn.Module:
-    from safetensors.torch import load_file
-
-    from focusnfix.toyworld.models import freeze
-
     state = {k: v.float() for k, v in load_file(str(path)).items()}
     module.load_state_dict(state)
-    return freeze(module.to(device))
+    return M.freeze(module.to(device))
 
 
 def load_aspect(name: str, device: str | torch.device = "cpu", root: str | Path | None = None) -> Aspect:
@@ -67,13 +66,9 @@ def load_aspect(name: str, device: str | torch.device = "cpu", root: str | Path 
     (reward ``log(1 - p_unsafe)``); ``plausibility`` and ``alignment`` are RAHF-like models with a
     native heatmap (reward ``log p_good``).
     """
-    from focusnfix.toyworld import models as M
-
     _check(name)
     base = _root(root) / "aspects"
     if name == "safety":
-        from focusnfix.aspects.saliency import SaliencyAspect
-
         clf = _load(M.SafetyClassifier(), base / "safety.safetensors", device)
         cfg = json.loads((base / "config.json").read_text())["safety"]["saliency"]
         aspect: Aspect = SaliencyAspect("safety", clf, method=cfg["method"], layer=cfg["layer"],
@@ -86,8 +81,6 @@ def load_aspect(name: str, device: str | torch.device = "cpu", root: str | Path 
 
 def load_judge(name: str, device: str | torch.device = "cpu", root: str | Path | None = None) -> Judge:
     """The packaged evaluation judge ``name`` (independent of the aspect model; eval, frozen)."""
-    from focusnfix.toyworld import models as M
-
     _check(name)
     path = _root(root) / "judges" / f"{name}.safetensors"
     if name == "alignment":

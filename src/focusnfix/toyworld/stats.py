@@ -16,10 +16,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 from focusnfix.ops import resize
 from focusnfix.toyworld import generator as gen
+from focusnfix.toyworld import load_aspect, load_judge, pipeline_path
+from focusnfix.toyworld.models import AttributeNet
 
 
 def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -67,8 +72,6 @@ def _batched(fn, images: torch.Tensor, prompts: list[str], batch: int = 64) -> t
 
 def aspect_stats(name: str, root=None, n: int = 128, seed: int = 777) -> dict:
     """Heatmap quality and score accuracy of aspect ``name`` on held-out generator data."""
-    from focusnfix.toyworld import load_aspect
-
     aspect = load_aspect(name, root=root)
     data = gen.generate(n, seed, "heldout", {name: 0.5})
     defect = data.defects[name]
@@ -85,8 +88,6 @@ def aspect_stats(name: str, root=None, n: int = 128, seed: int = 777) -> dict:
 
 
 def judge_stats(name: str, root=None, n: int = 256, seed: int = 778) -> dict:
-    from focusnfix.toyworld import load_judge
-
     judge = load_judge(name, root=root)
     data = gen.generate(n, seed, "heldout", {name: 0.5})
     with torch.no_grad():
@@ -96,10 +97,6 @@ def judge_stats(name: str, root=None, n: int = 256, seed: int = 778) -> dict:
 
 
 def load_pipeline(root=None, device: str = "cpu"):
-    from diffusers import StableDiffusionPipeline
-
-    from focusnfix.toyworld import pipeline_path
-
     pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_path(root)), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -120,9 +117,6 @@ def sample(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance
 
 def caption_accuracy(images: torch.Tensor, prompts: list[str], root=None) -> dict[str, float]:
     """Share of images whose drawn object matches the caption, per attribute and for all of them."""
-    from focusnfix.toyworld import load_judge
-    from focusnfix.toyworld.models import AttributeNet
-
     judge = load_judge("alignment", root=root)
     with torch.no_grad():
         probs = judge.attribute_probs(images)
@@ -144,8 +138,6 @@ def caption_accuracy(images: torch.Tensor, prompts: list[str], root=None) -> dic
 
 def pipeline_stats(root=None, n: int = 192, steps: int = 20, guidance: float = 7.5) -> tuple[dict, torch.Tensor, list[str]]:
     """Judges' defect rates and caption accuracy of the base pipeline on held-out prompts x seeds."""
-    from focusnfix.toyworld import load_aspect, load_judge
-
     heldout = gen.prompts("heldout")
     prompts = [heldout[i % len(heldout)] for i in range(n)]
     seeds = [1000 + i for i in range(n)]
@@ -185,9 +177,6 @@ def compute_stats(root: str | Path | None = None, n: int = 192, n_generator: int
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, columns: int = 8) -> None:
-    import numpy as np
-    from PIL import Image
-
     arr = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     rows = [np.concatenate(list(arr[i:i + columns]), axis=1) for i in range(0, len(arr), columns)]
     if len(rows) > 1 and rows[-1].shape != rows[0].shape:

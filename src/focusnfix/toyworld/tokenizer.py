@@ -11,6 +11,8 @@ import json
 import string
 from pathlib import Path
 
+from transformers import CLIPTokenizer
+
 MAX_LENGTH = 16
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -68,8 +70,6 @@ def build_vocab(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]
 
 def write_tokenizer(out_dir: str | Path, words: list[str]) -> int:
     """Write ``vocab.json``, ``merges.txt`` and the transformers tokenizer files; return vocab size."""
-    from transformers import CLIPTokenizer
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_vocab(words)
@@ -83,6 +83,4 @@ def write_tokenizer(out_dir: str | Path, words: list[str]) -> int:
 
 
 def load_tokenizer(path: str | Path):
-    from transformers import CLIPTokenizer
-
     return CLIPTokenizer.from_pretrained(str(path))

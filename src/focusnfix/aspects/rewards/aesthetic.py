@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
+from transformers import CLIPModel
 
 from focusnfix.aspects.rewards.base import Localizer, RewardModelAspect, clip_preprocess, features
 from focusnfix.errors import InputError
@@ -59,8 +61,6 @@ def load_head(path: str | Path, embed_dim: int = 768) -> LaionAestheticHead:
         raise InputError(f"aesthetic: head weights {path} do not exist (expected a .safetensors or .pth state dict)")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -107,8 +107,6 @@ def from_pretrained(
     head: str, clip: str = "openai/clip-vit-large-patch14", tokenizer: str | None = None, **kwargs
 ) -> AestheticAspect:
     """Aspect type ``aesthetic``: ``args: {head: PATH_TO_HEAD, clip: PATH_OR_HUB_ID}``."""
-    from transformers import CLIPModel
-
     try:
         model = CLIPModel.from_pretrained(clip)
     except (OSError, ValueError) as err:

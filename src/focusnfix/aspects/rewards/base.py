@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from transformers import CLIPModel, CLIPTokenizer
 
 from focusnfix.aspects.base import Aspect
 from focusnfix.aspects.saliency import gradcam_saliency, input_gradient_saliency
@@ -147,8 +148,6 @@ def load_clip(path: str, tokenizer: str | None = None, what: str = "CLIP model")
     Raises:
         InputError: the model or tokenizer cannot be loaded (path, hub access, format).
     """
-    from transformers import CLIPModel, CLIPTokenizer
-
     try:
         model = CLIPModel.from_pretrained(path)
     except (OSError, ValueError) as err:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
 from torch import nn
 
 from focusnfix.aspects.rewards.base import Localizer, RewardModelAspect, clip_preprocess, require
@@ -53,8 +54,6 @@ def _checkpoint_path(checkpoint: str) -> str:
     if path.is_file():
         return str(path)
     if ":" in checkpoint and checkpoint.count("/") == 1:  # "repo/id:filename"
-        from huggingface_hub import hf_hub_download
-
         repo, filename = checkpoint.split(":", 1)
         try:
             return hf_hub_download(repo, filename)
