@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -208,11 +207,9 @@ def test_native_heatmaps_find_defects():
 # CLI and recipe
 # ----------------------------------------------------------------------------------------------
 def _parser():
-    from focusnfix.toyworld.cli import add_subcommands
+    from focusnfix.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    return parser
+    return build_parser()
 
 
 def test_cli_registers_and_path(capsys):

@@ -1,149 +1,39 @@
-"""Command-line interface: ``focusnfix train | sample | mask | toyworld | ...``.
+"""Command-line interface: every ``focusnfix`` command and its flags, in one parser.
 
-Every command exits with 0 on success, 2 on bad input (one line naming the field, path or
-value at fault), 1 on anything else.
+    focusnfix train | sample | mask | demo | eval | votes | report | rate | sweep
+    focusnfix toyworld build | path | stats
+    focusnfix rahf train | eval
+
+The handlers live in :mod:`focusnfix.commands`. Every command exits with 0 on success, 2 on bad
+input (one line naming the field, path or value at fault), 1 on anything else.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
 from collections.abc import Sequence
 
-# keep third-party chatter (torchvision fallbacks, deprecations) off the user's terminal
+# keep third-party chatter (torchvision fallbacks, deprecations) off the user's terminal; set
+# before diffusers and transformers are first imported, which read these at import
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+from focusnfix import commands  # noqa: E402
 from focusnfix.errors import InputError  # noqa: E402
 
-
-# ---------------------------------------------------------------------------------------------
-def cmd_train(args: argparse.Namespace) -> int:
-    from focusnfix.config import load_config
-
-    config = load_config(args.config, args.set)
-    if args.dry_run:
-        print(json.dumps(training_plan(config), indent=2))
-        return 0
-    from focusnfix.train import FocusNFixTrainer
-
-    trainer = FocusNFixTrainer(config, progress=not args.no_progress)
-    result = trainer.train(resume=args.resume)
-    if trainer.accelerator.is_main_process:
-        print(f"LoRA written to {result.lora_dir} after {result.steps_done} steps; log: {result.log_path}")
-    return 0
+#: the commands, in the order ``focusnfix --help`` lists them
+COMMANDS = ("train", "sample", "mask", "demo", "eval", "votes", "report", "rate", "sweep", "toyworld", "rahf")
 
 
-def training_plan(config) -> dict:
-    """What a run would do, from the config alone (no weights loaded)."""
-    from focusnfix.aspects.registry import ASPECT_TYPES
-    from focusnfix.backbones import resolve_model_path
-    from focusnfix.config import resolve_prompts
-
-    for a in config.aspects:
-        if a.type not in ASPECT_TYPES:
-            raise InputError(f"aspects: unknown aspect type {a.type!r}; known: {', '.join(sorted(ASPECT_TYPES))}")
-    prompts = resolve_prompts(config.data)
-    s, t = config.sampling, config.train
-    grad_steps = {"draft_k": s.k, "draft_lv": 1, "full": s.num_inference_steps}[s.grad_mode]
-    model = config.model.path
-    try:
-        model = resolve_model_path(model)
-    except InputError:
-        if "/" not in model or model.startswith((".", "/", "~")):
-            raise
-    return {
-        "model": model,
-        "dtype": config.model.dtype,
-        "method": "DRaFT (beta = 0)" if config.objective.beta == 0 else "Focus-N-Fix",
-        "beta": config.objective.beta,
-        "aspects": [{"type": a.type, "name": a.name, "weight": a.weight, "localize": a.localize} for a in config.aspects],
-        "pool": {"prompts": len(prompts), "seeds_per_prompt": config.data.seeds_per_prompt},
-        "steps": t.steps,
-        "images_per_step": t.batch_size * t.grad_accum,
-        "sampling": f"DDIM {s.num_inference_steps} steps, CFG {s.guidance_scale}, {s.grad_mode}, "
-        f"gradient through the last {grad_steps} UNet call(s)",
-        "lora": config.lora.model_dump(),
-        "output_dir": t.output_dir,
-    }
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
-    from focusnfix.backbones import load_backbone
-    from focusnfix.images import grid, save_png
-    from focusnfix.lora import check_lora_file
-    from focusnfix.sampling import SamplingOptions, sample
-
-    _check_prompt(args.prompt)
-    backbone = load_backbone(args.model, args.dtype, device=args.device)
-    if args.lora:
-        path = check_lora_file(args.lora)
-        backbone.pipe.load_lora_weights(str(path.parent), weight_name=path.name)
-    options = SamplingOptions(
-        num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width
-    )
-    with torch.no_grad():
-        images = sample(backbone, [args.prompt] * len(args.seed), list(args.seed), options).images
-    out = save_png(grid([images.cpu()], pad=0 if len(args.seed) == 1 else 2), args.out)
-    print(f"wrote {out}")
-    return 0
-
-
-def cmd_mask(args: argparse.Namespace) -> int:
-    import torch
-
-    from focusnfix.config import load_config
-    from focusnfix.images import colorize, grid, overlay, save_png
-    from focusnfix.masks import mask_area
-    from focusnfix.reference import build_aspects, compute_reference, sampling_options
-
-    _check_prompt(args.prompt)
-    config = load_config(args.config, args.set)
-    from focusnfix.backbones import load_backbone
-
-    backbone = load_backbone(config.model.path, config.model.dtype, config.model.variant, config.model.revision)
-    aspects = build_aspects(config)
-    ref = compute_reference(
-        backbone,
-        aspects,
-        [a.localize for a in config.aspects],
-        [args.prompt],
-        [args.seed],
-        sampling_options(config),
-        config.mask,
-    )
-    row = [ref.images, colorize(ref.heatmap), ref.mask.repeat(1, 3, 1, 1), overlay(ref.images, ref.mask)]
-    with torch.no_grad():
-        out = save_png(grid([torch.cat(row)], scale=args.scale), args.out)
-    print(json.dumps({"out": str(out), "mask_area": round(float(mask_area(ref.mask)[0]), 4)}))
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from focusnfix.demo import run_demo, summary_table
-
-    metrics = run_demo(args.out, quick=args.quick, progress=not args.no_progress)
-    print(summary_table(metrics))
-    return 0
-
-
-def _check_prompt(prompt: str) -> None:
-    if not prompt or not prompt.strip():
-        raise InputError("--prompt must be a non-empty string")
-
-
-# ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="focusnfix", description="Region-aware reward fine-tuning of text-to-image diffusion models."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
 
     p = sub.add_parser("train", help="fine-tune a LoRA with Focus-N-Fix (beta = 0: DRaFT)")
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
@@ -151,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     p.add_argument("--dry-run", action="store_true", help="validate the config and print the plan; load nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=commands.cmd_train)
 
     p = sub.add_parser("sample", help="sample an image with the same sampler as training")
     p.add_argument("--model", default="toy", help="'toy', a diffusers pipeline directory or a hub id")
@@ -165,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.set_defaults(func=cmd_sample)
+    p.set_defaults(func=commands.cmd_sample)
 
     p = sub.add_parser("mask", help="show what training would fix: Î0 | heatmap | mask | overlay")
     p.add_argument("--config", required=True)
@@ -174,32 +64,112 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=4, help="pixel upscaling of the picture")
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.set_defaults(func=cmd_mask)
+    p.set_defaults(func=commands.cmd_mask)
 
     p = sub.add_parser("demo", help="train Focus-N-Fix and DRaFT on the toy world, evaluate, report")
     p.add_argument("--out", required=True, help="output directory (metrics.json, report.html, lora/)")
     p.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes), for CI")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=commands.cmd_demo)
 
-    for register in _extensions():
-        register(sub)
+    p = sub.add_parser("eval", help="evaluate base vs LoRAs (and SLD) on held-out prompts and seeds")
+    p.add_argument("--model", help="'toy', a diffusers pipeline directory or a hub id (default: config's or toy)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="a method: name and LoRA directory (repeatable), e.g. focusnfix=runs/fnf/lora")
+    p.add_argument("--aspects", help="toy world aspects, comma-separated; the first is the target")
+    p.add_argument("--config", help="a training config: its aspects (first weighted = target), mask and sampling")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--prompts", default="toy:heldout", help="prompt file (one per line) or toy:heldout")
+    p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
+    p.add_argument("--seed-offset", type=int, default=10000, help="first seed (default keeps clear of training seeds)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: config's, else 20)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: config's, else 7.5)")
+    p.add_argument("--sld", action="store_true", help="also run the Safe Latent Diffusion baseline (method 'sld')")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per interval")
+    p.add_argument("--votes", action="append", default=[], metavar="FILE", help="fold human votes into metrics.json")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=commands.cmd_eval)
+
+    p = sub.add_parser("votes", help="fold rating-page votes into an evaluation's metrics.json")
+    p.add_argument("dir", help="evaluation directory")
+    p.add_argument("--votes", action="append", required=True, metavar="FILE", help="votes JSON (repeatable)")
+    p.set_defaults(func=commands.cmd_votes)
+
+    p = sub.add_parser("report", help="write a self-contained HTML report of an evaluation")
+    p.add_argument("dir", help="evaluation directory")
+    p.add_argument("--out", help="HTML file (default: DIR/report.html)")
+    p.add_argument("--train-log", action="append", default=[], metavar="NAME=PATH",
+                   help="a training log.jsonl (or run directory) to plot (repeatable)")
+    p.add_argument("--sweep", help="sweep.json for the beta trade-off curve")
+    p.add_argument("--max-examples", type=int, default=32)
+    p.set_defaults(func=commands.cmd_report)
+
+    p = sub.add_parser("rate", help="write the static human-rating page of an evaluation")
+    p.add_argument("dir", help="evaluation directory")
+    p.add_argument("--out", help="HTML file (default: DIR/rate.html)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task order")
+    p.add_argument("--max-examples", type=int)
+    p.set_defaults(func=commands.cmd_rate)
+
+    p = sub.add_parser("sweep", help="train one LoRA per beta and evaluate the trade-off (beta 0 = DRaFT)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--betas", required=True, help="comma-separated, e.g. 0,0.3,1,3")
+    p.add_argument("--out", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--prompts", help="evaluation prompts (default: the config's training prompts)")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--seed-offset", type=int, default=10000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=commands.cmd_sweep)
+
+    tw = sub.add_parser("toyworld", help="the embedded toy world: build, locate, measure")
+    tw_sub = tw.add_subparsers(dest="toyworld_command", required=True)
+    p = tw_sub.add_parser("build", help="train the toy pipeline, aspect models and judges (CPU)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--quick", action="store_true", help="a few-minute, lower-quality build (for tests)")
+    p.add_argument("--seed", type=int, default=0, help="build seed (default 0 = the shipped models)")
+    p.add_argument("--threads", type=int, default=None, dest="recipe_threads",
+                   help="torch threads per build process (default: the recipe's, 1)")
+    p.add_argument("--device", default="cpu", help="torch device for training (default cpu)")
+    p.add_argument("--stats", action="store_true", help="measure and write stats.json after building")
+    p.set_defaults(func=commands.cmd_toyworld_build)
+    p = tw_sub.add_parser("path", help="print the packaged toy pipeline directory")
+    p.add_argument("--model", default=None, help="a build directory instead of the packaged assets")
+    p.set_defaults(func=commands.cmd_toyworld_path)
+    p = tw_sub.add_parser("stats", help="measure the toy world and print JSON")
+    p.add_argument("--model", default=None, help="a build directory (default: the packaged assets)")
+    p.add_argument("--n", type=int, default=192, help="pipeline samples (held-out prompts x seeds)")
+    p.add_argument("--grid", default=None, help="also save a PNG grid of the first 64 samples")
+    p.set_defaults(func=commands.cmd_toyworld_stats)
+
+    rahf = sub.add_parser("rahf", help="train / evaluate a RAHF-style heatmap and score model on RichHF-18K")
+    rahf_sub = rahf.add_subparsers(dest="rahf_command", required=True)
+    p = rahf_sub.add_parser("train", help="train on RichHF-18K TFRecords + Pick-a-Pic images")
+    _richhf_data_args(p)
+    p.add_argument("--out", required=True, help="output directory (model + train_log.jsonl)")
+    p.add_argument("--config", default=None, help="YAML/JSON training config (see focusnfix.rahf.train.RAHFTrainConfig)")
+    p.add_argument("--steps", type=int, default=None, help="override the config's steps")
+    p.set_defaults(func=commands.cmd_rahf_train)
+    p = rahf_sub.add_parser("eval", help="heatmap (MSE, CC, KLD, SIM, NSS, AUC-Judd) and score (PLCC, SRCC) metrics")
+    _richhf_data_args(p)
+    p.add_argument("--model", required=True, help="directory written by `focusnfix rahf train`")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.set_defaults(func=commands.cmd_rahf_eval)
     return parser
 
 
-def _extensions():
-    """Sub-commands that live beside their modules (toy world, evaluation, report, ...)."""
-    import importlib
-
-    for module_name in ("focusnfix.toyworld.cli", "focusnfix.evaluate_cli", "focusnfix.rahf.cli"):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            # only "this optional part is absent" is fine; a broken import inside it is not
-            if err.name is None or not module_name.startswith(err.name):
-                raise
-            continue
-        yield module.add_subcommands
+def _richhf_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tfrecords", required=True, help="glob of RichHF-18K TFRecord files (quote it)")
+    p.add_argument("--images", required=True, help="directory of Pick-a-Pic images, found by the records' filename")
+    p.add_argument("--captions", default=None,
+                   help="prompts: JSON {filename: caption} or JSON lines with filename and caption "
+                        "(else the record's prompt field or <image>.txt)")
+    p.add_argument("--no-verify-crc", action="store_true", help="skip TFRecord CRC checks (faster)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

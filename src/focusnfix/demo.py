@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from focusnfix import toyworld
 from focusnfix.config import config_from_dict
+from focusnfix.evaluate import evaluate
+from focusnfix.rating import write_rating_page
+from focusnfix.report import write_report
+from focusnfix.sampling import SamplingOptions
+from focusnfix.train import FocusNFixTrainer
 
 
 @dataclass(frozen=True)
@@ -65,13 +71,6 @@ def demo_config(out: Path, beta: float, s: DemoSettings) -> dict[str, Any]:
 
 def run_demo(out: str | Path, quick: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train both methods, evaluate, report. Returns the metrics dict."""
-    from focusnfix import toyworld
-    from focusnfix.evaluate import evaluate
-    from focusnfix.rating import write_rating_page
-    from focusnfix.report import write_report
-    from focusnfix.sampling import SamplingOptions
-    from focusnfix.train import FocusNFixTrainer
-
     s = QUICK if quick else FULL
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

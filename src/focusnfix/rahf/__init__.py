@@ -9,5 +9,5 @@
 * :mod:`focusnfix.rahf.evaluate`: metrics as pure functions (MSE, CC, KLD, SIM, NSS, AUC-Judd;
   PLCC/SRCC) and the evaluation loop.
 * :mod:`focusnfix.rahf.aspect`: a trained model as a focusnfix aspect (type ``rahf``).
-* :mod:`focusnfix.rahf.cli`: ``focusnfix rahf train | eval``.
+* ``focusnfix rahf train | eval``: in :mod:`focusnfix.cli` and :mod:`focusnfix.commands`.
 """

@@ -1,0 +1,330 @@
+"""The handlers of the command-line interface (the parser and the list of commands are in :mod:`focusnfix.cli`).
+
+Each handler takes the parsed arguments, returns an exit code, and raises
+:class:`~focusnfix.errors.InputError` for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from focusnfix import toyworld
+from focusnfix.aspects.registry import ASPECT_TYPES
+from focusnfix.backbones import load_backbone, resolve_model_path
+from focusnfix.config import Config, MaskConfig, load_config, resolve_prompts
+from focusnfix.demo import run_demo, summary_table
+from focusnfix.errors import InputError
+from focusnfix.evaluate import aspects_from_config, evaluate
+from focusnfix.files import atomic_write_text, read_prompts_file
+from focusnfix.images import colorize, grid, overlay, save_png
+from focusnfix.lora import check_lora_file
+from focusnfix.masks import mask_area
+from focusnfix.rahf import evaluate as rahf_evaluate
+from focusnfix.rahf.data import RichHFDataset, collate
+from focusnfix.rahf.model import RAHFConfig, RAHFModel
+from focusnfix.rahf.train import RAHFTrainConfig, train_rahf
+from focusnfix.rating import apply_votes, write_rating_page
+from focusnfix.reference import build_aspects, compute_reference, sampling_options
+from focusnfix.report import write_report
+from focusnfix.sampling import SamplingOptions, sample
+from focusnfix.sweep import sweep
+from focusnfix.toyworld.build import Recipe, build
+from focusnfix.toyworld.stats import compute_stats
+from focusnfix.train import FocusNFixTrainer
+
+
+# ---------------------------------------------------------------------------------------------
+# train, sample, mask, demo
+# ---------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set)
+    if args.dry_run:
+        print(json.dumps(training_plan(config), indent=2))
+        return 0
+    trainer = FocusNFixTrainer(config, progress=not args.no_progress)
+    result = trainer.train(resume=args.resume)
+    if trainer.accelerator.is_main_process:
+        print(f"LoRA written to {result.lora_dir} after {result.steps_done} steps; log: {result.log_path}")
+    return 0
+
+
+def training_plan(config: Config) -> dict:
+    """What a run would do, from the config alone (no weights loaded)."""
+    for a in config.aspects:
+        if a.type not in ASPECT_TYPES:
+            raise InputError(f"aspects: unknown aspect type {a.type!r}; known: {', '.join(sorted(ASPECT_TYPES))}")
+    prompts = resolve_prompts(config.data)
+    s, t = config.sampling, config.train
+    grad_steps = {"draft_k": s.k, "draft_lv": 1, "full": s.num_inference_steps}[s.grad_mode]
+    model = config.model.path
+    try:
+        model = resolve_model_path(model)
+    except InputError:
+        if "/" not in model or model.startswith((".", "/", "~")):
+            raise
+    return {
+        "model": model,
+        "dtype": config.model.dtype,
+        "method": "DRaFT (beta = 0)" if config.objective.beta == 0 else "Focus-N-Fix",
+        "beta": config.objective.beta,
+        "aspects": [{"type": a.type, "name": a.name, "weight": a.weight, "localize": a.localize} for a in config.aspects],
+        "pool": {"prompts": len(prompts), "seeds_per_prompt": config.data.seeds_per_prompt},
+        "steps": t.steps,
+        "images_per_step": t.batch_size * t.grad_accum,
+        "sampling": f"DDIM {s.num_inference_steps} steps, CFG {s.guidance_scale}, {s.grad_mode}, "
+        f"gradient through the last {grad_steps} UNet call(s)",
+        "lora": config.lora.model_dump(),
+        "output_dir": t.output_dir,
+    }
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    _check_prompt(args.prompt)
+    backbone = load_backbone(args.model, args.dtype, device=args.device)
+    if args.lora:
+        path = check_lora_file(args.lora)
+        backbone.pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    options = SamplingOptions(
+        num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width
+    )
+    with torch.no_grad():
+        images = sample(backbone, [args.prompt] * len(args.seed), list(args.seed), options).images
+    out = save_png(grid([images.cpu()], pad=0 if len(args.seed) == 1 else 2), args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_mask(args: argparse.Namespace) -> int:
+    _check_prompt(args.prompt)
+    config = load_config(args.config, args.set)
+    backbone = load_backbone(config.model.path, config.model.dtype, config.model.variant, config.model.revision)
+    aspects = build_aspects(config)
+    ref = compute_reference(backbone, aspects, [a.localize for a in config.aspects], [args.prompt], [args.seed],
+                            sampling_options(config), config.mask)
+    row = [ref.images, colorize(ref.heatmap), ref.mask.repeat(1, 3, 1, 1), overlay(ref.images, ref.mask)]
+    with torch.no_grad():
+        out = save_png(grid([torch.cat(row)], scale=args.scale), args.out)
+    print(json.dumps({"out": str(out), "mask_area": round(float(mask_area(ref.mask)[0]), 4)}))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    metrics = run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    print(summary_table(metrics))
+    return 0
+
+
+def _check_prompt(prompt: str) -> None:
+    if not prompt or not prompt.strip():
+        raise InputError("--prompt must be a non-empty string")
+
+
+# ---------------------------------------------------------------------------------------------
+# eval, votes, report, rate, sweep
+# ---------------------------------------------------------------------------------------------
+def name_path_pairs(values: list[str], flag: str) -> dict[str, str]:
+    """``["name=path", ...]`` -> ``{name: path}``, each name once."""
+    out: dict[str, str] = {}
+    for v in values:
+        if "=" not in v:
+            raise InputError(f"{flag} {v!r} must look like NAME=PATH")
+        name, path = v.split("=", 1)
+        name = name.strip()
+        if not name or not path:
+            raise InputError(f"{flag} {v!r} must look like NAME=PATH with a non-empty name and path")
+        if name in out:
+            raise InputError(f"{flag}: name {name!r} given twice")
+        out[name] = path
+    return out
+
+
+def read_prompts(spec: str) -> list[str]:
+    """``toy:heldout`` / ``toy:train`` or a text file with one prompt per line (``#`` comments)."""
+    if spec.startswith("toy:"):
+        split = spec.split(":", 1)[1]
+        if split not in ("train", "heldout"):
+            raise InputError(f"--prompts: toy split must be train or heldout, got {split!r}")
+        return list(toyworld.prompts(split))
+    return read_prompts_file(spec, "--prompts")
+
+
+def _toy_aspects(names: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    aspects, judges = {}, {}
+    for n in names:
+        if n not in toyworld.ASPECTS:
+            raise InputError(f"--aspects: {n!r} is not a toy world aspect ({', '.join(toyworld.ASPECTS)}); "
+                             "use --config for other aspects")
+        try:
+            aspects[n] = toyworld.load_aspect(n)
+            judges[n] = toyworld.load_judge(n)
+        except FileNotFoundError as err:
+            raise InputError(str(err)) from err
+    return aspects, judges
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    methods: dict[str, str | None] = dict(name_path_pairs(args.lora, "--lora"))
+    if args.seeds < 1:
+        raise InputError("--seeds must be >= 1")
+    config = load_config(args.config, args.set) if args.config else None
+    if config is not None and not args.aspects:
+        aspects, target, judges = aspects_from_config(config)
+    elif args.aspects:
+        names = [a.strip() for a in args.aspects.split(",") if a.strip()]
+        if not names:
+            raise InputError("--aspects must name at least one aspect")
+        aspects, judges = _toy_aspects(names)
+        target = names[0]
+    else:
+        raise InputError("give --aspects (toy world names, first = target) or --config")
+    if config is not None:
+        s = config.sampling
+        options = SamplingOptions(num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                                  height=s.height, width=s.width, negative_prompt=s.negative_prompt)
+        mask_cfg = config.mask
+        model = args.model or config.model.path
+    else:
+        options = SamplingOptions(num_inference_steps=20, guidance_scale=7.5)
+        mask_cfg = MaskConfig()
+        model = args.model or "toy"
+    if args.steps is not None:
+        options.num_inference_steps = args.steps
+    if args.guidance is not None:
+        options.guidance_scale = args.guidance
+    prompts = read_prompts(args.prompts)
+    if args.max_prompts:
+        prompts = prompts[: args.max_prompts]
+    seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
+    metrics = evaluate(model, methods, aspects, target, judges, prompts, seeds, options, mask_cfg, args.out,
+                       batch_size=args.batch_size, n_bootstrap=args.bootstrap, sld=args.sld)
+    if args.votes:
+        metrics = apply_votes(args.out, args.votes)
+    summary = {m: {k: (e.get(k) or {}).get("mean") for k in ("target_reward", "outside_psnr", "improved_share")}
+               for m, e in metrics["methods"].items()}
+    print(json.dumps({"metrics": str(Path(args.out) / "metrics.json"), "n_images": metrics["n_images"],
+                      "summary": summary}, indent=2))
+    return 0
+
+
+def cmd_votes(args: argparse.Namespace) -> int:
+    metrics = apply_votes(args.dir, args.votes)
+    print(json.dumps({m: e.get("human") for m, e in metrics["methods"].items() if m != "base"}, indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    logs = {k: Path(v) for k, v in name_path_pairs(args.train_log, "--train-log").items()}
+    out = args.out or str(Path(args.dir) / "report.html")
+    path = write_report(args.dir, out, train_logs=logs or None, sweep=Path(args.sweep) if args.sweep else None,
+                        max_examples=args.max_examples)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_rate(args: argparse.Namespace) -> int:
+    out = args.out or str(Path(args.dir) / "rate.html")
+    path = write_rating_page(args.dir, out, seed=args.seed, max_examples=args.max_examples)
+    print(f"wrote {path}")
+    return 0
+
+
+def parse_betas(text: str) -> list[float]:
+    """``"0,0.3,1"`` -> ``[0.0, 0.3, 1.0]``; numbers, at least one, no duplicates."""
+    try:
+        betas = [float(b) for b in text.split(",") if b.strip()]
+    except ValueError as err:
+        raise InputError(f"--betas must be comma-separated numbers, got {text!r}") from err
+    if not betas:
+        raise InputError("--betas must list at least one beta")
+    if len({f"{b:g}" for b in betas}) != len(betas):
+        raise InputError(f"--betas has duplicates: {text!r}")
+    return betas
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
+    doc = sweep(args.config, parse_betas(args.betas), args.out, args.set, prompts=prompts, seeds=seeds,
+                batch_size=args.batch_size, n_bootstrap=args.bootstrap, progress=not args.no_progress)
+    print(json.dumps({"sweep": str(Path(args.out) / "sweep.json"),
+                      "points": [{"beta": p["beta"],
+                                  "target_gain": (p.get("target_gain") or {}).get("mean"),
+                                  "outside_psnr": (p.get("outside_psnr") or {}).get("mean")} for p in doc["points"]]},
+                     indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# toyworld build | path | stats
+# ---------------------------------------------------------------------------------------------
+def cmd_toyworld_build(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    recipe = Recipe.quick(args.seed) if args.quick else Recipe(seed=args.seed)
+    if args.recipe_threads is not None:
+        recipe.threads = args.recipe_threads
+    recipe.device = args.device
+    record = build(args.out, recipe)
+    if args.stats:
+        stats = compute_stats(args.out, n=64 if args.quick else 192)
+        atomic_write_text(Path(args.out) / "stats.json", json.dumps(stats, indent=2))
+        record["stats"] = stats
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def cmd_toyworld_path(args: argparse.Namespace) -> int:
+    try:
+        print(toyworld.pipeline_path(args.model))
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_toyworld_stats(args: argparse.Namespace) -> int:
+    try:
+        stats = compute_stats(args.model, n=args.n, save_grid=args.grid)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# rahf train | eval
+# ---------------------------------------------------------------------------------------------
+def cmd_rahf_train(args: argparse.Namespace) -> int:
+    config = RAHFTrainConfig.load(args.config)
+    if args.steps is not None:
+        config.steps = args.steps
+    model_cfg = RAHFConfig.from_dict(config.model)
+    data = RichHFDataset(args.tfrecords, args.images, model_cfg.image_size, model_cfg.heatmap_size,
+                         args.captions, verify_crc=not args.no_verify_crc)
+    print(f"rahf train: {len(data)} examples, {config.steps} steps, batch {config.batch_size}")
+    _, records = train_rahf(config, data, args.out)
+    print(f"rahf model written to {args.out} (final loss {records[-1]['loss']:.5f})")
+    return 0
+
+
+def cmd_rahf_eval(args: argparse.Namespace) -> int:
+    model = RAHFModel.from_pretrained(args.model)
+    cfg = model.config
+    # ground-truth maps stay at the model's heatmap size; predictions are compared there
+    data = RichHFDataset(args.tfrecords, args.images, cfg.image_size, cfg.heatmap_size, args.captions,
+                         verify_crc=not args.no_verify_crc)
+    result = rahf_evaluate.evaluate(model, DataLoader(data, batch_size=args.batch_size, collate_fn=collate))
+    print(rahf_evaluate.format_metrics(result))
+    if args.json:
+        rahf_evaluate.write_metrics(result, args.json)
+    else:
+        print(json.dumps(result))
+    return 0
