@@ -1,6 +1,10 @@
 """CLI: exit codes and one-line errors for bad input, sample/mask outputs, dry run."""
 
+import argparse
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,9 +13,19 @@ import yaml
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from focusnfix.cli import main
+from focusnfix import commands
+from focusnfix.cli import COMMANDS, build_parser, default_threads, main
 
 from conftest import base_config
+
+
+def _toy_built() -> bool:
+    try:
+        from focusnfix.toyworld import pipeline_path
+
+        return pipeline_path().is_dir()
+    except FileNotFoundError:
+        return False
 
 
 def write_config(tmp_path, data, name="cfg.yaml"):
@@ -84,6 +98,50 @@ def test_train_then_sample_matches_diffusers_with_the_lora(tiny_sd_dir, tmp_path
     theirs = (theirs * 255 + 0.5).astype(int)
     assert ours.shape == theirs.shape == (32, 32, 3)
     assert np.abs(ours - theirs).max() <= 1
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-m", "focusnfix.cli", *argv], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.mark.skipif(not _toy_built(), reason="toy world weights are not packaged")
+def test_errors_are_one_line_without_loading_bars(tmp_path):
+    res = _cli("sample", "--model", "toy", "--lora", "/nonexistent", "--prompt", "a", "--out", str(tmp_path / "x.png"))
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_threads_default_to_the_idle_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 1.0, 1.0))
+    assert default_threads(None) == 5
+    monkeypatch.setattr(os, "getloadavg", lambda: (11.0, 1.0, 1.0))
+    assert default_threads(None) == 1
+    assert default_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert default_threads(None) is None
+
+
+def test_threads_flag_applies_to_the_command_only(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(commands, "cmd_votes", lambda args: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    assert main(["--threads", "3", "votes", "d", "--votes", "v.json"]) == 0
+    assert seen == [3] and torch.get_num_threads() == before
+    with pytest.raises(SystemExit):
+        main(["--threads", "0", "votes", "d", "--votes", "v.json"])
+    assert "--threads" in capsys.readouterr().err
+
+
+def test_one_parser_lists_every_command():
+    parser = build_parser()
+    choices = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert tuple(choices) == COMMANDS
+    assert parser.parse_args(["toyworld", "build", "--out", "x", "--threads", "2"]).recipe_threads == 2
+    assert parser.parse_args(["rahf", "eval", "--tfrecords", "t", "--images", "i", "--model", "m"]).batch_size == 8
 
 
 def test_sample_rejects_bad_lora_and_prompt(tiny_sd_dir, tmp_path, capsys):

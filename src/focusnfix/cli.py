@@ -1,11 +1,12 @@
 """Command-line interface: every ``focusnfix`` command and its flags, in one parser.
 
-    focusnfix train | sample | mask | demo | eval | votes | report | rate | sweep
-    focusnfix toyworld build | path | stats
-    focusnfix rahf train | eval
+    focusnfix [--threads N] train | sample | mask | demo | eval | votes | report | rate | sweep
+    focusnfix [--threads N] toyworld build | path | stats
+    focusnfix [--threads N] rahf train | eval
 
 The handlers live in :mod:`focusnfix.commands`. Every command exits with 0 on success, 2 on bad
-input (one line naming the field, path or value at fault), 1 on anything else.
+input (one line naming the field, path or value at fault), 1 on anything else. Library loading
+bars (diffusers, transformers) are off in every command; the commands' own progress bars stay.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+import torch  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
+
 from focusnfix import commands  # noqa: E402
 from focusnfix.errors import InputError  # noqa: E402
 
@@ -29,10 +34,20 @@ from focusnfix.errors import InputError  # noqa: E402
 COMMANDS = ("train", "sample", "mask", "demo", "eval", "votes", "report", "rate", "sweep", "toyworld", "rahf")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="focusnfix", description="Region-aware reward fine-tuning of text-to-image diffusion models."
     )
+    parser.add_argument("--threads", type=positive_int, metavar="N",
+                        help="torch CPU threads (default: OMP_NUM_THREADS if set, else the cores that "
+                             "other processes leave idle: cpu_count - 1-minute load average, at least 1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
 
     p = sub.add_parser("train", help="fine-tune a LoRA with Focus-N-Fix (beta = 0: DRaFT)")
@@ -172,9 +187,33 @@ def _richhf_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify-crc", action="store_true", help="skip TFRecord CRC checks (faster)")
 
 
+def default_threads(requested: int | None) -> int | None:
+    """Torch threads for this command: ``--threads``; else None (keep torch's) when OMP_NUM_THREADS
+    is set; else the cores that other processes leave idle, ``cpu_count - round(1-min load)``, >= 1.
+
+    Two torch processes that each use every core of a shared machine thrash (5-15x slower).
+    """
+    if requested is not None:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cpus = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # no load average (Windows)
+        return None
+    return max(1, min(cpus, cpus - round(load)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    threads_before = torch.get_num_threads()
+    threads = default_threads(args.threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         return int(args.func(args) or 0)
     except InputError as err:
@@ -183,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("focusnfix: interrupted", file=sys.stderr)
         return 130
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 if __name__ == "__main__":
