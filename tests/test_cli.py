@@ -14,7 +14,9 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from focusnfix import commands
+from focusnfix.backbones import load_backbone
 from focusnfix.cli import COMMANDS, build_parser, default_threads, main
+from focusnfix.lora import add_lora, save_lora_weights
 
 from conftest import base_config
 
@@ -98,6 +100,40 @@ def test_train_then_sample_matches_diffusers_with_the_lora(tiny_sd_dir, tmp_path
     theirs = (theirs * 255 + 0.5).astype(int)
     assert ours.shape == theirs.shape == (32, 32, 3)
     assert np.abs(ours - theirs).max() <= 1
+    capsys.readouterr()
+
+    # without --steps/--guidance, sample takes them from the run's config.yaml (run/lora -> run/config.yaml)
+    inferred = tmp_path / "inferred.png"
+    assert main(["sample", "--lora", str(lora), "--prompt", "a red circle", "--seed", "11", "--out", str(inferred)]) == 0
+    assert str(tmp_path / "run" / "config.yaml") in capsys.readouterr().out
+    assert np.array_equal(np.asarray(Image.open(inferred)), np.asarray(Image.open(out)))
+    # explicit flags override the run's settings
+    two = tmp_path / "two.png"
+    assert main(["sample", "--config", str(tmp_path / "run" / "config.yaml"), "--lora", str(lora), "--prompt",
+                 "a red circle", "--seed", "11", "--steps", "2", "--out", str(two)]) == 0
+    theirs2 = pipe("a red circle", num_inference_steps=2, guidance_scale=3.0,
+                   generator=torch.Generator().manual_seed(11), output_type="np").images[0]
+    assert np.abs(np.asarray(Image.open(two)).astype(int) - (theirs2 * 255 + 0.5).astype(int)).max() <= 1
+
+
+def test_sample_without_a_run_config_says_which_defaults_it_used(tiny_sd_dir, tmp_path, capsys):
+    assert main(["sample", "--model", str(tiny_sd_dir), "--prompt", "a", "--steps", "2", "--out",
+                 str(tmp_path / "x.png")]) == 0
+    out = capsys.readouterr().out
+    assert "--guidance 7.5" in out and "--steps" not in out.split("wrote")[0]
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [(["--steps", "0"], "--steps"), (["--height", "30"], "--height"), (["--width", "-8"], "--width"),
+     (["--height", "0"], "--height")],
+)
+def test_sample_validates_steps_and_size(tiny_sd_dir, tmp_path, capsys, flags, named):
+    code = main(["sample", "--model", str(tiny_sd_dir), "--prompt", "a", *flags, "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("focusnfix: error: ") and named in err, err
+    assert not (tmp_path / "x.png").exists()
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
@@ -111,6 +147,10 @@ def _cli(*argv: str) -> subprocess.CompletedProcess:
 def test_errors_are_one_line_without_loading_bars(tmp_path):
     res = _cli("sample", "--model", "toy", "--lora", "/nonexistent", "--prompt", "a", "--out", str(tmp_path / "x.png"))
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    # an error after the model was loaded: no "Loading pipeline components" bar before it either
+    res = _cli("sample", "--model", "toy", "--height", "30", "--prompt", "a", "--out", str(tmp_path / "x.png"))
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "--height" in res.stderr
 
 
 def test_threads_default_to_the_idle_cores(monkeypatch):
@@ -165,3 +205,15 @@ def test_mask_command_writes_the_picture(tiny_sd_dir, tmp_path, capsys):
     assert info["mask_area"] == 0.5
     img = np.asarray(Image.open(out))
     assert img.shape == (32 + 4, 4 * 34 + 2, 3)  # Î0 | heatmap | mask | overlay
+
+
+@pytest.mark.skipif(not _toy_built(), reason="toy world weights are not packaged")
+def test_sample_rejects_a_lora_of_another_model(tiny_sd_dir, tmp_path, capsys):
+    bb = load_backbone(str(tiny_sd_dir))
+    add_lora(bb.unet, 4)
+    save_lora_weights(bb.unet, type(bb.pipe), tmp_path / "tiny_lora")
+    capsys.readouterr()
+    assert main(["sample", "--model", "toy", "--lora", str(tmp_path / "tiny_lora"), "--prompt", "a", "--steps", "1",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not fit the model" in err, err

@@ -22,7 +22,7 @@ from focusnfix.backbones import load_backbone, resolve_model_path
 from focusnfix.config import Config, MaskConfig, load_config, resolve_prompts
 from focusnfix.demo import run_demo, summary_table
 from focusnfix.errors import InputError
-from focusnfix.evaluate import aspects_from_config, evaluate
+from focusnfix.evaluate import aspects_from_config, evaluate, load_lora
 from focusnfix.files import atomic_write_text, read_prompts_file
 from focusnfix.images import colorize, grid, overlay, save_png
 from focusnfix.lora import check_lora_file
@@ -39,6 +39,9 @@ from focusnfix.sweep import sweep
 from focusnfix.toyworld.build import Recipe, build
 from focusnfix.toyworld.stats import compute_stats
 from focusnfix.train import FocusNFixTrainer
+
+#: ``focusnfix sample``'s settings when neither a flag nor a run config gives them
+SAMPLE_DEFAULTS = {"steps": 20, "guidance": 7.5}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,15 +89,54 @@ def training_plan(config: Config) -> dict:
     }
 
 
+def run_config_path(config: str | None, lora: str | None) -> Path | None:
+    """``--config``, else the ``config.yaml`` of the run whose ``lora/`` directory ``--lora`` names."""
+    if config:
+        return Path(config)
+    if not lora:
+        return None
+    lora_dir = Path(lora)
+    if lora_dir.suffix == ".safetensors":
+        lora_dir = lora_dir.parent
+    candidate = lora_dir.parent / "config.yaml"
+    return candidate if lora_dir.name == "lora" and candidate.is_file() else None
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     _check_prompt(args.prompt)
-    backbone = load_backbone(args.model, args.dtype, device=args.device)
-    if args.lora:
-        path = check_lora_file(args.lora)
-        backbone.pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    if args.steps is not None and args.steps < 1:
+        raise InputError(f"--steps must be >= 1, got {args.steps}")
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value <= 0:
+            raise InputError(f"{flag} must be a positive multiple of the VAE scale factor, got {value}")
+    lora = check_lora_file(args.lora) if args.lora else None
+    config_path = run_config_path(args.config, args.lora)
+    config = load_config(config_path) if config_path is not None else None
+    s = config.sampling if config is not None else None
     options = SamplingOptions(
-        num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width
+        num_inference_steps=args.steps or (s.num_inference_steps if s else SAMPLE_DEFAULTS["steps"]),
+        guidance_scale=args.guidance if args.guidance is not None else (s.guidance_scale if s else SAMPLE_DEFAULTS["guidance"]),
+        height=args.height or (s.height if s else None),
+        width=args.width or (s.width if s else None),
+        negative_prompt=s.negative_prompt if s else "",
     )
+    if config is not None:
+        print(f"sampling settings from {config_path} unless given as flags: {options.num_inference_steps} steps, "
+              f"guidance {options.guidance_scale:g}")
+    else:
+        used = [f"--{k} {v:g}" for k, v in SAMPLE_DEFAULTS.items() if getattr(args, k) is None]
+        if used:
+            print(f"no run config (--config RUN_DIR/config.yaml): using the defaults {', '.join(used)}")
+    m = config.model if config is not None else None
+    same = m is not None and args.model is None  # the run's own model: its variant and revision too
+    backbone = load_backbone(args.model or (m.path if m else "toy"), args.dtype or (m.dtype if m else "float32"),
+                             m.variant if same else None, m.revision if same else None, device=args.device)
+    factor = backbone.vae_scale_factor
+    for flag, value in (("--height", options.height), ("--width", options.width)):
+        if value is not None and value % factor:
+            raise InputError(f"{flag} must be a positive multiple of {factor} (the VAE scale factor), got {value}")
+    if lora is not None:
+        load_lora(backbone, "sample", lora)
     with torch.no_grad():
         images = sample(backbone, [args.prompt] * len(args.seed), list(args.seed), options).images
     out = save_png(grid([images.cpu()], pad=0 if len(args.seed) == 1 else 2), args.out)

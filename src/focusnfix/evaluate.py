@@ -77,14 +77,21 @@ def _sample_all(
     return torch.cat(out)
 
 
-def _load_lora(backbone: Backbone, name: str, lora_dir: str | Path) -> str:
+def load_lora(backbone: Backbone, name: str, lora_dir: str | Path) -> str:
+    """Load a LoRA (directory or file) as the backbone's only active adapter; returns the adapter name.
+
+    Raises:
+        InputError: no readable LoRA file there, or one whose keys or shapes do not fit the model.
+    """
     path = check_lora_file(lora_dir)
     # PEFT adapter names become ModuleDict keys: no dots (method names like "beta_0.3" have them)
     adapter = "eval_" + "".join(c if c.isalnum() else "_" for c in name)
     try:
         backbone.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
     except (ValueError, KeyError, RuntimeError) as err:
-        raise InputError(f"LoRA {path} does not fit the model: {err}") from err
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        more = f" (+{len(lines) - 2} more)" if len(lines) > 2 else ""
+        raise InputError(f"LoRA {path} does not fit the model: {' '.join(lines[:2])}{more}") from err
     backbone.pipe.set_adapters([adapter])
     return adapter
 
@@ -217,7 +224,7 @@ def evaluate(
         if lora is None:
             images[name] = _sample_all(backbone, ip, iseeds, options, batch_size, f"sampling {name}", progress)
             continue
-        adapter = _load_lora(backbone, name, lora)
+        adapter = load_lora(backbone, name, lora)
         try:
             images[name] = _sample_all(backbone, ip, iseeds, options, batch_size, f"sampling {name}", progress)
         finally:
@@ -389,6 +396,7 @@ __all__ = [
     "aspects_from_config",
     "evaluate",
     "load_eval",
+    "load_lora",
     "resolve_backbone",
     "summary_table",
     "write_metrics",
