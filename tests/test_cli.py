@@ -153,6 +153,26 @@ def test_errors_are_one_line_without_loading_bars(tmp_path):
     assert "--height" in res.stderr
 
 
+def test_eval_prints_a_summary_table_not_json(tiny_sd_dir, tmp_path, capsys):
+    cfg = write_config(tmp_path, base_config(str(tiny_sd_dir), str(tmp_path / "run")))
+    bb = load_backbone(str(tiny_sd_dir))
+    add_lora(bb.unet, 4)
+    save_lora_weights(bb.unet, type(bb.pipe), tmp_path / "zero")
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    out = tmp_path / "ev"
+    assert main(["eval", "--config", str(cfg), "--lora", f"zero={tmp_path / 'zero'}", "--prompts",
+                 str(tmp_path / "p.txt"), "--seeds", "1", "--bootstrap", "20", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert lines[0].split()[0] == "method" and [ln.split()[0] for ln in lines[1:3]] == ["base", "zero"]
+    assert str(out / "metrics.json") in lines[-1] and len(lines) == 4
+    assert '"methods"' not in captured.out
+    assert "scoring" in captured.err and "sampling zero" in captured.err  # progress bars (stderr)
+    assert main(["eval", "--config", str(cfg), "--prompts", str(tmp_path / "p.txt"), "--seeds", "1", "--bootstrap",
+                 "20", "--no-progress", "--out", str(out)]) == 0
+    assert "scoring" not in capsys.readouterr().err
+
+
 def test_threads_default_to_the_idle_cores(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)

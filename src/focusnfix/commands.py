@@ -20,9 +20,9 @@ from focusnfix import toyworld
 from focusnfix.aspects.registry import ASPECT_TYPES
 from focusnfix.backbones import load_backbone, resolve_model_path
 from focusnfix.config import Config, MaskConfig, load_config, resolve_prompts
-from focusnfix.demo import run_demo, summary_table
+from focusnfix.demo import run_demo
 from focusnfix.errors import InputError
-from focusnfix.evaluate import aspects_from_config, evaluate, load_lora
+from focusnfix.evaluate import aspects_from_config, evaluate, load_lora, summary_table
 from focusnfix.files import atomic_write_text, read_prompts_file
 from focusnfix.images import colorize, grid, overlay, save_png
 from focusnfix.lora import check_lora_file
@@ -246,13 +246,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prompts = prompts[: args.max_prompts]
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     metrics = evaluate(model, methods, aspects, target, judges, prompts, seeds, options, mask_cfg, args.out,
-                       batch_size=args.batch_size, n_bootstrap=args.bootstrap, sld=args.sld)
+                       batch_size=args.batch_size, n_bootstrap=args.bootstrap, sld=args.sld,
+                       progress=not args.no_progress)
     if args.votes:
         metrics = apply_votes(args.out, args.votes)
-    summary = {m: {k: (e.get(k) or {}).get("mean") for k in ("target_reward", "outside_psnr", "improved_share")}
-               for m, e in metrics["methods"].items()}
-    print(json.dumps({"metrics": str(Path(args.out) / "metrics.json"), "n_images": metrics["n_images"],
-                      "summary": summary}, indent=2))
+    print(summary_table(metrics))
+    print(f"{metrics['n_images']} images; all metrics: {Path(args.out) / 'metrics.json'}")
     return 0
 
 

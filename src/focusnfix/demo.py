@@ -112,28 +112,10 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True) -> dic
         mask_cfg,
         out,
         batch_size=16,
+        progress=progress,
     )
     write_report(out, out / "report.html", train_logs=logs)
     write_rating_page(out, out / "rate.html")
     print(f"[demo] done in {time.perf_counter() - t0:.0f} s: {out / 'report.html'}", flush=True)
     return metrics
 
-
-def summary_table(metrics: dict[str, Any]) -> str:
-    """A plain-text table of the demo's headline numbers (mean [95% CI])."""
-
-    def fmt(s: dict | None) -> str:
-        if s is None:
-            return "-"
-        lo, hi = s["ci95"]
-        return f"{s['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
-
-    rows = []
-    for name, m in metrics["methods"].items():
-        judge = m.get("judge_defect_rate", {}).get(metrics["aspect"])
-        rows.append(
-            f"{name:10s} target {fmt(m['target_reward'])}  judge defect {fmt(judge)}  "
-            f"outside PSNR {fmt(m['outside_psnr'])}  improved {fmt(m['improved_share'])}  "
-            f"degraded {fmt(m['degraded_share'])}  others degraded {fmt(m['others_degraded_share'])}"
-        )
-    return "\n".join(rows)
