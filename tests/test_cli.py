@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -171,6 +172,26 @@ def test_eval_prints_a_summary_table_not_json(tiny_sd_dir, tmp_path, capsys):
     assert main(["eval", "--config", str(cfg), "--prompts", str(tmp_path / "p.txt"), "--seeds", "1", "--bootstrap",
                  "20", "--no-progress", "--out", str(out)]) == 0
     assert "scoring" not in capsys.readouterr().err
+
+
+def test_train_passes_resume_and_overwrite(tiny_sd_dir, tmp_path, monkeypatch, capsys):
+    calls = []
+
+    class FakeTrainer:
+        accelerator = SimpleNamespace(is_main_process=True)
+
+        def __init__(self, config, progress):
+            pass
+
+        def train(self, **kwargs):
+            calls.append(kwargs)
+            return SimpleNamespace(lora_dir="L", steps_done=0, log_path="log")
+
+    monkeypatch.setattr(commands, "FocusNFixTrainer", FakeTrainer)
+    cfg = write_config(tmp_path, base_config(str(tiny_sd_dir), str(tmp_path / "run")))
+    assert main(["train", "--config", str(cfg), "--overwrite"]) == 0
+    assert main(["train", "--config", str(cfg), "--resume"]) == 0
+    assert calls == [{"resume": False, "overwrite": True}, {"resume": True, "overwrite": False}]
 
 
 def test_threads_default_to_the_idle_cores(monkeypatch):

@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(training_plan(config), indent=2))
         return 0
     trainer = FocusNFixTrainer(config, progress=not args.no_progress)
-    result = trainer.train(resume=args.resume)
+    result = trainer.train(resume=args.resume, overwrite=args.overwrite)
     if trainer.accelerator.is_main_process:
         print(f"LoRA written to {result.lora_dir} after {result.steps_done} steps; log: {result.log_path}")
     return 0
