@@ -39,8 +39,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     from focusnfix.config import config_from_dict
+    from focusnfix.reference import compute_reference
     from focusnfix.sampling import initial_noise, sample
-    from focusnfix.train import FocusNFixTrainer, compute_reference
+    from focusnfix.train import FocusNFixTrainer
 
     from conftest import base_config
     from tiny import save_tiny_sd
