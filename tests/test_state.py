@@ -239,3 +239,29 @@ def test_mask_files_read_16_bit_refuse_colour_and_wrong_sizes(tmp_path):
     with pytest.raises(InputError, match="4x4 but the images are 8x8.*resize: true"):
         MaskFileAspect(small).heatmap(images, ["p"])
     assert MaskFileAspect(small, resize=True).heatmap(images, ["p"]).shape == (1, 1, 8, 8)
+
+
+def test_the_mask_gate_empties_the_mask_of_images_the_aspect_calls_clean(tiny_sd_dir, tmp_path):
+    from focusnfix.backbones import load_backbone
+    from focusnfix.config import MaskConfig
+    from focusnfix.reference import compute_reference
+    from focusnfix.sampling import SamplingOptions
+
+    from toy_aspects import BrightnessAspect
+
+    backbone = load_backbone(str(tiny_sd_dir))
+    aspect = BrightnessAspect("left")
+    opts = SamplingOptions(num_inference_steps=3, guidance_scale=3.0)
+    prompts, seeds = ["a red circle", "a blue square"], [0, 1]
+    mask_cfg = MaskConfig(threshold_mode="absolute", threshold=0.5, dilate_px=0)
+    ungated = compute_reference(backbone, [aspect], [True], prompts, seeds, opts, mask_cfg, ["off"])
+    brightness = ungated.images.mean(dim=(1, 2, 3))
+    cut = float(brightness.mean())  # one image above (clean), one below (defect)
+    assert (brightness >= cut).tolist().count(True) == 1
+    gated = compute_reference(backbone, [aspect], [True], prompts, seeds, opts, mask_cfg, [cut])
+    clean = brightness >= cut
+    assert gated.mask[clean].sum() == 0 and torch.equal(gated.mask[~clean], ungated.mask[~clean])
+    assert torch.equal(gated.heatmap, ungated.heatmap)  # the picture keeps the heatmap
+    aspect.reward_threshold = cut  # "auto" takes the aspect's own threshold
+    auto = compute_reference(backbone, [aspect], [True], prompts, seeds, opts, mask_cfg)
+    assert torch.equal(auto.mask, gated.mask)

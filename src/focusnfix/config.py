@@ -99,6 +99,12 @@ class AspectConfig(_Section):
     name: str | None = Field(None, description="name in logs; default: from the aspect.")
     weight: float = Field(1.0, description="weight of this aspect's reward in the total reward (0 = mask only).")
     localize: bool = Field(True, description="whether its heatmap contributes to the mask (union over aspects).")
+    gate: float | Literal["auto", "off"] = Field(
+        "auto",
+        description="mask gate: this aspect's mask is empty on images whose reward is at or above the gate "
+        "(its score says: no defect), so clean images keep the whole constraint. auto: the aspect's own "
+        "reward_threshold (toy world: log 0.5), none if it has none; off: never gate; a number: that reward.",
+    )
     args: dict[str, Any] = Field(default_factory=dict, description="type-specific arguments.")
 
 

@@ -100,6 +100,15 @@ def build_mask(heatmaps: list[torch.Tensor], size: tuple[int, int], mask_cfg: Ma
     return mask_ops.union(resized), mask_ops.union(masks)
 
 
+def gate_value(aspect: Aspect, gate: float | str) -> float | None:
+    """The reward at or above which ``aspect``'s mask is empty (None: no gate); see ``AspectConfig.gate``."""
+    if gate == "off":
+        return None
+    if gate == "auto":
+        return aspect.reward_threshold
+    return float(gate)
+
+
 def compute_reference(
     backbone: Backbone,
     aspects: list[Aspect],
@@ -108,21 +117,35 @@ def compute_reference(
     seeds: list[int],
     options: SamplingOptions,
     mask_cfg: MaskConfig,
+    gates: list[float | str] | None = None,
 ) -> Reference:
-    """Î0 with the LoRA disabled, its heatmap and mask (union of the localizing aspects), no gradient."""
+    """Î0 with the LoRA disabled, its heatmap and mask (union of the localizing aspects), no gradient.
+
+    ``gates`` (one per aspect, see :func:`gate_value`; default ``"auto"``): an aspect whose reward on
+    an image is at or above its gate contributes an empty mask for that image (its heatmap is kept
+    for pictures), so a clean image keeps the constraint everywhere.
+    """
     with torch.no_grad(), backbone.adapters_disabled():
         out = sample(backbone, prompts, seeds, options)
     images = out.images.float()
-    heatmaps = []
-    for aspect, loc in zip(aspects, localize, strict=True):
+    size = tuple(images.shape[-2:])
+    gates = gates if gates is not None else ["auto"] * len(aspects)
+    heatmaps, masks = [], []
+    for aspect, loc, gate in zip(aspects, localize, gates, strict=True):
         if not loc:
             continue
         with torch.no_grad():
             hm = aspect.heatmap(images, prompts)
         _check_heatmap(hm, aspect, images.shape[0])
-        heatmaps.append(hm)
-    heatmap, mask = build_mask(heatmaps, tuple(images.shape[-2:]), mask_cfg)
-    return Reference(images, out.latents.float(), heatmap, mask)
+        heat, mask = build_mask([hm], size, mask_cfg)
+        cut = gate_value(aspect, gate)
+        if cut is not None:
+            with torch.no_grad():
+                clean = aspect.reward(images, prompts).float().reshape(-1) >= cut
+            mask = torch.where(clean.view(-1, 1, 1, 1).to(mask.device), torch.zeros_like(mask), mask)
+        heatmaps.append(heat)
+        masks.append(mask)
+    return Reference(images, out.latents.float(), mask_ops.union(heatmaps), mask_ops.union(masks))
 
 
 def _check_heatmap(hm: torch.Tensor, aspect: Aspect, batch: int) -> None:
@@ -196,6 +219,7 @@ def reference_fields(config: Config, backbone: Backbone, aspects: list[Aspect], 
                 {
                     "type": cfg.type,
                     "name": aspect.name,
+                    "gate": gate_value(aspect, cfg.gate),
                     "args": cfg.args,
                     "files": _file_hashes(cfg.args),
                     "weights": hash_tensors(aspect.state_dict().items())[:16],
@@ -453,6 +477,7 @@ __all__ = [
     "decode_item",
     "encode_item",
     "fingerprint",
+    "gate_value",
     "hash_tensors",
     "model_identity",
     "reference_fields",

@@ -185,7 +185,10 @@ class FocusNFixTrainer:
     # -- pieces --------------------------------------------------------------------------------
     def _compute_reference(self, prompts: list[str], seeds: list[int]) -> Reference:
         with self.accelerator.autocast():
-            return compute_reference(self.backbone, self.aspects, self.localize, prompts, seeds, self.options, self.config.mask)
+            return compute_reference(
+                self.backbone, self.aspects, self.localize, prompts, seeds, self.options, self.config.mask,
+                [a.gate for a in self.config.aspects],
+            )
 
     def total_reward(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted sum of the aspects' rewards ``(B,)`` and each aspect's reward (detached)."""

@@ -32,6 +32,10 @@ class Aspect(nn.Module, ABC):
     """
 
     name: str = "aspect"
+    #: reward at or above which an image has no defect of this aspect (e.g. ``log 0.5`` for a
+    #: reward ``log p_good``); with it, the aspect's mask is empty on images it calls clean (the
+    #: mask gate, ``aspects[].gate: auto``). None: the aspect gives no such threshold.
+    reward_threshold: float | None = None
 
     @abstractmethod
     def reward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -74,6 +78,10 @@ class Judge(nn.Module, ABC):
     @abstractmethod
     def defect_probability(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """``images: (B, 3, H, W)`` in [0, 1] -> ``(B,)`` in [0, 1]."""
+
+    def defect_heatmap(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor | None:
+        """Where the defect is: ``(B, 1, h, w)`` in [0, 1], or None for a judge that does not localize."""
+        return None
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return self.defect_probability(images, prompts)
