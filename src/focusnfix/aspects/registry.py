@@ -83,21 +83,13 @@ def _python(target: str, kwargs: dict[str, Any] | None = None) -> Aspect:
     return aspect
 
 
-def _saliency(
-    target: str,
-    kwargs: dict[str, Any] | None = None,
-    name: str = "saliency",
-    method: str = "input_gradient",
-    layer: str | None = None,
-    smooth_samples: int = 8,
-    noise_std: float = 0.1,
-    blur_sigma: float = 1.0,
-) -> Aspect:
+def _saliency(target: str, kwargs: dict[str, Any] | None = None, name: str = "saliency", **options: Any) -> Aspect:
+    """``options``: :class:`SaliencyAspect`'s method, layer, smooth_samples, noise_std, blur_sigma."""
     model = import_target(target)(**(kwargs or {}))
     if not isinstance(model, nn.Module):
         raise InputError(f"{target} returned {type(model).__name__}, expected an nn.Module reward")
     try:
-        return SaliencyAspect(name, model, method, layer, smooth_samples, noise_std, blur_sigma)  # type: ignore[arg-type]
+        return SaliencyAspect(name, model, **options)
     except ValueError as err:
         raise InputError(str(err)) from err
 
