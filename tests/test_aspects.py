@@ -76,7 +76,9 @@ def test_mask_files_single_image_and_directory(tmp_path):
     arr = np.zeros((8, 8), np.uint8)
     arr[:, :4] = 255
     Image.fromarray(arr).save(tmp_path / "left.png")
-    one = build_aspect("mask_files", {"path": str(tmp_path / "left.png")})
+    with pytest.raises(InputError, match="resize: true"):  # an 8x8 mask for 16x16 images
+        build_aspect("mask_files", {"path": str(tmp_path / "left.png")}).heatmap(torch.zeros(1, 3, 16, 16), ["a"])
+    one = build_aspect("mask_files", {"path": str(tmp_path / "left.png"), "resize": True})
     hm = one.heatmap(torch.zeros(2, 3, 16, 16), ["a", "b"])
     assert hm.shape == (2, 1, 16, 16)
     assert hm[..., :7].min() == 1 and hm[..., 9:].max() == 0
