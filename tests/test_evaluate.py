@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -253,6 +254,11 @@ def test_sweep_two_betas(tiny_sd_dir, tmp_path):
         assert (Path(p["run_dir"]) / "log.jsonl").is_file()
     m = json.loads((out / "eval" / "metrics.json").read_text())
     assert set(m["methods"]) == {"base", "beta_0", "beta_0.5"}
+    # a run without its final LoRA (a sweep stopped during training) is trained again
+    shutil.rmtree(out / "beta_0.5" / "lora")
+    assert main(["sweep", "--config", str(tmp_path / "c.yaml"), "--betas", "0,0.5", "--out", str(out), "--seeds", "1",
+                 "--bootstrap", "50", "--no-progress"]) == 0
+    assert (out / "beta_0.5" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert main(["sweep", "--config", str(tmp_path / "c.yaml"), "--betas", "0,x", "--out", str(out)]) == 2
 
 

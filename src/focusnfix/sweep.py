@@ -39,7 +39,8 @@ def sweep(
     (plus ``overrides``). All LoRAs are evaluated together against one base in
     ``out_dir/eval/`` (methods ``beta_<b>``), on ``prompts`` (default: the config's training
     prompts) x ``seeds`` (default: 10000, 10001, i.e. noise never used in training).
-    A finished run (its ``lora/`` exists) is not retrained.
+    A finished run (its ``lora/`` exists) is not retrained; an unfinished one is trained again from
+    step 0.
 
     Writes ``out_dir/sweep.json``: ``{"aspect", "eval_dir", "points": [{"beta", "method",
     "run_dir", "lora_dir", "target_gain": S, "target_reward": S, "outside_psnr": S,
@@ -57,8 +58,8 @@ def sweep(
     for b in tqdm(betas, desc="sweep runs", unit="run", disable=not progress):
         run_dir = out_dir / f"beta_{b:g}"
         config = load_config(config_path, [*overrides, f"objective.beta={b}", f"train.output_dir={run_dir}"])
-        if not (run_dir / "lora" / LORA_WEIGHT_NAME).is_file():
-            FocusNFixTrainer(config, progress=progress).train()
+        if not (run_dir / "lora" / LORA_WEIGHT_NAME).is_file():  # unfinished runs start again
+            FocusNFixTrainer(config, progress=progress).train(overwrite=True)
         runs[b] = run_dir
     assert config is not None
     aspects, target, judges = aspects_from_config(config)
