@@ -1,7 +1,7 @@
 """Host RAM of the reference cache for a large pool: compact, on-disk items with an LRU vs the
 previous layout (every item in RAM as fp32 image, latents, heatmap and mask).
 
-Fills a :class:`focusnfix.reference.ReferenceCache` with ``--items`` synthetic 512x512 items
+Fills a :class:`focusnfix.cache.ReferenceCache` with ``--items`` synthetic 512x512 items
 (random image, smooth heatmap, disk-shaped binary mask, 4x64x64 latents; no model is run), then
 reads every item back once more in a shuffled order, as an epoch does, and reports JSON: the
 process's RSS growth, the cache's in-RAM bytes, the bytes per item on disk, and what the old
@@ -22,7 +22,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from focusnfix.reference import Reference, ReferenceCache
+from focusnfix.cache import ReferenceCache
+from focusnfix.reference import Reference
 
 
 def synthetic(size: int):

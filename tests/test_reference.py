@@ -1,19 +1,13 @@
-"""The reference cache: compact items, content keys, a manifest that names changes, bounded RAM."""
+"""The reference cache (cache.py): compact items, content keys, a manifest that names changes, bounded RAM."""
 
 import json
 
 import pytest
 import torch
 
+from focusnfix.cache import IMAGE_TOLERANCE, ReferenceCache, decode_item, encode_item
 from focusnfix.objective import regional_constraint
-from focusnfix.reference import (
-    IMAGE_TOLERANCE,
-    Reference,
-    ReferenceCache,
-    changed_fields,
-    decode_item,
-    encode_item,
-)
+from focusnfix.reference import Reference, changed_fields
 
 
 def _fake_compute(calls: list):

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from focusnfix import toyworld
 from focusnfix.errors import ConfigError
 from focusnfix.files import read_prompts_file
 
@@ -258,8 +259,6 @@ def resolve_prompts(data: DataConfig, base_dir: Path | None = None) -> list[str]
         return list(data.prompts)
     assert data.prompts_file is not None
     if data.prompts_file.startswith("toy:"):
-        from focusnfix import toyworld
-
         split = data.prompts_file.split(":", 1)[1]
         if split not in ("train", "heldout"):
             raise ConfigError(f"data.prompts_file: toy split must be train or heldout, got {split!r}")

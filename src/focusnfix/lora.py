@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -73,8 +74,6 @@ def save_lora_weights(unet: torch.nn.Module, pipeline_class: Any, out_dir: str |
     Written into a temporary directory beside ``out_dir`` and moved into place, so a crash
     never leaves a half-written LoRA.
     """
-    from diffusers.utils import convert_state_dict_to_diffusers
-
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     layers = convert_state_dict_to_diffusers(lora_state_dict(unet))

@@ -38,6 +38,7 @@ from focusnfix import masks as mask_ops
 from focusnfix import rundir
 from focusnfix.aspects import Aspect
 from focusnfix.backbones import Backbone, load_backbone
+from focusnfix.cache import ReferenceCache
 from focusnfix.config import Config, dump_config, resolve_prompts
 from focusnfix.errors import InputError, warn
 from focusnfix.files import atomic_write_text
@@ -53,7 +54,6 @@ from focusnfix.lora import (
 from focusnfix.objective import focus_n_fix_loss
 from focusnfix.reference import (
     Reference,
-    ReferenceCache,
     build_aspects,
     compute_reference,
     model_identity,

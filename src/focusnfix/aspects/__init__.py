@@ -13,23 +13,8 @@ aspect type (the toy world included), so it is a module of its own that nothing 
 
 from __future__ import annotations
 
-from typing import Any
-
 from focusnfix.aspects.base import Aspect, Judge
 from focusnfix.aspects.mask_files import MaskFileAspect
 from focusnfix.aspects.saliency import SaliencyAspect
-
-_MOVED_TO_REGISTRY = ("ASPECT_TYPES", "build_aspect", "import_target", "register_aspect_type")
-
-
-def __getattr__(name: str) -> Any:
-    # Temporary, until every caller imports these from focusnfix.aspects.registry: importing the
-    # registry here at the top would make a cycle (toyworld -> aspects -> registry -> toyworld).
-    if name in _MOVED_TO_REGISTRY:
-        from focusnfix.aspects import registry
-
-        return getattr(registry, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 __all__ = ["Aspect", "Judge", "MaskFileAspect", "SaliencyAspect"]
