@@ -4,7 +4,7 @@
     focusnfix [--threads N] toyworld build | path | stats
     focusnfix [--threads N] rahf train | eval
 
-The handlers live in :mod:`focusnfix.commands`. Every command exits with 0 on success, 2 on bad
+The handlers live in :mod:`focusnfix.commands` (named here, imported once a command runs). Every command exits with 0 on success, 2 on bad
 input (one line naming the field, path or value at fault), 1 on anything else. Library loading
 bars (diffusers, transformers) are off in every command; the commands' own progress bars stay.
 """
@@ -23,11 +23,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-import torch  # noqa: E402
-from diffusers.utils import logging as diffusers_logging  # noqa: E402
-from transformers.utils import logging as transformers_logging  # noqa: E402
-
-from focusnfix import commands  # noqa: E402
 from focusnfix.errors import InputError  # noqa: E402
 
 #: the commands, in the order ``focusnfix --help`` lists them
@@ -57,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start afresh in a run directory that holds a run")
     p.add_argument("--dry-run", action="store_true", help="validate the config and print the plan; load nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=commands.cmd_train)
+    p.set_defaults(func="cmd_train")
 
     p = sub.add_parser("sample", help="sample an image with the same sampler as training")
     p.add_argument("--model", help="'toy', a diffusers pipeline directory or a hub id (default: the run's, else toy)")
@@ -73,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the run's, else float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.set_defaults(func=commands.cmd_sample)
+    p.set_defaults(func="cmd_sample")
 
     p = sub.add_parser("mask", help="show what training would fix: Î0 | heatmap | mask | overlay")
     p.add_argument("--config", required=True)
@@ -82,13 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=4, help="pixel upscaling of the picture")
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.set_defaults(func=commands.cmd_mask)
+    p.set_defaults(func="cmd_mask")
 
     p = sub.add_parser("demo", help="train Focus-N-Fix and DRaFT on the toy world, evaluate, report")
     p.add_argument("--out", required=True, help="output directory (metrics.json, report.html, lora/)")
     p.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes), for CI")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=commands.cmd_demo)
+    p.set_defaults(func="cmd_demo")
 
     p = sub.add_parser("eval", help="evaluate base vs LoRAs (and SLD) on held-out prompts and seeds")
     p.add_argument("--model", help="'toy', a diffusers pipeline directory or a hub id (default: config's or toy)")
@@ -109,12 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--votes", action="append", default=[], metavar="FILE", help="fold human votes into metrics.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(func=commands.cmd_eval)
+    p.set_defaults(func="cmd_eval")
 
     p = sub.add_parser("votes", help="fold rating-page votes into an evaluation's metrics.json")
     p.add_argument("dir", help="evaluation directory")
     p.add_argument("--votes", action="append", required=True, metavar="FILE", help="votes JSON (repeatable)")
-    p.set_defaults(func=commands.cmd_votes)
+    p.set_defaults(func="cmd_votes")
 
     p = sub.add_parser("report", help="write a self-contained HTML report of an evaluation")
     p.add_argument("dir", help="evaluation directory")
@@ -123,14 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a training log.jsonl (or run directory) to plot (repeatable)")
     p.add_argument("--sweep", help="sweep.json for the beta trade-off curve")
     p.add_argument("--max-examples", type=int, default=32)
-    p.set_defaults(func=commands.cmd_report)
+    p.set_defaults(func="cmd_report")
 
     p = sub.add_parser("rate", help="write the static human-rating page of an evaluation")
     p.add_argument("dir", help="evaluation directory")
     p.add_argument("--out", help="HTML file (default: DIR/rate.html)")
     p.add_argument("--seed", type=int, default=0, help="seed of the task order")
     p.add_argument("--max-examples", type=int)
-    p.set_defaults(func=commands.cmd_rate)
+    p.set_defaults(func="cmd_rate")
 
     p = sub.add_parser("sweep", help="train one LoRA per beta and evaluate the trade-off (beta 0 = DRaFT)")
     p.add_argument("--config", required=True)
@@ -143,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=commands.cmd_sweep)
+    p.set_defaults(func="cmd_sweep")
 
     tw = sub.add_parser("toyworld", help="the embedded toy world: build, locate, measure")
     tw_sub = tw.add_subparsers(dest="toyworld_command", required=True)
@@ -155,15 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads per build process (default: the recipe's, 1)")
     p.add_argument("--device", default="cpu", help="torch device for training (default cpu)")
     p.add_argument("--stats", action="store_true", help="measure and write stats.json after building")
-    p.set_defaults(func=commands.cmd_toyworld_build)
+    p.set_defaults(func="cmd_toyworld_build")
     p = tw_sub.add_parser("path", help="print the packaged toy pipeline directory")
     p.add_argument("--model", default=None, help="a build directory instead of the packaged assets")
-    p.set_defaults(func=commands.cmd_toyworld_path)
+    p.set_defaults(func="cmd_toyworld_path")
     p = tw_sub.add_parser("stats", help="measure the toy world and print JSON")
     p.add_argument("--model", default=None, help="a build directory (default: the packaged assets)")
     p.add_argument("--n", type=int, default=192, help="pipeline samples (held-out prompts x seeds)")
     p.add_argument("--grid", default=None, help="also save a PNG grid of the first 64 samples")
-    p.set_defaults(func=commands.cmd_toyworld_stats)
+    p.set_defaults(func="cmd_toyworld_stats")
 
     rahf = sub.add_parser("rahf", help="train / evaluate a RAHF-style heatmap and score model on RichHF-18K")
     rahf_sub = rahf.add_subparsers(dest="rahf_command", required=True)
@@ -172,13 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (model + train_log.jsonl)")
     p.add_argument("--config", default=None, help="YAML/JSON training config (see focusnfix.rahf.train.RAHFTrainConfig)")
     p.add_argument("--steps", type=int, default=None, help="override the config's steps")
-    p.set_defaults(func=commands.cmd_rahf_train)
+    p.set_defaults(func="cmd_rahf_train")
     p = rahf_sub.add_parser("eval", help="heatmap (MSE, CC, KLD, SIM, NSS, AUC-Judd) and score (PLCC, SRCC) metrics")
     _richhf_data_args(p)
     p.add_argument("--model", required=True, help="directory written by `focusnfix rahf train`")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
-    p.set_defaults(func=commands.cmd_rahf_eval)
+    p.set_defaults(func="cmd_rahf_eval")
     return parser
 
 
@@ -212,6 +207,14 @@ def default_threads(requested: int | None) -> int | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The one deliberate exception to "imports at the top": the handlers pull in torch, diffusers
+    # and every model family (about 10 s), which `focusnfix --help` and a bad flag must not wait for.
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from focusnfix import commands
+
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     threads_before = torch.get_num_threads()
@@ -219,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return int(args.func(args) or 0)
+        return int(getattr(commands, args.func)(args) or 0)
     except InputError as err:
         print(f"focusnfix: error: {err}", file=sys.stderr)
         return 2
