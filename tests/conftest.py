@@ -40,3 +40,17 @@ def base_config(model: str, out: str, **train) -> dict:
         "data": {"prompts": ["a red circle", "a blue square"], "seeds_per_prompt": 2},
         "train": t,
     }
+
+
+def train_until_crash(trainer, monkeypatch, crash_step: int) -> None:
+    """Run ``trainer.train()`` with a simulated crash at 0-based step ``crash_step``."""
+    real_step = trainer.train_step
+
+    def crashing(step):
+        if step == crash_step:
+            raise RuntimeError("simulated crash")
+        return real_step(step)
+
+    monkeypatch.setattr(trainer, "train_step", crashing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer.train()

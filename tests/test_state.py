@@ -18,7 +18,7 @@ from focusnfix.errors import InputError
 from focusnfix.rundir import RunLock
 from focusnfix.train import FocusNFixTrainer, lora_vector
 
-from conftest import base_config
+from conftest import base_config, train_until_crash
 from tiny import save_tiny_sd
 
 
@@ -110,16 +110,7 @@ def test_a_second_training_into_a_held_folder_is_refused_with_the_holders_pid(wo
 def test_resume_before_the_first_checkpoint_restarts_the_log(tiny_sd_dir, tmp_path, monkeypatch):
     cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=3, checkpoint_every=0)
     crashed = _trainer(cfg)
-    real_step = crashed.train_step
-
-    def crash_at_3(step):
-        if step == 2:
-            raise RuntimeError("simulated crash")
-        return real_step(step)
-
-    monkeypatch.setattr(crashed, "train_step", crash_at_3)
-    with pytest.raises(RuntimeError, match="simulated"):
-        crashed.train()
+    train_until_crash(crashed, monkeypatch, crash_step=2)
     assert [r["step"] for r in _log(tmp_path / "run")] == [1, 2]
     _trainer(cfg).train(resume=True)
     assert [r["step"] for r in _log(tmp_path / "run")] == [1, 2, 3]
@@ -156,16 +147,7 @@ def test_fp16_overflow_is_skipped_through_the_scaler_and_resume_keeps_the_scale(
     assert torch.isfinite(lora_vector(straight.backbone.unet)).all()
 
     crashed = make("crashed")
-    real_step = crashed.train_step
-
-    def crash_at_5(step):
-        if step == 4:
-            raise RuntimeError("simulated crash")
-        return real_step(step)
-
-    monkeypatch.setattr(crashed, "train_step", crash_at_5)
-    with pytest.raises(RuntimeError, match="simulated"):
-        crashed.train()
+    train_until_crash(crashed, monkeypatch, crash_step=4)
     resumed = make("crashed")
     resumed.train(resume=True)
     assert _log(tmp_path / "crashed")[-1]["loss_scale"] == scales[-1]  # the saved scale, not the initial one

@@ -13,7 +13,7 @@ from focusnfix.lora import LORA_WEIGHT_NAME, lora_parameters
 from focusnfix.sampling import sample
 from focusnfix.train import FocusNFixTrainer, lora_vector
 
-from conftest import base_config
+from conftest import base_config, train_until_crash
 
 
 def make_trainer(tiny_sd_dir, tmp_path, name="run", **train):
@@ -99,16 +99,7 @@ def test_resume_after_a_crash_ends_with_the_same_lora(tiny_sd_dir, tmp_path, mon
     want = lora_vector(straight.backbone.unet)
 
     crashed = make_trainer(tiny_sd_dir, tmp_path, "crashed", steps=5, checkpoint_every=2)
-    real_step = crashed.train_step
-
-    def crash_at_4(step):
-        if step == 3:
-            raise RuntimeError("simulated crash")
-        return real_step(step)
-
-    monkeypatch.setattr(crashed, "train_step", crash_at_4)
-    with pytest.raises(RuntimeError, match="simulated"):
-        crashed.train()
+    train_until_crash(crashed, monkeypatch, crash_step=3)
     assert not (tmp_path / "crashed" / "lora").exists()
     resumed = make_trainer(tiny_sd_dir, tmp_path, "crashed", steps=5, checkpoint_every=2)
     resumed.train(resume=True)
