@@ -139,3 +139,18 @@ def test_identity_last_step_scheduler_is_fixed():
     out = fixed.step(eps, fixed.timesteps[-1], x, eta=0.0).prev_sample
     (g,) = torch.autograd.grad(out.sum(), eps)
     assert g.abs().sum() > 0
+
+
+def test_denoise_from_a_later_step_runs_only_the_remaining_unet_calls(backbone):
+    from focusnfix.sampling import denoise, initial_noise
+
+    opts = SamplingOptions(num_inference_steps=5, guidance_scale=3.0)
+    cond = backbone.encode_prompts(["a red circle"], "", True)
+    x = initial_noise(backbone, [0], 32, 32)
+    calls = []
+    with torch.no_grad():
+        full, _ = denoise(backbone, cond, x, opts, grad_steps=0, on_unet_call=lambda i, g: calls.append(i))
+        assert calls == [0, 1, 2, 3, 4]
+        calls.clear()
+        late, _ = denoise(backbone, cond, x, opts, grad_steps=0, on_unet_call=lambda i, g: calls.append(i), start=3)
+    assert calls == [3, 4] and late.shape == full.shape and not torch.equal(late, full)

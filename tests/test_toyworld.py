@@ -212,13 +212,19 @@ def _parser():
     return build_parser()
 
 
+def _run(args):
+    from focusnfix import commands
+
+    return getattr(commands, args.func)(args)
+
+
 def test_cli_registers_and_path(capsys):
     parser = _parser()
     args = parser.parse_args(["toyworld", "path"])
-    assert args.func(args) == 0
+    assert _run(args) == 0
     assert capsys.readouterr().out.strip() == str(pipeline_path())
     args = parser.parse_args(["toyworld", "build", "--out", "x", "--quick"])
-    assert args.quick and args.out == "x" and callable(args.func)
+    assert args.quick and args.out == "x" and args.func == "cmd_toyworld_build"
     args = parser.parse_args(["toyworld", "stats", "--n", "8"])
     assert args.n == 8 and args.model is None
 
@@ -226,7 +232,7 @@ def test_cli_registers_and_path(capsys):
 def test_cli_path_missing_model(tmp_path, capsys):
     parser = _parser()
     args = parser.parse_args(["toyworld", "path", "--model", str(tmp_path)])
-    assert args.func(args) == 1
+    assert _run(args) == 1
     assert "not found" in capsys.readouterr().err
 
 
@@ -237,13 +243,15 @@ def test_recipe_tiny_build_loads(tmp_path):
     from focusnfix.toyworld.build import Recipe, build
 
     recipe = Recipe(n_train=64, vae_images=32, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4,
-                    aspect_images=32, aspect_steps=2, judge_images=32, judge_steps=2, model_batch=4)
+                    aspect_images=32, aspect_steps=2, judge_images=32, judge_steps=2, model_batch=4,
+                    forms_images=32, forms_steps=2)
     record = build(tmp_path, recipe, progress=lambda _msg: None)
     assert (tmp_path / "build.json").is_file() and record["timings_s"]["total"] > 0
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_path(tmp_path), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     img = pipe(["a red circle on the left"], num_inference_steps=2, height=64, width=64, output_type="pt").images
     assert img.shape == (1, 3, 64, 64)
-    for name in ASPECTS:
+    for name in (*ASPECTS, "safety_narrow"):
         assert isinstance(load_aspect(name, root=tmp_path), Aspect)
         assert isinstance(load_judge(name, root=tmp_path), Judge)
+    assert load_judge("safety", root=tmp_path).defect_heatmap(img, ["a"]).shape == (1, 1, 32, 32)

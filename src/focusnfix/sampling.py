@@ -66,12 +66,15 @@ def denoise(
     options: SamplingOptions,
     grad_steps: int,
     on_unet_call: Callable[[int, bool], None] | None = None,
+    start: int = 0,
 ) -> tuple[torch.Tensor, int]:
-    """Run the DDIM chain from ``latents`` = x_T.
+    """Run the DDIM chain from ``latents`` = x_T (or, with ``start`` > 0, = x at the chain's
+    ``start``-th timestep: image-to-image).
 
     Args:
         grad_steps: how many of the last UNet calls carry gradient (0 = none, N = all).
         on_unet_call: optional ``(step_index, with_grad)`` callback, for tests and profiling.
+        start: index of the first timestep to run (0 = all of them).
 
     Returns:
         ``(x0, t_last)``: the final latents and the last timestep (DRaFT-LV re-noises to it).
@@ -83,6 +86,8 @@ def denoise(
     first_grad = n - grad_steps
     grad_allowed = torch.is_grad_enabled()
     for i, t in enumerate(timesteps):
+        if i < start:
+            continue
         with_grad = grad_allowed and i >= first_grad
         if on_unet_call is not None:
             on_unet_call(i, with_grad)

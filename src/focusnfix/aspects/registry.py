@@ -2,7 +2,7 @@
 
 Built-in types:
 
-* ``toyworld``: the toy world's aspect models; ``args: {aspect: safety|plausibility|alignment}``.
+* ``toyworld``: the toy world's aspect models; ``args: {aspect: safety|safety_narrow|plausibility|alignment}``.
 * ``mask_files``: user-given masks (:class:`MaskFileAspect`); ``args: {path: ...}``.
 * ``python``: any factory returning an :class:`Aspect`; ``args: {target: "pkg.mod:fn", kwargs: {...}}``.
 * ``saliency``: a scalar reward module from a factory, localized by saliency;
@@ -71,8 +71,8 @@ def build_aspect(type_name: str, args: dict[str, Any], name: str | None = None) 
 
 
 def _toyworld(aspect: str) -> Aspect:
-    if aspect not in toyworld.ASPECTS:
-        raise InputError(f"toyworld aspect must be one of {list(toyworld.ASPECTS)}, got {aspect!r}")
+    if aspect not in toyworld.ASPECT_MODELS:
+        raise InputError(f"toyworld aspect must be one of {list(toyworld.ASPECT_MODELS)}, got {aspect!r}")
     return toyworld.load_aspect(aspect)
 
 

@@ -12,6 +12,7 @@ Importing this package is cheap: nothing is trained or loaded until asked.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from focusnfix.aspects.saliency import SaliencyAspect
 from focusnfix.toyworld import models as M
 from focusnfix.toyworld.generator import ASPECTS, Scene, Scenes, generate, parse_caption, prompts
 
-__all__ = ["ASPECTS", "Scene", "Scenes", "assets_path", "generate", "load_aspect", "load_judge",
+__all__ = ["ASPECTS", "ASPECT_MODELS", "Scene", "Scenes", "assets_path", "generate", "load_aspect", "load_attribute_reader", "load_judge",
            "parse_caption", "pipeline_path", "prompts"]
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
@@ -48,9 +49,14 @@ def pipeline_path(root: str | Path | None = None) -> Path:
     return _root(root) / "pipeline"
 
 
-def _check(name: str) -> None:
-    if name not in ASPECTS:
-        raise ValueError(f"toy world aspect must be one of {ASPECTS}, got {name!r}")
+#: aspect models that can be loaded: the three aspects plus ``safety_narrow``, the v1 safety reward
+#: that only learned dark marks (kept for the reward-hacking experiment)
+ASPECT_MODELS = (*ASPECTS, "safety_narrow")
+
+
+def _check(name: str, allowed: tuple[str, ...] = ASPECTS) -> None:
+    if name not in allowed:
+        raise ValueError(f"toy world aspect must be one of {allowed}, got {name!r}")
 
 
 def _load(module: torch.nn.Module, path: Path, device) -> torch.nn.Module:
@@ -63,28 +69,44 @@ def load_aspect(name: str, device: str | torch.device = "cpu", root: str | Path 
     """The packaged training-time aspect model ``name`` (eval mode, frozen parameters).
 
     ``safety`` is a scalar classifier wrapped in :class:`~focusnfix.aspects.saliency.SaliencyAspect`
-    (reward ``log(1 - p_unsafe)``); ``plausibility`` and ``alignment`` are RAHF-like models with a
-    native heatmap (reward ``log p_good``).
+    (reward ``log(1 - p_unsafe)``), trained on every form a mark takes (dark, lightened, recoloured,
+    faded, blurred, detached, merged, partial); ``safety_narrow`` is the same classifier trained on
+    dark marks only, the hackable reward of the reward-hacking experiment; ``plausibility`` and
+    ``alignment`` are RAHF-like models with a native heatmap (reward ``log p_good``).
     """
-    _check(name)
+    _check(name, ASPECT_MODELS)
     base = _root(root) / "aspects"
-    if name == "safety":
-        clf = _load(M.SafetyClassifier(), base / "safety.safetensors", device)
-        cfg = json.loads((base / "config.json").read_text())["safety"]["saliency"]
-        aspect: Aspect = SaliencyAspect("safety", clf, method=cfg["method"], layer=cfg["layer"],
+    if name in ("safety", "safety_narrow"):
+        clf = _load(M.SafetyClassifier(), base / f"{name}.safetensors", device)
+        cfg = json.loads((base / "config.json").read_text())[name]["saliency"]
+        aspect: Aspect = SaliencyAspect(name, clf, method=cfg["method"], layer=cfg["layer"],
                                         blur_sigma=cfg["blur_sigma"])
     else:
         net = _load(M.RAHFNet(text=name == "alignment"), base / f"{name}.safetensors", device)
         aspect = M.RAHFAspect(name, net)
+    aspect.reward_threshold = math.log(0.5)  # every toy reward is log p(no defect)
     return M.freeze(aspect)
 
 
 def load_judge(name: str, device: str | torch.device = "cpu", root: str | Path | None = None) -> Judge:
-    """The packaged evaluation judge ``name`` (independent of the aspect model; eval, frozen)."""
-    _check(name)
+    """The packaged evaluation judge of aspect ``name`` (independent of the aspect models; eval, frozen).
+
+    ``safety`` and ``plausibility`` are :class:`~focusnfix.toyworld.models.LocalizingJudge`s
+    (presence and a defect heatmap, trained on every form of the defect); ``alignment`` compares the
+    object's attributes, read from the image, with the caption's words (it does not localize: a
+    text-conditioned localizing judge agreed with people far less, see docs/toyworld.md).
+    ``safety_narrow`` names the safety judge (one judge per aspect, whichever reward was trained).
+    """
+    _check(name, ASPECT_MODELS)
+    name = "safety" if name == "safety_narrow" else name
     path = _root(root) / "judges" / f"{name}.safetensors"
     if name == "alignment":
-        judge: Judge = M.AlignmentJudge(_load(M.AttributeNet(), path, device))
-    else:
-        judge = M.ClassifierJudge(name, _load(M.JudgeNet(), path, device))
-    return M.freeze(judge)
+        return load_attribute_reader(device, root)
+    return M.freeze(M.LocalizingJudge(name, _load(M.LocalizingJudgeNet(), path, device)))
+
+
+def load_attribute_reader(device: str | torch.device = "cpu", root: str | Path | None = None) -> M.AlignmentJudge:
+    """The attribute classifier that reads the drawn object's colour, shape, position and size
+    (the pipeline's caption accuracy); ``defect_probability`` = 1 - P(colour and shape match)."""
+    path = _root(root) / "judges" / "alignment.safetensors"
+    return M.freeze(M.AlignmentJudge(_load(M.AttributeNet(), path, device)))

@@ -20,8 +20,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from focusnfix.aspects.saliency import SaliencyAspect
+from focusnfix.ops import gaussian_blur
 from focusnfix.toyworld import generator as gen
 from focusnfix.toyworld import models as M
+from focusnfix.toyworld.forms import forms_dataset
 from focusnfix.toyworld.recipe import Recipe, cosine_lr, save_module, seed_all
 from focusnfix.toyworld.stats import heatmap_quality
 
@@ -50,6 +52,53 @@ def _mix(images: torch.Tensor, recon: torch.Tensor, idx: torch.Tensor, g: torch.
     x = torch.where(use, recon[idx].float(), images[idx].float())
     sigma = torch.rand(len(idx), 1, 1, 1, generator=g) * 0.03
     return (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1).to(device)
+
+
+def _mix_blur(images: torch.Tensor, recon: torch.Tensor, idx: torch.Tensor, g: torch.Generator,
+              device: str = "cpu") -> torch.Tensor:
+    """:func:`_mix`, then a Gaussian blur (sigma up to 1.2 px) on a random half of the batches:
+    fine-tuned models soften what they change, and a judge must still see it."""
+    x = _mix(images, recon, idx, g, device)
+    if float(torch.rand(1, generator=g)) < 0.5:
+        x = gaussian_blur(x, 0.3 + 0.9 * float(torch.rand(1, generator=g)))
+    return x
+
+
+def _rand(g: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
+    return (lo + (hi - lo) * torch.rand(n, generator=g)).view(-1, 1, 1, 1)
+
+
+def sample_like(x: torch.Tensor, objects: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Give generator renders ``(B, 3, 64, 64)`` the look of the pipeline's samples, defect-free.
+
+    Sampled images are not flat renders: their backgrounds carry faint low-frequency texture and a
+    lighter frame, objects often sit in a thin coloured glow or a dark outline, and everything is
+    softer. None of these is a defect, so a judge trained with them learns to look past them.
+    Each effect is applied to a random part of the batch (``objects (B, 1, 64, 64)`` = object pixels).
+    """
+    b, dev = x.shape[0], x.device
+    on = lambda p: (torch.rand(b, generator=g) < p).view(-1, 1, 1, 1).to(dev)  # noqa: E731
+    # low-frequency texture over the whole image
+    tex = F.interpolate(torch.randn(b, 3, 8, 8, generator=g), size=x.shape[-2:], mode="bicubic", align_corners=False)
+    x = x + on(0.7) * _rand(g, b, 0.01, 0.045).to(dev) * tex.to(dev)
+    # a lighter or tinted frame along the border
+    edge = torch.zeros(1, 1, *x.shape[-2:], device=dev)
+    w = 4
+    edge[..., :w, :] = edge[..., -w:, :] = edge[..., :, :w] = edge[..., :, -w:] = 1.0
+    tint = torch.rand(b, 3, 1, 1, generator=g).to(dev) * 0.3 + 0.7
+    x = torch.lerp(x, tint.expand_as(x), on(0.5) * _rand(g, b, 0.1, 0.35).to(dev) * gaussian_blur(edge, 1.5))
+    # a thin glow around the object (green-yellow, white or the object's colour)
+    obj = objects.to(dev)
+    ring = (gaussian_blur(obj, 2.0) - obj).clamp(0, 1) * 2
+    glow = torch.rand(b, 3, 1, 1, generator=g).to(dev)
+    x = torch.lerp(x, glow.expand_as(x), (on(0.4) * _rand(g, b, 0.15, 0.45).to(dev) * ring).clamp(0, 1))
+    # a dark outline
+    outline = (F.max_pool2d(obj, 3, 1, 1) - F.avg_pool2d(obj, 3, 1, 1)).clamp(0, 1)
+    x = x * (1 - on(0.3) * _rand(g, b, 0.2, 0.5).to(dev) * outline * 2).clamp(0, 1)
+    # softer everything
+    if float(torch.rand(1, generator=g)) < 0.6:
+        x = gaussian_blur(x, 0.4 + 1.1 * float(torch.rand(1, generator=g)))
+    return x.clamp(0, 1)
 
 
 def _fit(model: nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor], n: int, recipe: Recipe, steps: int,
@@ -103,6 +152,56 @@ def train_safety(vae, recipe: Recipe, progress) -> M.SafetyClassifier:
         return F.binary_cross_entropy_with_logits(model.logit(x), labels[idx].to(recipe.device))
 
     return _fit(model, loss_fn, len(data), recipe, recipe.aspect_steps, recipe.seed + 11, "safety", progress)
+
+
+def train_safety_robust(vae, recipe: Recipe, progress) -> M.SafetyClassifier:
+    """The demo's safety reward: the same classifier as the narrow one, trained on every defect form
+    (:mod:`focusnfix.toyworld.forms`), so lightening or recolouring a mark no longer raises it."""
+    data = forms_dataset(recipe.forms_images, recipe.seed * 1000 + 41, "safety", "train")
+    recon = reconstruct(vae, data["images"])
+    labels = data["labels"]
+    seed_all(recipe.seed + 41)
+    model = M.SafetyClassifier()
+
+    def loss_fn(idx, g):
+        x = _mix_blur(data["images"], recon, idx, g, recipe.device)
+        return F.binary_cross_entropy_with_logits(model.logit(x), labels[idx].to(recipe.device))
+
+    return _fit(model, loss_fn, len(labels), recipe, recipe.forms_steps, recipe.seed + 41, "safety-robust", progress)
+
+
+def train_localizing_judge(aspect: str, vae, recipe: Recipe, progress,
+                           sample_like_data: dict | None = None) -> M.LocalizingJudgeNet:
+    """A judge that says whether ``aspect``'s defect is present and where, trained on every form.
+
+    ``sample_like_data`` (:func:`focusnfix.toyworld.sdedit.sdedit_forms_dataset`): pipeline-made
+    images with their labels and masks, drawn in half of the batches."""
+    offset = {"safety": 51, "plausibility": 52}[aspect]
+    data = forms_dataset(recipe.forms_images, recipe.seed * 1000 + 600 + offset, aspect, "train")
+    recon = reconstruct(vae, data["images"])
+    seed_all(recipe.seed + 600 + offset)
+    masks = F.max_pool2d(data["masks"], 2)  # (N, 1, 32, 32): any defect pixel
+    labels, objects = data["labels"], data["objects"]
+    model = M.LocalizingJudgeNet()
+    extra = sample_like_data
+    if extra is not None:
+        extra_masks = F.max_pool2d(extra["masks"], 2)
+
+    def loss_fn(idx, g):
+        dev = recipe.device
+        if extra is not None and float(torch.rand(1, generator=g)) < 0.5:
+            j = torch.randint(0, len(extra["labels"]), (len(idx),), generator=g)
+            x = (extra["images"][j] + 0.02 * torch.rand(1, generator=g) * torch.randn(extra["images"][j].shape, generator=g)).clamp(0, 1)
+            y_heat, y = extra_masks[j], extra["labels"][j]
+        else:
+            x = sample_like(_mix(data["images"], recon, idx, g, dev), objects[idx], g)
+            y_heat, y = masks[idx], labels[idx]
+        heat, presence = model(x.to(dev))
+        return (F.binary_cross_entropy_with_logits(heat, y_heat.to(dev), pos_weight=torch.tensor(5.0, device=dev))
+                + F.binary_cross_entropy_with_logits(presence, y.to(dev)))
+
+    return _fit(model, loss_fn, len(labels), recipe, recipe.forms_steps, recipe.seed + 600 + offset,
+                f"judge-{aspect}", progress)
 
 
 def _heat_target(mask: torch.Tensor) -> torch.Tensor:
@@ -178,12 +277,19 @@ SALIENCY_CANDIDATES = (
 )
 
 
-def choose_saliency(clf: M.SafetyClassifier, recipe: Recipe) -> tuple[dict, list[dict]]:
-    """Pick the saliency method/blur with the best pixel AUC on held-out marked generator images."""
-    data = gen.generate(48, recipe.seed * 1000 + 31, "heldout", {"safety": 1.0})
-    keep = data.defects["safety"]
-    images, masks = data.images[keep], data.masks["safety"][keep]
-    caps = [c for c, k in zip(data.captions, keep.tolist(), strict=True) if k]
+def choose_saliency(clf: M.SafetyClassifier, recipe: Recipe, forms: bool = False) -> tuple[dict, list[dict]]:
+    """Pick the saliency method/blur with the best pixel AUC on marked generator images (training
+    split; with ``forms``, marks in every form)."""
+    if forms:
+        data = forms_dataset(96, recipe.seed * 1000 + 32, "safety", "train", p_defect=1.0)
+        keep = data["labels"] > 0
+        images, masks = data["images"][keep], data["masks"][keep]
+        caps = [c for c, k in zip(data["captions"], keep.tolist(), strict=True) if k]
+    else:
+        data = gen.generate(48, recipe.seed * 1000 + 31, "heldout", {"safety": 1.0})
+        keep = data.defects["safety"]
+        images, masks = data.images[keep], data.masks["safety"][keep]
+        caps = [c for c, k in zip(data.captions, keep.tolist(), strict=True) if k]
     results = []
     for cand in SALIENCY_CANDIDATES:
         aspect = SaliencyAspect("safety", M.freeze(clf), **cand)
@@ -199,22 +305,45 @@ def train_models(out: Path, vae, recipe: Recipe, progress: Callable[[str], None]
     t = time.time()
     adir = out / "aspects"
     adir.mkdir(exist_ok=True)
-    safety = train_safety(vae, recipe, progress)
-    save_module(safety, adir / "safety.safetensors")
-    saliency, candidates = choose_saliency(safety, recipe)
-    progress(f"safety saliency: {saliency} from {candidates}")
+    narrow = train_safety(vae, recipe, progress)
+    save_module(narrow, adir / "safety_narrow.safetensors")
+    narrow_saliency, narrow_candidates = choose_saliency(narrow, recipe)
     for aspect in ("plausibility", "alignment"):
         save_module(train_rahf(aspect, vae, recipe, progress), adir / f"{aspect}.safetensors")
-    (adir / "config.json").write_text(json.dumps({"safety": {"saliency": saliency,
-                                                             "candidates": candidates}}, indent=2))
     timings["aspects"] = time.time() - t
+    timings.update(train_v2_models(out, vae, recipe, progress))
+    config = json.loads((adir / "config.json").read_text())
+    config["safety_narrow"] = {"saliency": narrow_saliency, "candidates": narrow_candidates}
+    (adir / "config.json").write_text(json.dumps(config, indent=2))
 
+    t = time.time()  # the alignment judge: attributes read from the image vs the caption's words
+    save_module(train_judge("alignment", vae, recipe, progress), out / "judges" / "alignment.safetensors")
+    timings["judges"] = timings.pop("judges_v2") + time.time() - t
+    return timings
+
+
+def train_v2_models(out: Path, vae, recipe: Recipe, progress: Callable[[str], None]) -> dict[str, float]:
+    """Toy world v2's models: the robust safety reward and the localizing safety and plausibility
+    judges, all trained on every defect form. Writes ``aspects/safety.safetensors`` (with its
+    saliency choice in ``aspects/config.json``) and ``judges/{safety,plausibility}.safetensors``."""
+    timings: dict[str, float] = {}
     t = time.time()
-    jdir = out / "judges"
-    jdir.mkdir(exist_ok=True)
-    for aspect in gen.ASPECTS:
-        save_module(train_judge(aspect, vae, recipe, progress), jdir / f"{aspect}.safetensors")
-    timings["judges"] = time.time() - t
+    adir, jdir = out / "aspects", out / "judges"
+    adir.mkdir(parents=True, exist_ok=True)
+    jdir.mkdir(parents=True, exist_ok=True)
+    robust = train_safety_robust(vae, recipe, progress)
+    save_module(robust, adir / "safety.safetensors")
+    saliency, candidates = choose_saliency(robust, recipe, forms=True)
+    progress(f"safety saliency: {saliency} from {candidates}")
+    path = adir / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    config["safety"] = {"saliency": saliency, "candidates": candidates}
+    path.write_text(json.dumps(config, indent=2))
+    timings["aspects_v2"] = time.time() - t
+    t = time.time()
+    for aspect in ("safety", "plausibility"):
+        save_module(train_localizing_judge(aspect, vae, recipe, progress), jdir / f"{aspect}.safetensors")
+    timings["judges_v2"] = time.time() - t
     return timings
 
 
@@ -230,5 +359,6 @@ def models_worker(out: str, recipe: dict, vae_file: str) -> None:
     (Path(out) / "_models_timings.json").write_text(json.dumps(timings))
 
 
-__all__ = ["SALIENCY_CANDIDATES", "choose_saliency", "models_worker", "reconstruct", "train_judge", "train_models",
-           "train_rahf", "train_safety"]
+__all__ = ["SALIENCY_CANDIDATES", "choose_saliency", "models_worker", "reconstruct", "train_judge",
+           "train_localizing_judge", "train_models", "train_rahf", "train_safety", "train_safety_robust",
+           "train_v2_models"]

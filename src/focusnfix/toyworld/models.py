@@ -146,6 +146,34 @@ class JudgeNet(nn.Module):
         return self.head(torch.cat([f.amax(dim=(2, 3)), f.mean(dim=(2, 3))], dim=1)).squeeze(1)
 
 
+class LocalizingJudgeNet(nn.Module):
+    """Defect presence and where (5x5 kernels, average pooling, a 3-level U-Net at 32x32).
+
+    ``forward(images) -> (heat_logits (B, 1, 32, 32), presence_logit (B,))``. Its presence head
+    reads the heatmap's peak and the pooled features, so "present" and "where" agree.
+    """
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.enc1 = nn.Sequential(_block(3, w, 2, 5), _block(w, w, 1, 3))  # 32
+        self.enc2 = nn.Sequential(nn.AvgPool2d(2), _block(w, 2 * w, 1, 5))  # 16
+        self.enc3 = nn.Sequential(nn.AvgPool2d(2), _block(2 * w, 4 * w, 1, 3), _block(4 * w, 4 * w, 1, 3))  # 8
+        self.dec2 = _block(6 * w, 2 * w, 1, 3)  # 16
+        self.dec1 = nn.Sequential(_block(3 * w, w, 1, 3), nn.Conv2d(w, 1, 3, 1, 1))  # 32
+        self.presence = nn.Sequential(nn.Linear(8 * w + 1, 64), nn.SiLU(), nn.Linear(64, 1))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f1 = self.enc1(prepare(images))
+        f2 = self.enc2(f1)
+        f3 = self.enc3(f2)
+        d2 = self.dec2(torch.cat([F.interpolate(f3, scale_factor=2.0), f2], dim=1))
+        heat = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0), f1], dim=1))
+        peak = heat.flatten(1).amax(dim=1, keepdim=True)
+        pooled = torch.cat([f3.amax(dim=(2, 3)), f3.mean(dim=(2, 3)), peak], dim=1)
+        return heat, self.presence(pooled).squeeze(1)
+
+
 class AttributeNet(nn.Module):
     """Attribute classifier: image -> logits of the drawn object's colour, shape, position, size."""
 
@@ -174,6 +202,22 @@ class ClassifierJudge(Judge):
 
     def defect_probability(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return torch.sigmoid(self.net(images))
+
+
+class LocalizingJudge(Judge):
+    """Judge over a :class:`LocalizingJudgeNet`: presence probability and a defect heatmap."""
+
+    def __init__(self, name: str, net: LocalizingJudgeNet) -> None:
+        super().__init__()
+        self.name = name
+        self.net = net
+
+    def defect_probability(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return torch.sigmoid(self.net(images)[1])
+
+    def defect_heatmap(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """``(B, 1, 32, 32)`` in [0, 1] (callers resize it to the image)."""
+        return torch.sigmoid(self.net(images)[0])
 
 
 class AlignmentJudge(Judge):

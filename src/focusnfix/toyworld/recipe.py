@@ -32,6 +32,8 @@ class Recipe:
     aspect_steps: int = 600
     judge_images: int = 6000
     judge_steps: int = 500
+    forms_images: int = 8000  # toy world v2: robust safety reward and localizing judges (every defect form)
+    forms_steps: int = 900
     model_batch: int = 48
     model_lr: float = 2e-3
     threads: int = 1  # torch threads per process
@@ -41,7 +43,8 @@ class Recipe:
     @classmethod
     def quick(cls, seed: int = 0) -> Recipe:
         return cls(seed=seed, n_train=2000, vae_images=1000, vae_steps=150, unet_steps=150, unet_batch=32,
-                   aspect_images=800, aspect_steps=60, judge_images=800, judge_steps=50)
+                   aspect_images=800, aspect_steps=60, judge_images=800, judge_steps=50, forms_images=800,
+                   forms_steps=60)
 
 
 def seed_all(seed: int) -> None:

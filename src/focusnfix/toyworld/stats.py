@@ -5,7 +5,13 @@
 * ``aspects.<name>``: heatmap quality against the generator's ground-truth masks on held-out
   captions (pixel AUC and Pearson CC, averaged over images that have the defect) and score accuracy
   (defect vs no defect at threshold 0.5);
-* ``judges.<name>``: judge accuracy on held-out generator data;
+* ``judges.<name>``: judge accuracy on held-out generator data; ``judges.<name>.forms.<form>``:
+  per defect form (:mod:`focusnfix.toyworld.forms`), on held-out captions through the pipeline's
+  VAE: ``auc`` (form vs clean), ``precision`` and ``recall`` at the judge's threshold 0.5, and
+  ``mask_iou`` (heatmap >= 0.5 vs the ground-truth mask, localizing judges only);
+  ``judges.<name>.audit_kappa``: Cohen's kappa against the labelled audit set (see ``audit.py``);
+* ``aspects.<name>.forms.<form>.score_auc``: the same per-form AUC for the training reward
+  (``safety_narrow`` shows what the v1 reward could not see);
 * ``pipeline``: on held-out prompts x seeds (CFG 7.5, 20 DDIM steps), each judge's defect rate,
   caption accuracy (the attribute classifier reads the drawn object's colour, shape, position and
   size and compares them to the caption) and the sampling time per image.
@@ -23,7 +29,9 @@ from PIL import Image
 
 from focusnfix.ops import resize
 from focusnfix.toyworld import generator as gen
-from focusnfix.toyworld import load_aspect, load_judge, pipeline_path
+from focusnfix.toyworld import load_aspect, load_attribute_reader, load_judge, pipeline_path
+from focusnfix.toyworld.audit import judge_agreement
+from focusnfix.toyworld.forms import FORMS, forms_dataset
 from focusnfix.toyworld.models import AttributeNet
 
 
@@ -96,6 +104,54 @@ def judge_stats(name: str, root=None, n: int = 256, seed: int = 778) -> dict:
     return {"accuracy": float(((p > 0.5) == defect).float().mean()), "auc": _auc(p.double(), defect.double())}
 
 
+@torch.no_grad()
+def vae_round_trip(images: torch.Tensor, root=None, batch: int = 128) -> torch.Tensor:
+    """Images through the toy pipeline's VAE (encode mean, decode): what sampled images look like."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(pipeline_path(root) / "vae")).eval()
+    out = []
+    for i in range(0, images.shape[0], batch):
+        x = images[i:i + batch] * 2 - 1
+        out.append(((vae.decode(vae.encode(x).latent_dist.mean).sample + 1) / 2).clamp(0, 1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def form_stats(name: str, root=None, n: int = 96, seed: int = 779, judge: bool = True) -> dict:
+    """Per-form quality of the judge (``judge=True``) or the training reward of aspect ``name``.
+
+    For each form of ``name``'s defect: ``n`` held-out scenes, half with the defect in that form,
+    through the VAE. Judges: ``auc``, ``precision``/``recall`` at 0.5 and ``mask_iou``; rewards:
+    ``score_auc`` (lower reward = defect).
+    """
+    aspect = "safety" if name == "safety_narrow" else name
+    model = load_judge(name, root=root) if judge else load_aspect(name, root=root)
+    out = {}
+    for k, form in enumerate(FORMS[aspect]):
+        data = forms_dataset(n, seed + 100 * k, aspect, "heldout", forms=(form,))
+        images = vae_round_trip(data["images"], root)
+        labels = data["labels"]
+        if not judge:
+            reward = _batched(model.reward, images, data["captions"])
+            out[form] = {"score_auc": _auc(-reward.double(), labels.double()), "n": int(labels.sum())}
+            continue
+        p = _batched(model.defect_probability, images, data["captions"])
+        pred = p > 0.5
+        tp = float((pred & (labels > 0)).sum())
+        entry = {"auc": _auc(p.double(), labels.double()), "n": int(labels.sum()),
+                 "precision": tp / max(1.0, float(pred.sum())), "recall": tp / max(1.0, float(labels.sum()))}
+        heat = model.defect_heatmap(images[labels > 0], [c for c, y in zip(data["captions"], labels, strict=True) if y])
+        if heat is not None:
+            hm = resize(heat.float(), (gen.SIZE, gen.SIZE)) >= 0.5
+            gt = data["masks"][labels > 0] > 0
+            inter = (hm & gt).flatten(1).sum(1).float()
+            union = (hm | gt).flatten(1).sum(1).float().clamp_min(1)
+            entry["mask_iou"] = float((inter / union).mean())
+        out[form] = entry
+    return out
+
+
 def load_pipeline(root=None, device: str = "cpu"):
     pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_path(root)), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
@@ -117,7 +173,7 @@ def sample(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance
 
 def caption_accuracy(images: torch.Tensor, prompts: list[str], root=None) -> dict[str, float]:
     """Share of images whose drawn object matches the caption, per attribute and for all of them."""
-    judge = load_judge("alignment", root=root)
+    judge = load_attribute_reader(root=root)
     with torch.no_grad():
         probs = judge.attribute_probs(images)
     ok = {k: [] for k in AttributeNet.HEADS}
@@ -168,6 +224,13 @@ def compute_stats(root: str | Path | None = None, n: int = 192, n_generator: int
         for name in gen.ASPECTS:
             out["aspects"][name] = aspect_stats(name, root, n_generator)
             out["judges"][name] = judge_stats(name, root, 2 * n_generator)
+            out["judges"][name]["forms"] = form_stats(name, root, n_generator // 2)
+        for name in ("safety", "safety_narrow"):
+            out["aspects"].setdefault(name, {})["forms"] = form_stats(name, root, n_generator // 2, judge=False)
+        agreement = judge_agreement(root)
+        for name in gen.ASPECTS:
+            out["judges"][name]["audit_kappa"] = agreement[name]["kappa"]
+        out["audit"] = agreement
         out["pipeline"], images, _ = pipeline_stats(root, n)
         if save_grid is not None:
             save_image_grid(images[:64], save_grid)

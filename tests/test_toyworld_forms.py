@@ -1,0 +1,92 @@
+"""Toy world v2: every form of a defect, exact masks, the fixed scene, localizing judges, the audit set."""
+
+import numpy as np
+import pytest
+import torch
+
+from focusnfix import toyworld as tw
+from focusnfix.toyworld import generator as gen
+from focusnfix.toyworld.audit import PROCEDURE, cohen_kappa, judge_agreement, load_audit
+from focusnfix.toyworld.forms import FORMS, MASK_TOLERANCE, forms_dataset, render_fixed, render_form
+
+
+@pytest.mark.parametrize("aspect", sorted(FORMS))
+def test_every_form_changes_exactly_its_mask(aspect):
+    scenes = gen.generate(12, 3, "train", {aspect: 1.0})
+    drawn = 0
+    for i, scene in enumerate(scenes.scenes):
+        scene.defects[aspect] = True
+        clean = render_fixed(scene, aspect)
+        for k, form in enumerate(FORMS[aspect]):
+            image, mask = render_form(scene, aspect, form, seed=10 * i + k)
+            diff = np.abs(image - clean).max(axis=0)
+            assert np.array_equal(mask, diff > MASK_TOLERANCE), form
+            assert (diff[~mask] <= MASK_TOLERANCE).all()
+            drawn += bool(mask.any())
+    assert drawn >= 0.9 * 12 * len(FORMS[aspect])  # nearly every scene has room for every form
+
+
+def test_the_fixed_scene_is_the_render_without_the_defect_and_the_base_form_is_the_generators():
+    scenes = gen.generate(8, 4, "train", {"safety": 1.0})
+    for scene in scenes.scenes:
+        fixed = render_fixed(scene, "safety")
+        want, masks = gen.render(scene, {**scene.defects, "safety": False})
+        assert np.array_equal(fixed, want) and not masks["safety"].any()
+        if scene.defects["safety"]:
+            dark, _ = render_form(scene, "safety", "dark", seed=0)
+            assert np.array_equal(dark, gen.render(scene)[0])
+
+
+def test_forms_dataset_labels_and_masks_agree():
+    data = forms_dataset(64, 5, "safety")
+    has_mask = data["masks"].flatten(1).amax(1) > 0
+    assert torch.equal(has_mask, data["labels"] > 0)
+    assert torch.equal(data["forms"] >= 0, data["labels"] > 0)
+    assert 0.3 < float(data["labels"].mean()) < 0.7
+    with pytest.raises(ValueError, match="not a form"):
+        render_form(gen.generate(1, 0).scenes[0], "safety", "speckled", 0)
+
+
+def test_cohen_kappa():
+    a = np.array([1, 1, 0, 0, 1, 0, 1, 0])
+    assert cohen_kappa(a, a) == 1.0
+    assert cohen_kappa(a, 1 - a) == -1.0
+    b = np.array([1, 0, 0, 0, 1, 0, 1, 1])  # 6 of 8 agree, both 50% positive: (0.75 - 0.5) / 0.5
+    assert cohen_kappa(a, b) == pytest.approx(0.5)
+
+
+def test_packaged_judges_localize_and_narrow_reward_loads():
+    images = torch.rand(2, 3, 64, 64)
+    for aspect in ("safety", "plausibility"):
+        judge = tw.load_judge(aspect)
+        p = judge.defect_probability(images, ["a red circle"] * 2)
+        heat = judge.defect_heatmap(images, ["a red circle"] * 2)
+        assert p.shape == (2,) and heat.shape[:2] == (2, 1) and 0 <= heat.min() and heat.max() <= 1
+    narrow = tw.load_aspect("safety_narrow")
+    assert narrow.name == "safety_narrow" and narrow.reward(images, ["x", "y"]).shape == (2,)
+    assert tw.load_judge("safety_narrow").name == "safety"
+
+
+def test_the_audit_set_is_packaged_with_its_procedure_and_labels():
+    images, doc = load_audit()
+    assert images.shape[0] == len(doc["items"]) >= 150 and images.shape[1:] == (3, 64, 64)
+    assert doc["procedure"] == PROCEDURE
+    sources = {it["source"].split("/")[0] for it in doc["items"]}
+    assert {"draft", "focusnfix"} <= sources
+    for it in doc["items"]:
+        assert set(it["labels"]) == set(tw.ASPECTS) and all(v in (0, 1) for v in it["labels"].values())
+    agreement = judge_agreement()
+    assert set(agreement) == set(tw.ASPECTS) and all(-1 <= a["kappa"] <= 1 for a in agreement.values())
+
+
+def test_sdedit_pairs_label_what_the_pipeline_kept():
+    from focusnfix.backbones import load_backbone
+    from focusnfix.toyworld.sdedit import MIN_DEFECT_PIXELS, sdedit_forms_dataset
+
+    data = sdedit_forms_dataset(load_backbone("toy"), 6, 3, "safety", batch=6, steps=10, starts=(6,))
+    assert data["images"].shape == (12, 3, 64, 64) and len(data["captions"]) == 12
+    defect, twin = data["labels"][:6], data["labels"][6:]
+    assert torch.equal(twin, torch.zeros(6))  # the fixed twins are the clean negatives
+    pixels = data["masks"][:6].flatten(1).sum(1)
+    assert torch.equal(defect > 0, pixels >= MIN_DEFECT_PIXELS)
+    assert data["masks"][6:].sum() == 0
