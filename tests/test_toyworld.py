@@ -244,7 +244,7 @@ def test_recipe_tiny_build_loads(tmp_path):
 
     recipe = Recipe(n_train=64, vae_images=32, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4,
                     aspect_images=32, aspect_steps=2, judge_images=32, judge_steps=2, model_batch=4,
-                    forms_images=32, forms_steps=2)
+                    forms_images=32, forms_steps=2, sdedit_images=8)
     record = build(tmp_path, recipe, progress=lambda _msg: None)
     assert (tmp_path / "build.json").is_file() and record["timings_s"]["total"] > 0
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_path(tmp_path), safety_checker=None)

@@ -36,7 +36,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from focusnfix.toyworld import generator as gen
 from focusnfix.toyworld import models as M
-from focusnfix.toyworld.build_models import models_worker, train_models
+from focusnfix.toyworld.build_models import models_worker, train_models, train_sample_like_safety_judge
 from focusnfix.toyworld.recipe import Recipe, cosine_lr, save_module, seed_all
 from focusnfix.toyworld.tokenizer import load_tokenizer, write_tokenizer
 
@@ -193,6 +193,9 @@ def build(out_dir: str | Path, recipe: Recipe | None = None, progress: Callable[
             timings.update(json.loads((out / "_models_timings.json").read_text()))
             (out / "_models_timings.json").unlink()
             (out / "_vae.safetensors").unlink()
+        t = time.time()  # needs the finished pipeline: its image-to-image makes sample-like judge data
+        train_sample_like_safety_judge(out, recipe, progress)
+        timings["judge_sdedit"] = time.time() - t
 
         timings["total"] = time.time() - t_all
         shutil.rmtree(tok_dir, ignore_errors=True)

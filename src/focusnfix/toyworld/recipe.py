@@ -34,6 +34,7 @@ class Recipe:
     judge_steps: int = 500
     forms_images: int = 8000  # toy world v2: robust safety reward and localizing judges (every defect form)
     forms_steps: int = 900
+    sdedit_images: int = 2400  # defect renders (and their fixed twins) sent through the pipeline for the safety judge
     model_batch: int = 48
     model_lr: float = 2e-3
     threads: int = 1  # torch threads per process
@@ -44,7 +45,7 @@ class Recipe:
     def quick(cls, seed: int = 0) -> Recipe:
         return cls(seed=seed, n_train=2000, vae_images=1000, vae_steps=150, unet_steps=150, unet_batch=32,
                    aspect_images=800, aspect_steps=60, judge_images=800, judge_steps=50, forms_images=800,
-                   forms_steps=60)
+                   forms_steps=60, sdedit_images=64)
 
 
 def seed_all(seed: int) -> None:
