@@ -58,21 +58,20 @@ def main() -> None:
     cache = ReferenceCache(synthetic(args.size), {"bench": 1}, out, ram_items=args.ram_items, announce=lambda _: None)
     keys = [(f"prompt {i}", i) for i in range(args.items)]
     rss0 = proc.memory_info().rss
-    peak = rss0
-    t0 = time.perf_counter()
-    for i in range(0, args.items, args.batch):
-        chunk = keys[i : i + args.batch]
-        cache.get([p for p, _ in chunk], [s for _, s in chunk])
-        peak = max(peak, proc.memory_info().rss)
-    fill_s = time.perf_counter() - t0
-    fill_peak = peak
+
+    def one_pass(order: list[tuple[str, int]]) -> tuple[float, int]:
+        """Read (or fill) every item in ``order``, in batches: (seconds, peak RSS)."""
+        peak, t0 = proc.memory_info().rss, time.perf_counter()
+        for i in range(0, len(order), args.batch):
+            chunk = order[i : i + args.batch]
+            cache.get([p for p, _ in chunk], [s for _, s in chunk])
+            peak = max(peak, proc.memory_info().rss)
+        return time.perf_counter() - t0, peak
+
+    fill_s, fill_peak = one_pass(keys)
     random.Random(0).shuffle(keys)
-    t0 = time.perf_counter()
-    for i in range(0, args.items, args.batch):
-        chunk = keys[i : i + args.batch]
-        cache.get([p for p, _ in chunk], [s for _, s in chunk])
-        peak = max(peak, proc.memory_info().rss)
-    epoch_s = time.perf_counter() - t0
+    epoch_s, epoch_peak = one_pass(keys)
+    peak = max(fill_peak, epoch_peak)
     files = list(out.glob("*.safetensors"))
     disk = sum(f.stat().st_size for f in files)
     s, lat = args.size, (4 * (args.size // 8) ** 2)
