@@ -122,3 +122,20 @@ def test_a_damaged_item_is_recomputed(tmp_path):
 )
 def test_changed_fields_names_dotted_paths(old, new, want):
     assert changed_fields(old, new) == want
+
+
+def test_files_named_by_aspect_args_are_part_of_the_identity(tmp_path):
+    from focusnfix.reference import _file_hashes
+
+    mask = tmp_path / "mask.png"
+    mask.write_bytes(b"one")
+    before = _file_hashes({"path": str(mask), "weight": 1})
+    mask.write_bytes(b"two")  # same path, other content: another identity
+    after = _file_hashes({"path": str(mask), "weight": 1})
+    assert before["path"] != after["path"] and before["weight"] is None
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "w.bin").write_bytes(b"abc")
+    listed = _file_hashes(str(folder))
+    (folder / "w.bin").write_bytes(b"abcd")  # another size
+    assert _file_hashes(str(folder)) != listed

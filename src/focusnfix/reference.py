@@ -170,8 +170,16 @@ def model_identity(backbone: Backbone) -> dict[str, str]:
     return out
 
 
+def _file_digest(path: Path, h: Any) -> None:
+    with path.open("rb") as f:  # streamed: weight files can be gigabytes
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
 def _file_hashes(value: Any) -> Any:
-    """Content hashes of the files a config value names (mask images, weight files)."""
+    """Identities of the files a config value names: a content hash of a file (a mask image, a
+    weight file), the listing with sizes and modification times of a directory (a model folder,
+    whose weights are hashed anyway through the aspect's state dict)."""
     if isinstance(value, dict):
         return {k: _file_hashes(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -179,12 +187,14 @@ def _file_hashes(value: Any) -> Any:
     if isinstance(value, str) and len(value) < 4096:
         p = Path(value)
         try:
+            h = hashlib.sha256()
             if p.is_file():
-                return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+                _file_digest(p, h)
+                return h.hexdigest()[:16]
             if p.is_dir():
-                h = hashlib.sha256()
                 for f in sorted(x for x in p.rglob("*") if x.is_file()):
-                    h.update(str(f.relative_to(p)).encode() + f.read_bytes())
+                    st = f.stat()
+                    h.update(f"{f.relative_to(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
                 return h.hexdigest()[:16]
         except OSError:
             return None
