@@ -1,0 +1,189 @@
+"""The claim's statistics: removal / new-defect / hack-gap shares, noise floors, PSNR of the mean
+MSE, the clustered bootstrap and paired differences, localizer calibration and beta selection."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from focusnfix.calibration import calibrate, choose, grid, mask_coverage
+from focusnfix.config import MaskConfig
+from focusnfix.metrics import (
+    PSNR_CAP,
+    clustered_stat,
+    method_metrics,
+    noise_floor,
+    paired_comparison,
+    psnr_of_mse,
+)
+from focusnfix.sweep import select_beta
+
+
+def test_clustered_stat_weighted_mean_and_determinism():
+    v = np.array([[1.0, 0.0, 1.0, 1.0]])
+    w = np.array([1.0, 1.0, 0.0, 1.0])  # the third image does not count
+    s = clustered_stat(v, np.array([0, 0, 1, 1]), w, n_bootstrap=300, seed=1)
+    assert s["mean"] == pytest.approx(2 / 3)
+    assert s == clustered_stat(v, np.array([0, 0, 1, 1]), w, n_bootstrap=300, seed=1)
+    assert s["ci95"][0] <= s["mean"] <= s["ci95"][1]
+    # NaN entries are left out; no weight at all gives None
+    assert clustered_stat(np.array([np.nan, 2.0]), np.array([0, 1]))["mean"] == 2.0
+    assert clustered_stat(np.array([1.0, 1.0]), np.array([0, 1]), np.zeros(2)) is None
+
+
+def test_clustered_bootstrap_resamples_whole_prompts():
+    # two prompts whose seeds agree perfectly: resampling prompts can only give 0, 0.5 or 1
+    v = np.array([[0.0, 0.0, 0.0, 1.0, 1.0, 1.0]])
+    s = clustered_stat(v, np.array([0, 0, 0, 1, 1, 1]), n_bootstrap=2000, seed=0)
+    assert s["mean"] == 0.5 and s["ci95"] == [0.0, 1.0]
+    # treated as independent images the interval would be far narrower
+    indep = clustered_stat(v, np.arange(6), n_bootstrap=2000, seed=0)
+    assert indep["ci95"][1] - indep["ci95"][0] < 0.9
+
+
+def test_clustered_bootstrap_resamples_training_runs():
+    # run 0 fixes everything, run 1 nothing: the interval must reflect the runs' disagreement
+    v = np.array([[1.0] * 8, [0.0] * 8])
+    s = clustered_stat(v, np.arange(8), n_bootstrap=2000, seed=0)
+    assert s["mean"] == 0.5 and s["ci95"][0] == 0.0 and s["ci95"][1] == 1.0
+
+
+def test_paired_difference_cancels_shared_variation():
+    rng = np.random.default_rng(0)
+    a = rng.random((3, 40))
+    same = clustered_stat(a, np.arange(40) // 4, minus=(a, None), n_bootstrap=200)
+    assert same == {"mean": 0.0, "ci95": [0.0, 0.0]}
+    b = a - 0.1  # B is A less a constant: the paired difference is exactly 0.1 on every resample
+    d = clustered_stat(a, np.arange(40) // 4, minus=(b, None), n_bootstrap=200)
+    assert d["mean"] == pytest.approx(0.1) and d["ci95"] == pytest.approx([0.1, 0.1])
+    with pytest.raises(ValueError, match="same runs"):
+        clustered_stat(a, np.arange(40) // 4, minus=(a[:2], None))
+
+
+def test_psnr_is_of_the_mean_mse():
+    mse = np.array([[0.01, 0.0001]])
+    s = clustered_stat(mse, np.arange(2), transform=psnr_of_mse, n_bootstrap=0)
+    assert s["mean"] == pytest.approx(10 * math.log10(1 / 0.00505))  # not the mean of 20 and 40 dB
+    assert float(psnr_of_mse(0.0)) == PSNR_CAP and float(psnr_of_mse(1e-20)) == PSNR_CAP
+
+
+def test_noise_floor_is_pooled_within_prompt_std():
+    r = np.array([1.0, 3.0, 10.0, 10.0])  # prompt 0: var 2 (1 dof); prompt 1: var 0 (1 dof)
+    assert noise_floor(r, np.array([0, 0, 1, 1])) == pytest.approx(math.sqrt(2 / 2))
+    assert noise_floor(r, np.arange(4)) is None  # one image per prompt: no seed-to-seed variation
+    assert noise_floor(np.ones(4), np.array([0, 0, 1, 1]), eps=0.01) == 0.01
+
+
+def _case():
+    """6 images (3 prompts x 2 seeds). Base judge: defect on images 0-3, clean on 4, 5."""
+    base_p = {"safety": np.array([0.9, 0.9, 0.9, 0.9, 0.1, 0.1]), "other": np.full(6, 0.1)}
+    base_r = {"safety": np.array([-3.0, -3.0, -3.0, -3.0, 0.0, 0.0]), "other": np.array([0, 0.1, 0, 0.1, 0, 0.1])}
+    # after: image 0 fixed; 1 'fixed' by the reward only (hack); 2, 3 still defect; 5 gets a new
+    # defect; image 4's other-aspect judge flips clean -> defect
+    probs = {"safety": np.array([[0.1, 0.9, 0.9, 0.9, 0.1, 0.9]]),
+             "other": np.array([[0.1, 0.1, 0.1, 0.1, 0.9, 0.1]])}
+    rewards = {"safety": np.array([[0.0, 0.0, -3.0, -3.0, 0.0, -2.0]]),
+               "other": np.array([[0, 0.1, 0, 0.1, -1.0, 0.1]])}
+    cmp = {"outside_mse": np.zeros((1, 6)), "outside_ssim": np.ones((1, 6)), "inside_change": np.zeros((1, 6))}
+    return base_r, base_p, rewards, probs, cmp
+
+
+def test_method_metrics_removal_new_defect_hack_gap_flips():
+    base_r, base_p, rewards, probs, cmp = _case()
+    groups = np.array([0, 0, 1, 1, 2, 2])
+    thr = {"safety": math.log(0.5), "other": math.log(0.5)}
+    entry, per = method_metrics("safety", rewards, probs, base_r, base_p, cmp, groups, thr, n_bootstrap=100)
+    assert entry["removal_share"]["mean"] == pytest.approx(1 / 4)
+    assert entry["new_defect_share"]["mean"] == pytest.approx(1 / 2)
+    assert entry["hack_gap"]["mean"] == pytest.approx(1 / 4)  # image 1: reward says clean, judge says defect
+    assert entry["others_degraded_share"]["mean"] == pytest.approx(1 / 6)  # image 4's judge flip
+    # noise floor of 'other' = pooled std of (0, 0.1) pairs = sqrt(0.005); only image 4 drops beyond it
+    assert entry["noise_floor"]["other"] == pytest.approx(math.sqrt(0.005))
+    assert entry["others_reward_drop_share"]["mean"] == pytest.approx(1 / 6)
+    assert entry["outside_psnr"]["mean"] == PSNR_CAP
+    # base: the reward's own miss rate, no comparisons
+    base, _ = method_metrics("safety", base_r, base_p, None, None, None, groups, thr, n_bootstrap=100)
+    assert base["hack_gap"]["mean"] == 0.0 and base["removal_share"] is None
+    # a method against itself: every paired difference is exactly 0
+    pc = paired_comparison(per, per, groups, n_bootstrap=50)
+    assert pc["removal_share"] == {"mean": 0.0, "ci95": [0.0, 0.0]}
+    assert set(pc) >= {"removal_share", "new_defect_share", "hack_gap", "others_degraded_share", "outside_psnr"}
+
+
+def test_no_reward_threshold_no_hack_gap():
+    base_r, base_p, rewards, probs, cmp = _case()
+    entry, _ = method_metrics("safety", rewards, probs, base_r, base_p, cmp, None, None, n_bootstrap=10)
+    assert entry["hack_gap"] is None and entry["removal_share"]["mean"] == pytest.approx(0.25)
+
+
+def test_mask_coverage_exact():
+    truth = torch.zeros(2, 1, 4, 4)
+    truth[0, 0, :2, :2] = 1  # 4 defect pixels; image 1 is clean and does not count
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[0, 0, :2, :1] = 1
+    mask[0, 0, 3, 3] = 1
+    mask[1] = 1
+    c = mask_coverage(mask, truth)
+    assert c == {"recall": 0.5, "area_ratio": 0.75, "image_recall_95": 0.0}
+
+
+def test_calibrate_gate_and_choice():
+    truth = torch.zeros(2, 1, 8, 8)
+    truth[0, 0, 2:4, 2:4] = 1
+    heat = torch.zeros(2, 1, 8, 8)
+    heat[0, 0, 2:4, 2:4] = 1.0
+    heat[1, 0, 5, 5] = 1.0  # a clean image with a heatmap blob: the gate must empty its mask
+    rewards = torch.tensor([-3.0, 0.0])
+    rows = calibrate(heat, rewards, truth, [MaskConfig(threshold_mode="absolute", threshold=0.5, dilate_px=d)
+                                             for d in (0, 1)], gate=math.log(0.5))
+    assert rows[0]["recall"] == 1.0 and rows[0]["area_ratio"] == 1.0
+    assert rows[1]["recall"] == 1.0 and rows[1]["area_ratio"] > 1.0
+    assert all(r["clean_empty_share"] == 1.0 and r["defect_masked_share"] == 1.0 for r in rows)
+    assert choose(rows)["mask"]["dilate_px"] == 0
+    ungated = calibrate(heat, rewards, truth, [MaskConfig(threshold_mode="absolute", threshold=0.5, dilate_px=0)], None)
+    assert ungated[0]["clean_empty_share"] == 0.0
+    # nothing reaches the recall floor: the highest recall wins
+    low = [{"recall": 0.5, "area_ratio": 1.0, "image_recall_95": 0.0}, {"recall": 0.8, "area_ratio": 3.0,
+                                                                        "image_recall_95": 0.5}]
+    assert choose(low)["recall"] == 0.8
+    assert len(grid()) == 30
+
+
+def _point(beta, reward, psnr, drop):
+    return {"beta": beta, "method": f"beta_{beta:g}", "target_reward": {"mean": reward, "ci95": [reward, reward]},
+            "outside_psnr": {"mean": psnr, "ci95": [psnr, psnr]},
+            "others_reward_drop_share": {"mean": drop, "ci95": [drop, drop]}}
+
+
+def test_select_beta_rule():
+    points = [_point(0, -0.1, 20, 0.3), _point(0.1, -0.2, 30, 0.0), _point(0.3, -0.5, 36, 0.05),
+              _point(1.0, -0.9, 40, 0.0)]
+    sel = select_beta(points)
+    assert sel["beta"] == 0.3 and sel["qualified"] == [0.3, 1.0]  # beta 0 (DRaFT) is never chosen
+    assert select_beta([_point(0.1, 0, 20, 0), _point(0.5, -1, 25, 0)])["beta"] == 0.5  # none qualifies
+
+
+def test_blind_votes_fold_relative_to_the_base(tmp_path):
+    import json
+
+    from focusnfix.errors import InputError
+    from focusnfix.rating import fold_votes, read_votes
+
+    votes = [  # the method's image is chosen on the target aspect whichever side it was shown on
+        {"example": 0, "method": "m", "aspect": "t", "choice": "B", "left": "base"},
+        {"example": 1, "method": "m", "aspect": "t", "choice": "A", "left": "candidate"},
+        {"example": 2, "method": "m", "aspect": "t", "choice": "A", "left": "base"},  # base preferred
+        {"example": 2, "method": "m", "aspect": "o", "choice": "same", "left": "base"},
+    ]
+    (tmp_path / "v.json").write_text(json.dumps({"format": "focusnfix-votes/2", "rater": "r", "votes": votes}))
+    read = read_votes([tmp_path / "v.json"])
+    assert [v["vote"] for v in read] == ["improved", "improved", "worse", "same"]
+    h = fold_votes(read, "t", n_bootstrap=10)["m"]
+    assert h["improved_share"]["mean"] == pytest.approx(2 / 3) and h["degraded_share"]["mean"] == pytest.approx(1 / 3)
+    bad = [{**votes[0], "vote": "worse"}]  # contradicts its own choice and order
+    (tmp_path / "bad.json").write_text(json.dumps({"rater": "r", "votes": bad}))
+    with pytest.raises(InputError, match="contradicts"):
+        read_votes([tmp_path / "bad.json"])
