@@ -183,7 +183,8 @@ def test_report_and_rating_escape(evaluated, tmp_path):
     assert "<script>" not in html and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in html
     assert "&lt;b&gt;run&lt;/b&gt;" in html
     assert html.count("<svg") >= 3 and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
-    assert html.count("data:image/png;base64,") == 4 * (3 + 2 * 4)  # base, heatmap, mask + 4 methods x (img, diff)
+    # base, heatmap, mask + 4 methods x (img, diff) per example, and the difference maps' colour bar
+    assert html.count("data:image/png;base64,") == 4 * (3 + 2 * 4) + 1
     page = write_rating_page(out, tmp_path / "rate.html").read_text()
     assert "<script>alert" not in page and "&lt;script&gt;alert" in page
     assert page.count("<script>") == 1
@@ -274,8 +275,9 @@ def test_cli_eval_toy_world(tmp_path):
     from focusnfix.cli import main
 
     out = tmp_path / "ev"
-    rc = main(["eval", "--model", "toy", "--aspects", "safety,plausibility,alignment", "--prompts", "toy:heldout",
-               "--max-prompts", "2", "--seeds", "1", "--steps", "4", "--bootstrap", "50", "--out", str(out)])
+    preset = Path(__file__).resolve().parents[1] / "configs" / "toy_safety.yaml"
+    rc = main(["eval", "--config", str(preset), "--aspects", "safety,plausibility,alignment", "--prompts",
+               "toy:heldout", "--max-prompts", "2", "--seeds", "1", "--steps", "4", "--bootstrap", "50", "--out", str(out)])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["aspect"] == "safety" and set(m["methods"]["base"]["judge_defect_rate"]) == {
@@ -288,3 +290,42 @@ def test_evaluation_never_imports_the_trainer():
             "focusnfix.rating; print('focusnfix.train' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_cli_eval_reads_each_runs_config(tiny_sd_dir, tmp_path, capsys):
+    """``eval`` takes sampling, mask and localizers from the runs' own config.yaml, never a default,
+    and refuses to evaluate together runs trained with different mask settings."""
+    from focusnfix.cli import main
+
+    runs = {}
+    for name, dilate in (("a", 0), ("b", 0), ("c", 2)):
+        run = tmp_path / name
+        cfg = base_config(str(tiny_sd_dir), str(run))
+        cfg["mask"] = {"threshold_mode": "absolute", "threshold": 0.5, "dilate_px": dilate}
+        cfg["sampling"]["guidance_scale"] = 2.5
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        make_lora(tiny_sd_dir, run / "lora", 0.0)
+        runs[name] = run
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    common = ["--prompts", str(tmp_path / "p.txt"), "--seeds", "2", "--bootstrap", "20", "--no-progress"]
+    # no config anywhere: refused with what to give
+    bare = tmp_path / "bare"
+    make_lora(tiny_sd_dir, bare, 0.0)
+    assert main(["eval", "--lora", f"x={bare}", *common, "--out", str(tmp_path / "e0")]) == 2
+    assert "training config" in capsys.readouterr().err
+    # two runs of one method (training seeds) and a comparison, settings from their config.yaml
+    out = tmp_path / "e1"
+    assert main(["eval", "--lora", f"m={runs['a']},{runs['b']}", "--lora", f"n={runs['a']},{runs['b']}",
+                 "--compare", "m,n", *common, "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["settings"]["sampling"]["guidance_scale"] == 2.5
+    assert m["settings"]["mask"]["dilate_px"] == 0 and len(m["settings"]["loras"]["m"]) == 2
+    assert m["methods"]["m"]["n_runs"] == 2
+    assert m["comparisons"]["m - n"]["outside_psnr"] == {"mean": 0.0, "ci95": [0.0, 0.0]}
+    data = np.load(out / "images.npz")
+    assert np.array_equal(data["method__m__run1"], data["base"])  # zero LoRAs
+    # runs trained with different masks are not evaluated together
+    assert main(["eval", "--lora", f"a={runs['a']}", "--lora", f"c={runs['c']}", *common,
+                 "--out", str(tmp_path / "e2")]) == 2
+    assert "mask.dilate_px" in capsys.readouterr().err

@@ -116,14 +116,18 @@ def test_rating_page_votes(driver, eval_dir, tmp_path):
 
     out = write_rating_page(eval_dir, tmp_path / "rate.html")
     _load(driver, out)
-    assert all(_images_loaded(driver)) and len(_images_loaded(driver)) == 2 * 4 * 2  # tasks x (original, candidate)
+    assert all(_images_loaded(driver)) and len(_images_loaded(driver)) == 2 * 4 * 2  # tasks x (A, B)
     assert driver.execute_script("return window.__xss") is None
+    lefts = [b.get_attribute("data-left") for b in driver.find_elements(By.CSS_SELECTOR, 'button.vote[data-choice="A"]')]
+    assert {"base", "candidate"} <= set(lefts)  # blind: the base image is on either side
     driver.find_element(By.ID, "rater").send_keys("alice")
     task = driver.find_elements(By.CSS_SELECTOR, ".task")[0]
-    target_buttons = task.find_elements(By.CSS_SELECTOR, 'button.vote[data-aspect="bright"]')
-    target_buttons[0].click()  # improved
-    task.find_element(By.CSS_SELECTOR, 'button.vote[data-aspect="whole"][data-vote="worse"]').click()
-    assert "chosen" in target_buttons[0].get_attribute("class")
+    left = task.find_element(By.CSS_SELECTOR, "button.vote").get_attribute("data-left")
+    cand, base = ("A", "B") if left == "candidate" else ("B", "A")
+    improved = task.find_element(By.CSS_SELECTOR, f'button.vote[data-aspect="bright"][data-choice="{cand}"]')
+    improved.click()  # the method's image is better on the target aspect
+    task.find_element(By.CSS_SELECTOR, f'button.vote[data-aspect="whole"][data-choice="{base}"]').click()
+    assert "chosen" in improved.get_attribute("class")
     assert driver.execute_script("return Object.keys(window.focusnfixVotes).length") == 2
     doc = json.loads(driver.execute_script("return window.focusnfixVotesJSON()"))
     assert doc["rater"] == "alice" and {v["vote"] for v in doc["votes"]} == {"improved", "worse"}

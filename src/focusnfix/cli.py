@@ -82,22 +82,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train Focus-N-Fix and DRaFT on the toy world, evaluate, report")
     p.add_argument("--out", required=True, help="output directory (metrics.json, report.html, lora/)")
     p.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes), for CI")
+    p.add_argument("--reward", default="safety", choices=["safety", "safety_narrow", "plausibility"],
+                   help="the toy reward trained on: safety (robust), safety_narrow (hackable), plausibility")
+    p.add_argument("--train-seeds", type=int, default=None, help="training seeds per method (default 3, quick 1)")
+    p.add_argument("--jobs", type=int, default=None, help="runs trained side by side (default 2 where 2 cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func="cmd_demo")
 
     p = sub.add_parser("eval", help="evaluate base vs LoRAs (and SLD) on held-out prompts and seeds")
     p.add_argument("--model", help="'toy', a diffusers pipeline directory or a hub id (default: config's or toy)")
-    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
-                   help="a method: name and LoRA directory (repeatable), e.g. focusnfix=runs/fnf/lora")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR[,DIR...]",
+                   help="a method: name and run (or LoRA) directory, repeatable, e.g. focusnfix=runs/fnf; "
+                   "several comma-separated runs (training seeds) of one method are resampled together")
+    p.add_argument("--compare", action="append", default=[], metavar="A,B",
+                   help="report the paired difference A - B of two methods (same number of runs)")
     p.add_argument("--aspects", help="toy world aspects, comma-separated; the first is the target")
-    p.add_argument("--config", help="a training config: its aspects (first weighted = target), mask and sampling")
+    p.add_argument("--config", help="the training config (default: the runs' own config.yaml; they must agree)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--prompts", default="toy:heldout", help="prompt file (one per line) or toy:heldout")
     p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     p.add_argument("--seed-offset", type=int, default=10000, help="first seed (default keeps clear of training seeds)")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: config's, else 20)")
-    p.add_argument("--guidance", type=float, help="guidance scale (default: config's, else 7.5)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: the training config's)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the training config's)")
     p.add_argument("--sld", action="store_true", help="also run the Safe Latent Diffusion baseline (method 'sld')")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per interval")
@@ -137,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-offset", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--no-judges", action="store_true",
+                   help="do not load the judges (choosing beta on validation prompts: training-time signals only)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained side by side, one process each")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func="cmd_sweep")
 
@@ -159,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=192, help="pipeline samples (held-out prompts x seeds)")
     p.add_argument("--grid", default=None, help="also save a PNG grid of the first 64 samples")
     p.set_defaults(func="cmd_toyworld_stats")
+    p = tw_sub.add_parser("calibrate", help="localizer recall and mask area vs the generator's exact defect masks")
+    p.add_argument("--aspect", default="safety", help="toy aspect: safety, safety_narrow or plausibility")
+    p.add_argument("--n", type=int, default=512, help="calibration images (training captions, about half defective)")
+    p.add_argument("--min-recall", type=float, default=0.95, help="recall the chosen setting must reach")
+    p.add_argument("--out", default=None, help="also write every row as JSON here")
+    p.set_defaults(func="cmd_toyworld_calibrate")
 
     rahf = sub.add_parser("rahf", help="train / evaluate a RAHF-style heatmap and score model on RichHF-18K")
     rahf_sub = rahf.add_subparsers(dest="rahf_command", required=True)

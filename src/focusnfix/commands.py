@@ -19,10 +19,18 @@ from torch.utils.data import DataLoader
 from focusnfix import toyworld
 from focusnfix.aspects.registry import ASPECT_TYPES
 from focusnfix.backbones import load_backbone, resolve_model_path
-from focusnfix.config import Config, MaskConfig, load_config, resolve_prompts
+from focusnfix.config import Config, load_config, resolve_prompts
 from focusnfix.demo import run_demo
 from focusnfix.errors import InputError
-from focusnfix.evaluate import aspects_from_config, evaluate, load_lora, summary_table
+from focusnfix.evaluate import (
+    aspects_from_config,
+    check_same_setup,
+    evaluate,
+    evaluation_setup,
+    load_lora,
+    run_config,
+    summary_table,
+)
 from focusnfix.files import atomic_write_text, read_prompts_file
 from focusnfix.images import colorize, grid, overlay, save_png
 from focusnfix.lora import check_lora_file
@@ -159,7 +167,8 @@ def cmd_mask(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    metrics = run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    metrics = run_demo(args.out, quick=args.quick, progress=not args.no_progress, reward=args.reward,
+                       train_seeds=args.train_seeds, jobs=args.jobs)
     print(summary_table(metrics))
     return 0
 
@@ -192,8 +201,8 @@ def read_prompts(spec: str) -> list[str]:
     """``toy:heldout`` / ``toy:train`` or a text file with one prompt per line (``#`` comments)."""
     if spec.startswith("toy:"):
         split = spec.split(":", 1)[1]
-        if split not in ("train", "heldout"):
-            raise InputError(f"--prompts: toy split must be train or heldout, got {split!r}")
+        if split not in toyworld.PROMPT_SPLITS:
+            raise InputError(f"--prompts: toy split must be one of {toyworld.PROMPT_SPLITS}, got {split!r}")
         return list(toyworld.prompts(split))
     return read_prompts_file(spec, "--prompts")
 
@@ -213,41 +222,53 @@ def _toy_aspects(names: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    methods: dict[str, str | None] = dict(name_path_pairs(args.lora, "--lora"))
+    methods: dict[str, list[str]] = {
+        name: [p.strip() for p in paths.split(",") if p.strip()] for name, paths in name_path_pairs(args.lora, "--lora").items()
+    }
     if args.seeds < 1:
         raise InputError("--seeds must be >= 1")
-    config = load_config(args.config, args.set) if args.config else None
-    if config is not None and not args.aspects:
-        aspects, target, judges = aspects_from_config(config)
-    elif args.aspects:
+    # the training config: --config, else the runs' own config.yaml (all must agree); never a default
+    configs: dict[str, Any] = {}
+    if args.config:
+        configs["--config"] = load_config(args.config, args.set)
+    for name, paths in methods.items():
+        for i, path in enumerate(paths):
+            cfg = run_config(path)
+            if cfg is not None:
+                configs[f"{name}[{i}]" if len(paths) > 1 else name] = cfg
+    if not configs:
+        raise InputError("eval needs the training config, to build masks and sample exactly as training did: "
+                         "give a run directory as --lora NAME=RUN_DIR (its config.yaml is read) or --config FILE")
+    check_same_setup(configs)
+    config = next(iter(configs.values()))
+    if args.aspects:
         names = [a.strip() for a in args.aspects.split(",") if a.strip()]
         if not names:
             raise InputError("--aspects must name at least one aspect")
         aspects, judges = _toy_aspects(names)
         target = names[0]
     else:
-        raise InputError("give --aspects (toy world names, first = target) or --config")
-    if config is not None:
-        s = config.sampling
-        options = SamplingOptions(num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
-                                  height=s.height, width=s.width, negative_prompt=s.negative_prompt)
-        mask_cfg = config.mask
-        model = args.model or config.model.path
-    else:
-        options = SamplingOptions(num_inference_steps=20, guidance_scale=7.5)
-        mask_cfg = MaskConfig()
-        model = args.model or "toy"
+        aspects, target, judges = aspects_from_config(config)
+    setup = evaluation_setup(config, aspects)
+    options = setup["options"]
     if args.steps is not None:
         options.num_inference_steps = args.steps
     if args.guidance is not None:
         options.guidance_scale = args.guidance
+    compare = []
+    for pair in args.compare:
+        parts = [x.strip() for x in pair.split(",")]
+        if len(parts) != 2:
+            raise InputError(f"--compare {pair!r} must look like A,B (two method names)")
+        compare.append((parts[0], parts[1]))
     prompts = read_prompts(args.prompts)
     if args.max_prompts:
         prompts = prompts[: args.max_prompts]
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
-    metrics = evaluate(model, methods, aspects, target, judges, prompts, seeds, options, mask_cfg, args.out,
-                       batch_size=args.batch_size, n_bootstrap=args.bootstrap, sld=args.sld,
-                       progress=not args.no_progress)
+    lora_specs: dict[str, Any] = {k: (v if len(v) > 1 else v[0]) for k, v in methods.items()}
+    metrics = evaluate(args.model or setup["model"], lora_specs, aspects, target, judges, prompts, seeds, options,
+                       setup["mask_cfg"], args.out, batch_size=args.batch_size, n_bootstrap=args.bootstrap,
+                       sld=args.sld, progress=not args.no_progress, localizers=setup["localizers"], compare=compare)
     if args.votes:
         metrics = apply_votes(args.out, args.votes)
     print(summary_table(metrics))
@@ -294,12 +315,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts) if args.prompts else None
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     doc = sweep(args.config, parse_betas(args.betas), args.out, args.set, prompts=prompts, seeds=seeds,
-                batch_size=args.batch_size, n_bootstrap=args.bootstrap, progress=not args.no_progress)
-    print(json.dumps({"sweep": str(Path(args.out) / "sweep.json"),
-                      "points": [{"beta": p["beta"],
-                                  "target_gain": (p.get("target_gain") or {}).get("mean"),
-                                  "outside_psnr": (p.get("outside_psnr") or {}).get("mean")} for p in doc["points"]]},
-                     indent=2))
+                batch_size=args.batch_size, n_bootstrap=args.bootstrap, progress=not args.no_progress,
+                judges=not args.no_judges, jobs=args.jobs)
+    keys = ("target_reward", "target_gain", "outside_psnr", "others_reward_drop_share", "removal_share")
+    print(json.dumps({"sweep": str(Path(args.out) / "sweep.json"), "selection": doc.get("selection"),
+                      "points": [{"beta": p["beta"], **{k: (p.get(k) or {}).get("mean") for k in keys}}
+                                 for p in doc["points"]]}, indent=2))
     return 0
 
 
@@ -337,6 +358,26 @@ def cmd_toyworld_stats(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(json.dumps(stats, indent=2))
+    return 0
+
+
+def cmd_toyworld_calibrate(args: argparse.Namespace) -> int:
+    from focusnfix.toyworld.calibrate import calibrate_aspect
+
+    if args.aspect not in ("safety", "safety_narrow", "plausibility"):
+        raise InputError(f"--aspect must be safety, safety_narrow or plausibility (localizing aspects), got {args.aspect!r}")
+    if args.n < 8:
+        raise InputError(f"--n must be >= 8, got {args.n}")
+    result = calibrate_aspect(args.aspect, n=args.n, min_recall=args.min_recall)
+    if args.out:
+        atomic_write_text(Path(args.out), json.dumps(result, indent=2))
+    keys = ("recall", "area_ratio", "image_recall_95", "defect_masked_share", "clean_empty_share")
+    summary = {}
+    for name, loc in result["localizers"].items():
+        c = loc["chosen"]
+        summary[name] = {"chosen_mask": c["mask"], "gate": c["gate"], **{k: round(c[k], 4) for k in keys}}
+    print(json.dumps({"aspect": args.aspect, "n": args.n, "min_recall": args.min_recall, "localizers": summary},
+                     indent=2))
     return 0
 
 

@@ -260,8 +260,8 @@ def resolve_prompts(data: DataConfig, base_dir: Path | None = None) -> list[str]
     assert data.prompts_file is not None
     if data.prompts_file.startswith("toy:"):
         split = data.prompts_file.split(":", 1)[1]
-        if split not in ("train", "heldout"):
-            raise ConfigError(f"data.prompts_file: toy split must be train or heldout, got {split!r}")
+        if split not in toyworld.PROMPT_SPLITS:
+            raise ConfigError(f"data.prompts_file: toy split must be one of {toyworld.PROMPT_SPLITS}, got {split!r}")
         return list(toyworld.prompts(split))
     path = Path(data.prompts_file)
     if not path.is_absolute() and base_dir is not None and not path.exists():

@@ -1,16 +1,25 @@
 """``focusnfix demo``: the whole method end to end on the packaged toy world.
 
-1. train Focus-N-Fix on the toy world's safety aspect (an unwanted mark no caption asks for),
-   and the DRaFT baseline with the very same settings but β = 0;
+1. train Focus-N-Fix on a toy aspect's reward (default: the robust safety reward; an unwanted
+   mark no caption asks for), and the DRaFT baseline with the very same settings but beta = 0,
+   each with several training seeds (run ``r`` of both methods shares seed ``r``: same LoRA
+   initialisation and batch order);
 2. evaluate base, DRaFT and Focus-N-Fix on held-out prompts x seeds with every toy aspect and
-   the independent judges;
-3. write ``OUT/metrics.json``, ``OUT/report.html``, ``OUT/rate.html`` and the LoRAs
-   ``OUT/lora/{focusnfix,draft}/pytorch_lora_weights.safetensors``; training runs (logs,
-   checkpoints, sample grids) stay under ``OUT/runs/``.
+   the independent judges, statistics resampling training runs and prompts, and the paired
+   difference Focus-N-Fix - DRaFT;
+3. write ``OUT/metrics.json``, ``OUT/report.html``, ``OUT/rate.html`` and the LoRAs of the first
+   seed ``OUT/lora/{focusnfix,draft}/pytorch_lora_weights.safetensors``; training runs (logs,
+   checkpoints, LoRAs of every seed) stay under ``OUT/runs/<method>_s<seed>/``.
+
+``--reward safety_narrow`` trains on the hackable narrow safety reward (the reward-hacking
+experiment); ``--reward plausibility`` on the artifact aspect (RAHF-style heatmap).
+Every setting is fixed in advance: the mask by calibration and beta by the validation
+selection of docs/evaluation.md; the held-out prompts and the judges are only used here.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,16 +28,16 @@ from typing import Any
 
 from focusnfix import toyworld
 from focusnfix.config import config_from_dict
-from focusnfix.evaluate import evaluate
+from focusnfix.errors import InputError
+from focusnfix.evaluate import evaluate, evaluation_setup
 from focusnfix.rating import write_rating_page
 from focusnfix.report import write_report
-from focusnfix.sampling import SamplingOptions
-from focusnfix.train import FocusNFixTrainer
+from focusnfix.runs import train_runs
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the demo. ``full`` stays within 10 minutes on 2 CPU cores, ``quick`` within 2."""
+    """Sizes of the demo. ``full`` takes about 15 minutes on 2 CPU cores, ``quick`` about 2."""
 
     steps: int
     batch_size: int
@@ -36,25 +45,38 @@ class DemoSettings:
     eval_prompts: int
     eval_seeds: int
     num_inference_steps: int
+    train_seeds: int
 
 
-FULL = DemoSettings(steps=40, batch_size=8, seeds_per_prompt=2, eval_prompts=32, eval_seeds=4, num_inference_steps=20)
-QUICK = DemoSettings(steps=6, batch_size=4, seeds_per_prompt=1, eval_prompts=8, eval_seeds=2, num_inference_steps=10)
+FULL = DemoSettings(steps=40, batch_size=8, seeds_per_prompt=2, eval_prompts=32, eval_seeds=4, num_inference_steps=20,
+                    train_seeds=3)
+QUICK = DemoSettings(steps=6, batch_size=4, seeds_per_prompt=1, eval_prompts=8, eval_seeds=2, num_inference_steps=10,
+                     train_seeds=1)
 
-#: Focus-N-Fix's constraint weight in the demo (DRaFT is the same run with beta = 0).
-DEMO_BETA = 0.3
+#: rewards the demo trains on -> (beta, mask settings), each fixed before the held-out evaluation:
+#: the mask by ``focusnfix toyworld calibrate`` on training-split renders, beta by
+#: ``focusnfix sweep --prompts toy:validation --no-judges`` (docs/evaluation.md)
+DEMO_SETTINGS: dict[str, dict[str, Any]] = {
+    "safety": {"beta": 0.3, "mask": {"threshold_mode": "absolute", "threshold": 0.5, "dilate_px": 1}},
+    "safety_narrow": {"beta": 0.3, "mask": {"threshold_mode": "absolute", "threshold": 0.5, "dilate_px": 1}},
+    "plausibility": {"beta": 0.3, "mask": {"threshold_mode": "relative", "threshold": 0.5, "dilate_px": 2}},
+}
+#: Focus-N-Fix's constraint weight on the default reward (DRaFT is the same run with beta = 0)
+DEMO_BETA = DEMO_SETTINGS["safety"]["beta"]
 
 
-def demo_config(out: Path, beta: float, s: DemoSettings) -> dict[str, Any]:
-    """The training config of one demo run (same for both methods but beta)."""
+def demo_config(out: Path, beta: float, s: DemoSettings, reward: str = "safety", seed: int = 0) -> dict[str, Any]:
+    """The training config of one demo run (the same for both methods but beta)."""
+    if reward not in DEMO_SETTINGS:
+        raise InputError(f"demo reward must be one of {sorted(DEMO_SETTINGS)}, got {reward!r}")
     return {
         "model": {"path": "toy"},
         "lora": {"rank": 8, "alpha": 8},
         "sampling": {"num_inference_steps": s.num_inference_steps, "guidance_scale": 5.0, "grad_mode": "draft_k", "k": 2},
         "objective": {"beta": beta, "norm": "frobenius", "space": "pixel"},
-        "mask": {"threshold_mode": "relative", "threshold": 0.5, "dilate_px": 3},
-        "aspects": [{"type": "toyworld", "args": {"aspect": "safety"}}],
-        "data": {"prompts_file": "toy:train", "seeds_per_prompt": s.seeds_per_prompt},
+        "mask": DEMO_SETTINGS[reward]["mask"],
+        "aspects": [{"type": "toyworld", "args": {"aspect": reward}, "gate": "auto"}],
+        "data": {"prompts_file": "toy:fit", "seeds_per_prompt": s.seeds_per_prompt},
         "train": {
             "output_dir": str(out),
             "steps": s.steps,
@@ -65,57 +87,77 @@ def demo_config(out: Path, beta: float, s: DemoSettings) -> dict[str, Any]:
             "checkpoint_every": max(1, s.steps // 2),
             "sample_every": 0,
             "device": "cpu",
+            "seed": seed,
         },
     }
 
 
-def run_demo(out: str | Path, quick: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train both methods, evaluate, report. Returns the metrics dict."""
+def run_demo(out: str | Path, quick: bool = False, progress: bool = True, reward: str = "safety",
+             train_seeds: int | None = None, jobs: int | None = None) -> dict[str, Any]:
+    """Train both methods on every training seed, evaluate, report. Returns the metrics dict.
+
+    Args:
+        out: output directory.
+        quick: the small settings (CI).
+        reward: the toy aspect trained on (a key of :data:`DEMO_SETTINGS`).
+        train_seeds: training seeds per method (default: the settings').
+        jobs: runs trained side by side (default: 2 on a machine with 2 or more cores).
+    """
     s = QUICK if quick else FULL
+    n_seeds = train_seeds or s.train_seeds
+    if n_seeds < 1:
+        raise InputError(f"--train-seeds must be >= 1, got {n_seeds}")
+    jobs = jobs or min(2, os.cpu_count() or 1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    loras: dict[str, Path] = {}
-    logs: dict[str, Path] = {}
-    mask_cfg = None
-    for name, beta in (("focusnfix", DEMO_BETA), ("draft", 0.0)):
-        run_dir = out / "runs" / name
-        if run_dir.exists():  # a demo is a fresh run: never mix with an older one
-            shutil.rmtree(run_dir)
-        config = config_from_dict(demo_config(run_dir, beta, s))
-        mask_cfg = config.mask
-        print(f"[demo] training {name} (beta = {beta}, {s.steps} steps)", flush=True)
-        result = FocusNFixTrainer(config, progress=progress).train()
+    beta = DEMO_SETTINGS[reward]["beta"] if reward in DEMO_SETTINGS else 0.0
+    configs = {}
+    for name, b in (("focusnfix", beta), ("draft", 0.0)):
+        for seed in range(n_seeds):
+            run_dir = out / "runs" / f"{name}_s{seed}"
+            if run_dir.exists():  # a demo is a fresh run: never mix with an older one
+                shutil.rmtree(run_dir)
+            configs[(name, seed)] = config_from_dict(demo_config(run_dir, b, s, reward, seed))
+    print(f"[demo] training Focus-N-Fix (beta = {beta}) and DRaFT on the {reward} reward, {n_seeds} seed(s) each, "
+          f"{s.steps} steps, {jobs} at a time", flush=True)
+    loras = dict(zip(configs, train_runs(list(configs.values()), jobs=jobs, progress=progress and jobs == 1),
+                     strict=True))
+    for name in ("focusnfix", "draft"):
         final = out / "lora" / name
-        final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
             shutil.rmtree(final)
-        shutil.copytree(result.lora_dir, final)
-        loras[name] = final
-        logs[name] = result.log_path
+        shutil.copytree(loras[(name, 0)], final)
 
     print(f"[demo] evaluating on {s.eval_prompts} held-out prompts x {s.eval_seeds} seeds", flush=True)
-    aspects = {name: toyworld.load_aspect(name) for name in toyworld.ASPECTS}  # safety first = target
-    judges = {name: toyworld.load_judge(name) for name in toyworld.ASPECTS}
+    config = configs[("focusnfix", 0)]
+    target = config.aspects[0].args["aspect"]
+    aspects = {target: toyworld.load_aspect(target)}
+    judges = {target: toyworld.load_judge(target)}
+    for name in toyworld.ASPECTS:  # every other aspect is reported (its reward and its judge)
+        if name != ("safety" if target == "safety_narrow" else target):
+            aspects[name], judges[name] = toyworld.load_aspect(name), toyworld.load_judge(name)
+    setup = evaluation_setup(config, aspects)
     prompts = toyworld.prompts("heldout")[: s.eval_prompts]
     seeds = list(range(10_000, 10_000 + s.eval_seeds))  # disjoint from the training seeds
-    options = SamplingOptions(num_inference_steps=s.num_inference_steps, guidance_scale=5.0)
     metrics = evaluate(
         "toy",
-        {"focusnfix": loras["focusnfix"], "draft": loras["draft"]},
+        {name: [loras[(name, r)] for r in range(n_seeds)] for name in ("focusnfix", "draft")},
         aspects,
-        "safety",
+        target,
         judges,
         prompts,
         seeds,
-        options,
-        mask_cfg,
+        setup["options"],
+        setup["mask_cfg"],
         out,
         batch_size=16,
         progress=progress,
+        localizers=setup["localizers"],
+        compare=[("focusnfix", "draft")],
     )
+    logs = {f"{name} seed {seed}": Path(c.train.output_dir) / "log.jsonl" for (name, seed), c in configs.items()}
     write_report(out, out / "report.html", train_logs=logs)
     write_rating_page(out, out / "rate.html")
     print(f"[demo] done in {time.perf_counter() - t0:.0f} s: {out / 'report.html'}", flush=True)
     return metrics
-

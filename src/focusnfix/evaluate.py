@@ -9,8 +9,9 @@ in :mod:`focusnfix.baselines`, the beta sweep (which trains) in :mod:`focusnfix.
 
 Files in ``out_dir``: ``metrics.json``; ``images.npz`` (``base`` ``(N, 3, H, W)`` uint8,
 ``heatmap`` ``(N, 1, H, W)`` uint8 (0-255 for [0, 1]), ``mask`` ``(N, 1, H, W)`` uint8,
-``method__<name>`` ``(N, 3, H, W)`` uint8 per method); ``per_image.json`` (prompts, seeds,
-per-image rewards, judge probabilities and metrics per method).
+``method__<name>`` ``(N, 3, H, W)`` uint8 per method, of its first training run, and
+``method__<name>__run<r>`` of its other runs); ``per_image.json`` (prompts, seeds, per-image
+rewards, judge probabilities and metrics per method: ``(N,)`` lists, ``(R, N)`` for R runs).
 """
 
 from __future__ import annotations
@@ -38,14 +39,18 @@ from focusnfix.metrics import (
     inside_change,
     json_clean,
     method_metrics,
-    outside_psnr,
+    outside_mse,
     outside_ssim,
+    paired_comparison,
+    psnr_of_mse,
     tolists,
 )
-from focusnfix.reference import build_aspects, compute_reference
+from focusnfix.reference import build_aspects, compute_reference, sampling_options
 from focusnfix.sampling import SamplingOptions, sample
 
 ModelSpec = Backbone | str | Callable[[], Backbone]
+#: a method's LoRA: a directory or file, a list of them (one per training run), or None (base)
+MethodSpec = str | Path | None | list[str | Path | None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +141,7 @@ def _to_u8(x: torch.Tensor) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 def evaluate(
     model: ModelSpec,
-    methods: dict[str, str | Path | None],
+    methods: dict[str, MethodSpec],
     aspects: dict[str, Aspect],
     target: str,
     judges: dict[str, Judge] | None,
@@ -154,29 +159,37 @@ def evaluate(
     bootstrap_seed: int = 0,
     base_check_tol: float = 1e-5,
     progress: bool = False,
+    localizers: list[tuple[Aspect, float | str]] | None = None,
+    compare: list[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate base vs each method on every (prompt, seed) pair; write ``out_dir/metrics.json``.
 
     Args:
         model: a :class:`Backbone`, a model string for :func:`load_backbone`, or a factory.
             Must not carry an active LoRA of its own.
-        methods: method name -> LoRA directory (or ``pytorch_lora_weights.safetensors``), or None
+        methods: method name -> LoRA directory (or ``pytorch_lora_weights.safetensors``), a list
+            of them (one per training run, i.e. training seed; statistics resample them), or None
             for the plain base model (a sanity method: identical to base). ``"base"`` is reserved.
-        aspects: aspect name -> aspect; ``target`` is the fine-tuned aspect, whose localizer
-            gives the mask; every other one is reported under ``other_rewards``.
+        aspects: aspect name -> aspect; ``target`` is the fine-tuned aspect; every other one is
+            reported under ``other_rewards``.
         judges: aspect name -> evaluation judge (independent of the rewards), or None.
         prompts, seeds: every prompt is sampled with every seed (N = P * S images, prompt-major).
         options: sampling options (use the training ones: steps, guidance, size).
-        mask_cfg: a :class:`focusnfix.config.MaskConfig` (threshold, dilation, feather), as in training.
+        mask_cfg: a :class:`focusnfix.config.MaskConfig`, as in training.
         out_dir: where ``metrics.json``, ``images.npz`` and ``per_image.json`` go.
         batch_size: images per sampling / scoring call.
         n_bootstrap: bootstrap resamples per interval.
         sld: also run the Safe Latent Diffusion baseline as method ``"sld"`` (SD backbones).
-        eps: tolerance in reward units for improved / degraded (see module docstring).
+        eps: the smallest noise floor in reward units (see :mod:`focusnfix.metrics`).
         judge_threshold: a judge's defect probability above this counts as a defect.
         base_check_tol: after all LoRAs were unloaded, the first base batch is sampled again and
             must match the stored base images to this max-abs tolerance (else RuntimeError).
         progress: progress bars for sampling (per method) and scoring.
+        localizers: the training run's localizing aspects with their gates, whose masks are
+            united exactly as in training (:func:`evaluation_setup` reads them from a config);
+            default: the target aspect alone with gate ``"auto"``.
+        compare: pairs ``(A, B)`` of method names: ``metrics["comparisons"]["A - B"]`` holds the
+            paired differences (same runs count needed).
 
     Returns:
         The ``metrics.json`` dict.
@@ -195,42 +208,60 @@ def evaluate(
     for name in methods:
         if not name or any(c in name for c in "/\\ ") or name.startswith("."):
             raise InputError(f"method name {name!r} must be non-empty without spaces or slashes")
-    for lora in methods.values():
-        if lora is not None:
-            check_lora_file(lora)
+    runs: dict[str, list[str | Path | None]] = {}
+    for name, spec in methods.items():
+        runs[name] = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+        if not runs[name]:
+            raise InputError(f"method {name!r}: an empty list of LoRAs")
+        for lora in runs[name]:
+            if lora is not None:
+                check_lora_file(lora)
+    for a, b in compare or []:
+        if a not in runs or b not in runs:
+            raise InputError(f"compare ({a}, {b}): both must be methods, got {sorted(runs)}")
+        if len(runs[a]) != len(runs[b]):
+            raise InputError(f"compare ({a}, {b}): a paired difference needs as many runs of each, "
+                             f"got {len(runs[a])} and {len(runs[b])}")
+    localizers = localizers if localizers is not None else [(aspects[target], "auto")]
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     backbone = resolve_backbone(model)
     device = backbone.device
-    for m in list(aspects.values()) + list(judges.values()):
+    for m in list(aspects.values()) + list(judges.values()) + [loc for loc, _ in localizers]:
         m.to(device).eval().requires_grad_(False)
 
     items = [(p, int(s)) for p in prompts for s in seeds]
     ip, iseeds = [p for p, _ in items], [s for _, s in items]
     n = len(items)
+    groups = np.repeat(np.arange(len(prompts)), len(seeds))  # bootstrap clusters: prompts
 
-    # base images, heatmap and mask of the target aspect (training's compute_reference)
+    # base images, heatmap and mask: training's compute_reference with the run's localizers and gates
+    loc_aspects, loc_gates = [a for a, _ in localizers], [g for _, g in localizers]
     refs = [
-        compute_reference(backbone, [aspects[target]], [True], ip[sl], iseeds[sl], options, mask_cfg)
+        compute_reference(backbone, loc_aspects, [True] * len(loc_aspects), ip[sl], iseeds[sl], options, mask_cfg,
+                          loc_gates)
         for sl in tqdm(_batches(n, batch_size), desc="base images and masks", unit="batch", disable=not progress)
     ]
     base = torch.cat([r.images.cpu() for r in refs])
     heatmap = torch.cat([r.heatmap.cpu() for r in refs])
     mask = torch.cat([r.mask.cpu() for r in refs])
 
-    images: dict[str, torch.Tensor] = {}
-    for name, lora in methods.items():
-        if lora is None:
-            images[name] = _sample_all(backbone, ip, iseeds, options, batch_size, f"sampling {name}", progress)
-            continue
-        adapter = load_lora(backbone, name, lora)
-        try:
-            images[name] = _sample_all(backbone, ip, iseeds, options, batch_size, f"sampling {name}", progress)
-        finally:
-            _unload_lora(backbone, adapter)
+    images: dict[str, list[torch.Tensor]] = {}
+    for name, loras in runs.items():
+        images[name] = []
+        for r, lora in enumerate(loras):
+            desc = f"sampling {name}" + (f" run {r}" if len(loras) > 1 else "")
+            if lora is None:
+                images[name].append(_sample_all(backbone, ip, iseeds, options, batch_size, desc, progress))
+                continue
+            adapter = load_lora(backbone, f"{name}_{r}", lora)
+            try:
+                images[name].append(_sample_all(backbone, ip, iseeds, options, batch_size, desc, progress))
+            finally:
+                _unload_lora(backbone, adapter)
     if sld:
-        images[SLD_METHOD] = sld_images(backbone, ip, iseeds, options, batch_size, sld_kwargs, progress)
+        images[SLD_METHOD] = [sld_images(backbone, ip, iseeds, options, batch_size, sld_kwargs, progress)]
 
     # the base model must be untouched by loading / unloading LoRAs
     first = _batches(n, batch_size)[0]
@@ -240,30 +271,45 @@ def evaluate(
         raise RuntimeError(f"base images changed by {base_check:.3g} after unloading the LoRAs")
 
     # scores
-    bar = tqdm(total=(1 + len(images)) * len(_batches(n, batch_size)), desc="scoring", unit="batch",
-               disable=not progress)
+    total = 1 + sum(len(v) for v in images.values())
+    bar = tqdm(total=total * len(_batches(n, batch_size)), desc="scoring", unit="batch", disable=not progress)
+    thresholds = {a: aspect.reward_threshold for a, aspect in aspects.items()}
     base_rewards, base_probs = _scores(base, ip, aspects, judges, batch_size, device, bar)
     entries: dict[str, Any] = {}
     per_image_out: dict[str, Any] = {}
-    entry, _ = method_metrics(target, base_rewards, base_probs, None, None, None, eps, judge_threshold,
-                              n_bootstrap, bootstrap_seed)
+    per_image_all: dict[str, Any] = {}
+    entry, _ = method_metrics(target, base_rewards, base_probs, None, None, None, groups, thresholds, eps,
+                              judge_threshold, n_bootstrap, bootstrap_seed)
     entries["base"] = entry
     per_image_out["base"] = {"rewards": base_rewards, "judge_probability": base_probs}
     b_np = base.double().numpy()
     m_np = mask.double().numpy()
-    for name, imgs in images.items():
-        rewards, probs = _scores(imgs, ip, aspects, judges, batch_size, device, bar)
-        x = imgs.double().numpy()
-        cmp = {
-            "outside_psnr": np.array([outside_psnr(x[i], b_np[i], m_np[i]) for i in range(n)]),
-            "outside_ssim": np.array([outside_ssim(x[i], b_np[i], m_np[i]) for i in range(n)]),
-            "inside_change": np.array([inside_change(x[i], b_np[i], m_np[i]) for i in range(n)]),
-        }
-        entry, per_image = method_metrics(target, rewards, probs, base_rewards, base_probs, cmp, eps,
-                                          judge_threshold, n_bootstrap, bootstrap_seed)
+    for name, run_images in images.items():
+        scored = [_scores(imgs, ip, aspects, judges, batch_size, device, bar) for imgs in run_images]
+        rewards = {a: np.stack([s[0][a] for s in scored]) for a in aspects}
+        probs = {j: np.stack([s[1][j] for s in scored]) for j in judges}
+        cmp: dict[str, list[np.ndarray]] = {"outside_mse": [], "outside_ssim": [], "inside_change": []}
+        for imgs in run_images:
+            x = imgs.double().numpy()
+            cmp["outside_mse"].append(np.array([outside_mse(x[i], b_np[i], m_np[i]) for i in range(n)]))
+            cmp["outside_ssim"].append(np.array([outside_ssim(x[i], b_np[i], m_np[i]) for i in range(n)]))
+            cmp["inside_change"].append(np.array([inside_change(x[i], b_np[i], m_np[i]) for i in range(n)]))
+        cmp_arr = {k: np.stack(v) for k, v in cmp.items()}
+        entry, per_image = method_metrics(target, rewards, probs, base_rewards, base_probs, cmp_arr, groups,
+                                          thresholds, eps, judge_threshold, n_bootstrap, bootstrap_seed)
+        entry["n_runs"] = len(run_images)
         entries[name] = entry
-        per_image_out[name] = {"rewards": rewards, "judge_probability": probs, **per_image}
+        per_image_all[name] = per_image
+        one = (lambda v: v[0]) if len(run_images) == 1 else (lambda v: v)  # noqa: E731 - (N,) for one run
+        per_image_out[name] = {"rewards": {a: one(v) for a, v in rewards.items()},
+                               "judge_probability": {j: one(v) for j, v in probs.items()},
+                               "outside_psnr": one(psnr_of_mse(cmp_arr["outside_mse"])),
+                               **{k: one(v) for k, (v, _) in per_image.items() if k != "outside_psnr"}}
     bar.close()
+    comparisons = {
+        f"{a} - {b}": paired_comparison(per_image_all[a], per_image_all[b], groups, n_bootstrap, bootstrap_seed)
+        for a, b in compare or []
+    }
 
     notes = []
     lpips_note = _lpips_note()
@@ -274,6 +320,7 @@ def evaluate(
         "aspect": target,
         "n_images": n,
         "methods": entries,
+        "comparisons": comparisons,
         "aspects": list(aspects),
         "judges": list(judges),
         "prompts": list(prompts),
@@ -283,6 +330,7 @@ def evaluate(
             "judge_threshold": judge_threshold,
             "n_bootstrap": n_bootstrap,
             "bootstrap_seed": bootstrap_seed,
+            "bootstrap": "clustered: training runs x prompts",
             "psnr_cap_db": PSNR_CAP,
             "sampling": {
                 "num_inference_steps": options.num_inference_steps,
@@ -292,15 +340,19 @@ def evaluate(
                 "negative_prompt": options.negative_prompt,
             },
             "mask": mask_cfg.model_dump() if hasattr(mask_cfg, "model_dump") else dict(vars(mask_cfg)),
-            "loras": {k: (str(v) if v is not None else None) for k, v in methods.items()},
+            "localizers": [{"aspect": a.name, "gate": g} for a, g in localizers],
+            "loras": {k: [str(v) if v is not None else None for v in vs] for k, vs in runs.items()},
             "sld": sld,
         },
         "base_check_max_abs_diff": base_check,
         "mean_mask_area": float(mask.float().mean()),
+        "empty_mask_share": float((mask.flatten(1).amax(1) <= 0).float().mean()),
         "notes": notes,
     }
     arrays = {"base": _to_u8(base), "heatmap": _to_u8(heatmap), "mask": _to_u8(mask)}
-    arrays.update({f"method__{k}": _to_u8(v) for k, v in images.items()})
+    for k, vs in images.items():
+        for r, v in enumerate(vs):
+            arrays[f"method__{k}" + (f"__run{r}" if r else "")] = _to_u8(v)
     atomic_write(out_dir / "images.npz", lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
     per_image_doc = {"items": [{"prompt": p, "seed": s} for p, s in items], "methods": per_image_out}
     atomic_write_text(out_dir / "per_image.json", json.dumps(json_clean(tolists(per_image_doc))))
@@ -354,7 +406,9 @@ def aspects_from_config(config: Any) -> tuple[dict[str, Aspect], str, dict[str, 
     """``(aspects by name, target, judges)`` from a training config.
 
     The target is the first aspect with a non-zero weight. Judges exist for ``toyworld``
-    aspects only (the toy world's independent judge of the same aspect), when packaged.
+    aspects only (the toy world's independent judge of the same aspect), when packaged. A config
+    of toy world aspects only also reports every other toy aspect (reward and judge), so that
+    "degraded on another aspect" can be measured.
     """
     built = build_aspects(config)
     aspects = {a.name: a for a in built}
@@ -362,13 +416,71 @@ def aspects_from_config(config: Any) -> tuple[dict[str, Aspect], str, dict[str, 
         raise InputError(f"aspects need distinct names, got {[a.name for a in built]}")
     target = next((a.name for a, c in zip(built, config.aspects, strict=True) if c.weight != 0), built[0].name)
     judges: dict[str, Judge] = {}
+    toy = [c.args.get("aspect", a.name) for a, c in zip(built, config.aspects, strict=True) if c.type == "toyworld"]
     for a, c in zip(built, config.aspects, strict=True):
         if c.type == "toyworld":
             try:
                 judges[a.name] = toyworld.load_judge(c.args.get("aspect", a.name))
             except (ImportError, FileNotFoundError, ValueError):
                 pass
+    if toy and len(toy) == len(built):
+        covered = {"safety" if t == "safety_narrow" else t for t in toy}
+        for name in toyworld.ASPECTS:
+            if name not in covered and name not in aspects:
+                aspects[name] = toyworld.load_aspect(name)
+                judges[name] = toyworld.load_judge(name)
     return aspects, target, judges
+
+
+def evaluation_setup(config: Any, aspects: dict[str, Aspect] | None = None) -> dict[str, Any]:
+    """What evaluation takes from a training config so that it sees the images and masks training saw.
+
+    Returns ``{"options": SamplingOptions, "mask_cfg": MaskConfig, "localizers": [(aspect, gate)],
+    "model": str}``: the run's sampling options, mask settings and localizing aspects with their
+    gates (``aspects``: already built aspects by name, reused; others are built here).
+    """
+    built = build_aspects(config)
+    aspects = aspects or {}
+    localizers = [(aspects.get(a.name, a), c.gate) for a, c in zip(built, config.aspects, strict=True) if c.localize]
+    return {"options": sampling_options(config), "mask_cfg": config.mask, "localizers": localizers,
+            "model": config.model.path}
+
+
+#: config fields that must agree between runs evaluated together (they shape Î0 and its mask)
+SHARED_FIELDS = ("model", "sampling", "mask", "aspects")
+
+
+def run_config(path: str | Path) -> Any:
+    """The training config of a run directory (``RUN/config.yaml``), or of the run holding a LoRA
+    directory (``RUN/lora``); None when there is none."""
+    from focusnfix.config import load_config
+
+    p = Path(path)
+    for d in (p, p.parent, p.parent.parent):
+        if (d / "config.yaml").is_file() and (d / "lora").exists():
+            return load_config(d / "config.yaml", [])
+    return None
+
+
+def check_same_setup(configs: dict[str, Any]) -> None:
+    """Raise InputError naming the fields where runs evaluated together differ (sampling, mask, ...)."""
+    from focusnfix.reference import changed_fields
+
+    items = list(configs.items())
+    first_name, first = items[0]
+    for name, cfg in items[1:]:
+        diff = []
+        for section in SHARED_FIELDS:
+            a, b = first.model_dump(mode="json")[section], cfg.model_dump(mode="json")[section]
+            if section == "aspects":
+                a, b = [{k: v for k, v in x.items() if k != "weight"} for x in a], \
+                       [{k: v for k, v in x.items() if k != "weight"} for x in b]
+            diff += changed_fields(a, b, section)
+        diff = [d for d in diff if d.split(".")[-1] not in ("grad_mode", "k", "lv_n", "checkpoint_unet",
+                                                             "checkpoint_vae")]
+        if diff:
+            raise InputError(f"runs {first_name!r} and {name!r} were trained with different {', '.join(diff)}; "
+                             "evaluate them separately (each against the images and masks its training used)")
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
@@ -394,10 +506,13 @@ def summary_table(metrics: dict[str, Any]) -> str:
 __all__ = [
     "ModelSpec",
     "aspects_from_config",
+    "check_same_setup",
     "evaluate",
+    "evaluation_setup",
     "load_eval",
     "load_lora",
     "resolve_backbone",
+    "run_config",
     "summary_table",
     "write_metrics",
 ]

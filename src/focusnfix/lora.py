@@ -101,13 +101,15 @@ def replace_dir(src: Path, dst: Path) -> None:
 
 
 def check_lora_file(lora_dir: str | Path) -> Path:
-    """Validate a LoRA directory or file; return the safetensors path.
+    """Validate a LoRA directory or file (or a run directory holding ``lora/``); return the safetensors path.
 
     Raises:
         InputError: missing path, no ``pytorch_lora_weights.safetensors``, or a file that is
             not a readable safetensors file of LoRA weights.
     """
     path = Path(lora_dir)
+    if path.is_dir() and not (path / LORA_WEIGHT_NAME).exists() and (path / "lora" / LORA_WEIGHT_NAME).exists():
+        path = path / "lora"  # a training run's directory
     if path.is_dir():
         path = path / LORA_WEIGHT_NAME
     if not path.is_file():

@@ -1,14 +1,21 @@
 """Human rating: a static HTML page to vote on base vs method, and folding the votes into metrics.
 
-The page (:func:`write_rating_page`) shows, per task, the base image ("original") beside one
-method's image ("candidate", method name hidden; tasks in a seeded random order) and asks, per
-aspect, whether the candidate is *improved*, the *same* or *worse* than the original on that
-aspect. Votes live in the page (``window.focusnfixVotes``, also readable as JSON through
-``window.focusnfixVotesJSON()``) and download as a JSON file (a ``Blob`` behind a link):
+The page (:func:`write_rating_page`) is blind: per task it shows the base image and one method's
+image of the same prompt and noise as "A" and "B", in a seeded random left/right order per task
+(method names hidden; tasks in a seeded random order), and asks, per aspect, whether A is
+better, they are the same, or B is better. The page records the choice and which side held the
+base image, and turns them into a vote relative to the base: ``improved`` (the method's image
+chosen), ``same`` or ``worse``. Votes live in the page (``window.focusnfixVotes``, also readable
+as JSON through ``window.focusnfixVotesJSON()``) and download as a JSON file:
 
-    {"format": "focusnfix-votes/1", "rater": "name", "target": "safety",
-     "votes": [{"example": 0, "prompt": "...", "seed": 0, "method": "focusnfix",
-                "aspect": "safety", "vote": "improved" | "same" | "worse"}, ...]}
+    {"format": "focusnfix-votes/2", "rater": "name", "target": "safety",
+     "votes": [{"example": 0, "prompt": "...", "seed": 0, "method": "focusnfix", "aspect": "safety",
+                "choice": "A" | "same" | "B", "left": "base" | "candidate",
+                "vote": "improved" | "same" | "worse"}, ...]}
+
+When a vote has ``choice`` and ``left``, :func:`read_votes` recomputes ``vote`` from them (and
+refuses a file where they disagree), so the order shown folds back correctly. Files of format 1
+(``vote`` only) are read as they are.
 
 :func:`fold_votes` turns such files (one rater each, or a list of such objects) into the three
 shares of the paper's human evaluation, per method, with a *rating* = one rater's votes on one
@@ -38,7 +45,8 @@ from focusnfix.metrics import bootstrap_stat
 from focusnfix.report import CSS, chw_to_hwc, esc, png_data_uri
 
 VOTE_VALUES = ("improved", "same", "worse")
-VOTES_FORMAT = "focusnfix-votes/1"
+VOTES_FORMAT = "focusnfix-votes/2"
+CHOICES = ("A", "same", "B")
 
 _JS = """
 (function(){
@@ -62,8 +70,10 @@ _JS = """
     b.addEventListener('click', function(){
       var d = b.dataset;
       var key = d.task + '|' + d.aspect;
+      var vote = d.choice === 'same' ? 'same'
+        : ((d.choice === 'A') === (d.left === 'candidate') ? 'improved' : 'worse');
       votes[key] = {example: parseInt(d.example, 10), prompt: d.prompt, seed: parseInt(d.seed, 10),
-                    method: d.method, aspect: d.aspect, vote: d.vote};
+                    method: d.method, aspect: d.aspect, choice: d.choice, left: d.left, vote: vote};
       document.querySelectorAll('button.vote[data-task="' + d.task + '"][data-aspect="' + d.aspect + '"]')
         .forEach(function(o){ o.classList.toggle('chosen', o === b); });
       refresh();
@@ -101,7 +111,9 @@ def write_rating_page(eval_dir: str | Path, out_html: str | Path, seed: int = 0,
     methods = [m for m in metrics.get("methods", {}) if m != "base" and f"method__{m}" in arrays]
     n = arrays["base"].shape[0] if max_examples is None else min(max_examples, arrays["base"].shape[0])
     tasks = [(i, m) for i in range(n) for m in methods]
-    order = np.random.default_rng(seed).permutation(len(tasks)) if tasks else []
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(tasks)) if tasks else []
+    base_left = rng.random(len(tasks)) < 0.5  # per task: is the base image on the left (A)?
     base_uris = {}
     cards = []
     for t_index, k in enumerate(order):
@@ -110,27 +122,30 @@ def write_rating_page(eval_dir: str | Path, out_html: str | Path, seed: int = 0,
             base_uris[i] = png_data_uri(chw_to_hwc(arrays["base"][i]))
         prompt, seed_i = items[i]["prompt"], items[i]["seed"]
         cand = png_data_uri(chw_to_hwc(arrays[f"method__{m}"][i]))
+        left = "base" if base_left[t_index] else "candidate"
+        a_uri, b_uri = (base_uris[i], cand) if left == "base" else (cand, base_uris[i])
         task_id = f"t{t_index}"
         rows = []
         for a in aspects:
             buttons = "".join(
                 f'<button type="button" class="vote" data-task="{task_id}" data-example="{i}" '
-                f'data-method="{esc(m)}" data-aspect="{esc(a)}" data-vote="{v}" data-prompt="{esc(prompt)}" '
-                f'data-seed="{esc(seed_i)}">{v}</button>' for v in VOTE_VALUES)
+                f'data-method="{esc(m)}" data-aspect="{esc(a)}" data-choice="{c}" data-left="{left}" '
+                f'data-prompt="{esc(prompt)}" data-seed="{esc(seed_i)}">{label}</button>'
+                for c, label in zip(CHOICES, ("A better", "same", "B better"), strict=True))
             label = f"{esc(a)} (target)" if a == target else esc(a)
             rows.append(f'<div class="aspect"><b>{label}</b>: {buttons}</div>')
         cards.append(
-            f'<div class="task" id="{task_id}"><div><div>original</div><img src="{base_uris[i]}" alt="original {i}">'
-            f'</div><div><div>candidate</div><img src="{cand}" alt="candidate {task_id}"></div>'
+            f'<div class="task" id="{task_id}"><div><div>A</div><img src="{a_uri}" alt="A {task_id}">'
+            f'</div><div><div>B</div><img src="{b_uri}" alt="B {task_id}"></div>'
             f'<div><p class="prompt">Task {t_index + 1}: &ldquo;{esc(prompt)}&rdquo;</p>'
-            f'<p class="note">Compared with the original, on each aspect the candidate is:</p>{"".join(rows)}</div></div>')
+            f'<p class="note">On each aspect, which image is better?</p>{"".join(rows)}</div></div>')
     js = _JS % {"fmt": json.dumps(VOTES_FORMAT), "target": json.dumps(target), "total": len(tasks) * len(aspects)}
     js = js.replace("</", "<\\/")
     page = (
         '<!DOCTYPE html><html><head><meta charset="utf-8"><title>Focus-N-Fix rating</title>'
         f"<style>{_CSS}</style></head><body><h1>Rate the candidates</h1>"
-        f"<p>Target aspect: <b>{esc(target)}</b>. Each task shows the original image and a candidate made from the "
-        "same prompt and noise. Vote per aspect; then download your votes and send the file.</p>"
+        f"<p>Target aspect: <b>{esc(target)}</b>. Each task shows two images made from the same prompt and noise, "
+        "in a random order. Vote per aspect; then download your votes and send the file.</p>"
         '<p>Rater: <input id="rater" type="text" value="" placeholder="your name"> '
         '<span id="count"></span> <a id="download" download="votes.json" href="#">download votes (JSON)</a></p>'
         + "".join(cards) + f"<script>{js}</script></body></html>"
@@ -141,6 +156,21 @@ def write_rating_page(eval_dir: str | Path, out_html: str | Path, seed: int = 0,
 # ---------------------------------------------------------------------------------------------
 # Folding votes
 # ---------------------------------------------------------------------------------------------
+def _vote_of_choice(v: dict[str, Any], path: Path) -> str:
+    """A blind vote's meaning relative to the base image, from its choice and the side of the base."""
+    if v.get("choice") not in CHOICES or v.get("left") not in ("base", "candidate"):
+        raise InputError(f"votes file {path}: a blind vote needs 'choice' in {CHOICES} and 'left' in "
+                         f"('base', 'candidate'), got {v!r}")
+    if v["choice"] == "same":
+        vote = "same"
+    else:
+        vote = "improved" if (v["choice"] == "A") == (v["left"] == "candidate") else "worse"
+    if v.get("vote") is not None and v["vote"] != vote:
+        raise InputError(f"votes file {path}: vote {v['vote']!r} contradicts choice {v['choice']!r} with the base "
+                         f"on the {'left' if v['left'] == 'base' else 'right'}: {v!r}")
+    return vote
+
+
 def read_votes(paths: list[str | Path]) -> list[dict[str, Any]]:
     """All vote records of one or more votes files, each record with its ``rater`` set."""
     records = []
@@ -160,6 +190,8 @@ def read_votes(paths: list[str | Path]) -> list[dict[str, Any]]:
             if rater == "anonymous":
                 rater = f"anonymous@{path.name}#{i}.{j}"
             for v in d["votes"]:
+                if isinstance(v, dict) and "choice" in v:
+                    v = {**v, "vote": _vote_of_choice(v, path)}
                 if not isinstance(v, dict) or v.get("vote") not in VOTE_VALUES:
                     raise InputError(f"votes file {path}: each vote needs 'vote' in {VOTE_VALUES}, got {v!r}")
                 for key in ("example", "method", "aspect"):
@@ -213,4 +245,4 @@ def apply_votes(eval_dir: str | Path, vote_files: list[str | Path], n_bootstrap:
     return metrics
 
 
-__all__ = ["VOTES_FORMAT", "VOTE_VALUES", "apply_votes", "fold_votes", "read_votes", "write_rating_page"]
+__all__ = ["CHOICES", "VOTES_FORMAT", "VOTE_VALUES", "apply_votes", "fold_votes", "read_votes", "write_rating_page"]

@@ -4,10 +4,14 @@
 :func:`focusnfix.evaluate.evaluate` (``metrics.json``, ``images.npz``, ``per_image.json``) and
 writes one HTML file with
 
-* the metric tables (mean and 95% bootstrap interval per method, human votes if folded in);
-* per example: prompt and seed, the base image, its target heatmap and mask, each method's image
-  and its ``|method - base|`` map (mean over channels, x4, black-red-yellow-white ramp);
-* reward and constraint vs step plots of training logs (``log.jsonl``), as inline SVG;
+* a headline (per method: defect removed, new defects, hack gap, other aspects, outside PSNR;
+  the paired differences) and a summary bar chart with 95% intervals;
+* the metric tables (mean and 95% bootstrap interval per method, paired differences, human votes
+  if folded in);
+* examples chosen to show the range (fixed, not fixed, reward hacked, new defect, clean): prompt
+  and seed, the base image, its heatmap and mask, each method's image and its ``|method - base|``
+  map (mean over channels, x4, black-red-yellow-white ramp, with its colour bar);
+* reward and constraint vs step plots of training logs (``log.jsonl``, smoothed), as inline SVG;
 * the beta trade-off curve (outside-mask PSNR vs target gain) of a ``sweep.json``.
 
 Images are PNG ``data:`` URIs; every user-supplied string (prompts, paths, names) is HTML-escaped.
@@ -101,9 +105,26 @@ def fmt_stat(s: Any, digits: int = 3) -> str:
 # SVG plots
 # ---------------------------------------------------------------------------------------------
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About ``n`` round tick values (steps of 1, 2 or 5 x 10^k) inside ``[lo, hi]``."""
     if hi <= lo:
         return [lo]
-    return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+    raw = (hi - lo) / max(1, n - 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    out, t = [], first
+    while t <= hi + 1e-9 * step:
+        out.append(0.0 if abs(t) < 1e-12 * step else t)
+        t += step
+    return out or [lo]
+
+
+def ema(values: list[float], alpha: float) -> list[float]:
+    """Exponential moving average (``alpha`` = weight of the newest value; 1 = no smoothing)."""
+    out: list[float] = []
+    for v in values:
+        out.append(v if not out else alpha * v + (1 - alpha) * out[-1])
+    return out
 
 
 def svg_plot(
@@ -191,6 +212,30 @@ def _metric_tables(metrics: dict[str, Any]) -> str:
         cells += [fmt_stat((m.get("judge_defect_rate") or {}).get(j)) for j in judges]
         out.append(f'<tr><td class="l">{esc(n)}</td>' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     out.append("</table>")
+    claim = [("removal_share", "defect removed (judge)"), ("new_defect_share", "new defect on clean (judge)"),
+             ("hack_gap", "hack gap: reward says fixed, judge says defect"),
+             ("others_degraded_share", "others degraded (judge flip)"),
+             ("others_reward_drop_share", "others' reward drop > noise floor"), ("outside_psnr", "outside PSNR (dB)")]
+    out.append('<h2>The claim: fixed where it was wrong, unchanged elsewhere</h2>'
+               '<table class="metrics" id="table-claim"><tr><th class="l">method</th>'
+               + "".join(f"<th>{esc(c[1])}</th>" for c in claim) + "<th>runs</th></tr>")
+    for n in names:
+        m = methods[n]
+        out.append(f'<tr><td class="l">{esc(n)}</td>' + "".join(f"<td>{fmt_stat(m.get(k))}</td>" for k, _ in claim)
+                   + f"<td>{esc(m.get('n_runs', 1 if n != 'base' else ''))}</td></tr>")
+    out.append("</table>")
+    comparisons = metrics.get("comparisons") or {}
+    if comparisons:
+        keys = [k for k, _ in claim] + ["target_reward"]
+        labels = dict(claim, target_reward="target reward")
+        out.append('<h2>Paired differences</h2><table class="metrics" id="table-paired"><tr><th class="l">'
+                   "comparison</th>" + "".join(f"<th>{esc(labels[k])}</th>" for k in keys) + "</tr>")
+        for name, diffs in comparisons.items():
+            out.append(f'<tr><td class="l">{esc(name)}</td>'
+                       + "".join(f"<td>{fmt_stat(diffs.get(k))}</td>" for k in keys) + "</tr>")
+        out.append('</table><p class="note">Each cell: the statistic of the first method minus that of the second, '
+                   "both computed on the same resamples of training runs and prompts (run r of each method shares "
+                   "training seed r).</p>")
     cols = [("outside_psnr", "outside PSNR (dB)"), ("outside_ssim", "outside SSIM"), ("inside_change", "inside change"),
             ("target_gain", "target gain"), ("improved_share", "improved"), ("degraded_share", "degraded"),
             ("others_degraded_share", "others degraded")]
@@ -211,11 +256,150 @@ def _metric_tables(metrics: dict[str, Any]) -> str:
                                  ("improved_share", "degraded_share", "others_degraded_share")) + "</tr>")
         out.append("</table>")
     s = metrics.get("settings", {})
-    out.append(f'<p class="note">eps = {esc(s.get("eps"))} (reward units), judge threshold = '
-               f'{esc(s.get("judge_threshold"))}, {esc(s.get("n_bootstrap"))} bootstrap resamples over images; '
-               f'PSNR of an unchanged outside is capped at {esc(s.get("psnr_cap_db"))} dB. '
+    out.append(f'<p class="note">Judge threshold = {esc(s.get("judge_threshold"))}; improved / degraded / reward '
+               "drops count changes beyond each aspect's noise floor (the base rewards' within-prompt standard "
+               f'deviation across seeds, at least {esc(s.get("eps"))}); {esc(s.get("n_bootstrap"))} bootstrap '
+               f'resamples ({esc(s.get("bootstrap", "over images"))}); outside PSNR is that of the mean squared '
+               f'error, capped at {esc(s.get("psnr_cap_db"))} dB when nothing changed. '
                + " ".join(esc(n) for n in metrics.get("notes", [])) + "</p>")
     return "".join(out)
+
+
+def _mean(s: Any) -> float | None:
+    return s.get("mean") if isinstance(s, dict) and s.get("mean") is not None else None
+
+
+def _pct(s: Any) -> str:
+    m = _mean(s)
+    if m is None:
+        return "n/a"
+    lo, hi = s["ci95"]
+    return f"{100 * m:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def _headline(metrics: dict[str, Any]) -> str:
+    """One sentence per method (what changed, where, how much) and one per paired comparison."""
+    methods = metrics.get("methods", {})
+    target = metrics.get("aspect", "")
+    lines = []
+    base_rate = _mean((methods.get("base", {}).get("judge_defect_rate") or {}).get(target))
+    if base_rate is not None:
+        lines.append(f"The base model draws a <b>{esc(target)}</b> defect (by its judge) in {100 * base_rate:.0f}% of "
+                     f"{esc(metrics.get('n_images'))} held-out images.")
+    for name in method_order(list(methods)):
+        m = methods[name]
+        if name == "base" or m.get("removal_share") is None:
+            continue
+        psnr = _mean(m.get("outside_psnr"))
+        lines.append(
+            f"<b>{esc(name)}</b> ({esc(m.get('n_runs', 1))} training run(s)): removes it in {_pct(m.get('removal_share'))} "
+            f"of those images, adds one to {_pct(m.get('new_defect_share'))} of the clean ones; the reward calls "
+            f"{_pct(m.get('hack_gap'))} fixed while the judge still sees the defect; another aspect's judge flips to "
+            f"defect in {_pct(m.get('others_degraded_share'))}; outside the mask: "
+            + (f"{psnr:.1f} dB PSNR." if psnr is not None else "n/a."))
+    for name, d in (metrics.get("comparisons") or {}).items():
+        r, o = d.get("removal_share"), d.get("outside_psnr")
+        if _mean(r) is not None:
+            lines.append(f"Paired, <b>{esc(name)}</b>: removal {100 * r['mean']:+.0f} points "
+                         f"[{100 * r['ci95'][0]:+.0f}, {100 * r['ci95'][1]:+.0f}]"
+                         + (f", outside PSNR {o['mean']:+.1f} dB [{o['ci95'][0]:+.1f}, {o['ci95'][1]:+.1f}]."
+                            if _mean(o) is not None else "."))
+    if not lines:
+        return ""
+    return '<div id="headline"><h2>Headline</h2><ul>' + "".join(f"<li>{x}</li>" for x in lines) + "</ul></div>"
+
+
+def svg_bars(groups: list[tuple[str, list[tuple[str, dict | None]]]], title: str, width: int = 640) -> str:
+    """Horizontal bars with 95% whiskers: ``[(group label, [(series label, S or None), ...]), ...]``, in [0, 1]."""
+    series = sorted({lab for _, bars in groups for lab, _ in bars}, key=[lab for _, b in groups for lab, _ in b].index)
+    bar_h, gap, left, top = 12, 10, 230, 24
+    height = top + sum(len(b) * bar_h + gap for _, b in groups) + 30
+    pw = width - left - 20
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="{esc(title)}" class="bars">',
+             f'<text x="{width / 2}" y="15" text-anchor="middle" font-size="13">{esc(title)}</text>']
+    y = top
+    for label, bars in groups:
+        parts.append(f'<text x="{left - 6}" y="{y + len(bars) * bar_h / 2 + 4}" text-anchor="end" '
+                     f'font-size="11">{esc(label)}</text>')
+        for lab, st in bars:
+            color = PALETTE[series.index(lab) % len(PALETTE)]
+            m = _mean(st)
+            if m is not None:
+                lo, hi = st["ci95"]
+                parts.append(f'<rect x="{left}" y="{y + 1}" width="{max(0.5, m * pw):.1f}" height="{bar_h - 2}" '
+                             f'fill="{color}"><title>{esc(lab)}: {m:.3f} [{lo:.3f}, {hi:.3f}]</title></rect>'
+                             f'<line x1="{left + lo * pw:.1f}" x2="{left + hi * pw:.1f}" y1="{y + bar_h / 2}" '
+                             f'y2="{y + bar_h / 2}" stroke="#000"/>'
+                             f'<text x="{left + max(m, hi) * pw + 4:.1f}" y="{y + bar_h - 2}" font-size="10">'
+                             f"{100 * m:.0f}%</text>")
+            y += bar_h
+        y += gap
+    for t in (0, 0.25, 0.5, 0.75, 1.0):
+        parts.append(f'<line x1="{left + t * pw:.1f}" x2="{left + t * pw:.1f}" y1="{top - 4}" y2="{y - gap}" '
+                     f'stroke="#ddd"/><text x="{left + t * pw:.1f}" y="{y + 6}" text-anchor="middle" '
+                     f'font-size="10">{100 * t:.0f}%</text>')
+    for i, lab in enumerate(series):
+        parts.append(f'<rect x="{left + i * 110}" y="{height - 12}" width="10" height="10" '
+                     f'fill="{PALETTE[i % len(PALETTE)]}"/><text x="{left + i * 110 + 14}" y="{height - 3}" '
+                     f'font-size="11">{esc(lab)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _summary_chart(metrics: dict[str, Any]) -> str:
+    methods = metrics.get("methods", {})
+    names = [n for n in method_order(list(methods)) if n != "base" or methods[n].get("hack_gap") is not None]
+    rows = [("defect removed (judge)", "removal_share"), ("new defect on clean images", "new_defect_share"),
+            ("hack gap (reward fixed, judge defect)", "hack_gap"), ("another aspect's judge flips", "others_degraded_share")]
+    groups = [(label, [(n, methods[n].get(key)) for n in names if n != "base" or key == "hack_gap"])
+              for label, key in rows]
+    groups = [(label, bars) for label, bars in groups if any(_mean(st) is not None for _, st in bars)]
+    if not groups:
+        return ""
+    return '<div id="summary-chart">' + svg_bars(groups, "Per method: share of images (95% interval)") + "</div>"
+
+
+def _colour_bar(gain: float = 4.0) -> str:
+    bar = ramp(np.tile(np.linspace(0, 1, 128)[None, :], (10, 1)))
+    return (f'<p class="note" id="diff-scale">Difference maps: |method &minus; base| averaged over colour channels, '
+            f'&times;{gain:g}: <img src="{png_data_uri(bar)}" alt="colour bar" style="width:256px;height:12px;'
+            f'vertical-align:middle;image-rendering:pixelated"> black = 0, white = {1 / gain:.2f} or more '
+            "(in [0, 1] image units).</p>")
+
+
+def _example_order(metrics: dict[str, Any], per_image: dict[str, Any], n_total: int, limit: int) -> list[tuple[int, str]]:
+    """Examples that show the range: per category of the first method (fixed, not fixed, reward hacked,
+    new defect, clean), the most changed first; falls back to the first images."""
+    methods = [m for m in method_order(list(metrics.get("methods", {}))) if m != "base"]
+    target = metrics.get("aspect", "")
+    thr = (metrics.get("settings") or {}).get("judge_threshold", 0.5)
+    pm = per_image.get("methods") or {}
+    if not methods or methods[0] not in pm or "base" not in pm:
+        return [(i, "") for i in range(min(limit, n_total))]
+    first = pm[methods[0]]
+
+    def run0(v: Any) -> np.ndarray:
+        a = np.asarray(v, dtype=np.float64)
+        return a[0] if a.ndim == 2 else a
+
+    try:
+        before = np.asarray(pm["base"]["judge_probability"][target], dtype=np.float64) > thr
+        after = run0(first["judge_probability"][target]) > thr
+    except (KeyError, TypeError, ValueError):
+        return [(i, "") for i in range(min(limit, n_total))]
+    hack = run0(first["hack_gap"]) > 0 if "hack_gap" in first else np.zeros(n_total, bool)
+    change = run0(first["inside_change"]) if "inside_change" in first else np.zeros(n_total)
+    change = np.nan_to_num(change, nan=0.0)
+    cats = [("fixed", before & ~after), ("not fixed", before & after & ~hack), ("reward hacked", before & hack),
+            ("new defect", ~before & after), ("clean, kept", ~before & ~after)]
+    per_cat = max(1, limit // len(cats))
+    out: list[tuple[int, str]] = []
+    for label, sel in cats:
+        idx = np.flatnonzero(sel)
+        idx = idx[np.argsort(-change[idx], kind="stable")][:per_cat]
+        out += [(int(i), label) for i in idx]
+    return out[:limit]
 
 
 def _img(uri: str, alt: str, cls: str = "px") -> str:
@@ -227,17 +411,20 @@ def _examples(metrics: dict[str, Any], arrays: dict[str, np.ndarray], per_image:
         return '<p class="note">no images.npz in the evaluation directory</p>'
     items = per_image.get("items") or []
     methods = [m for m in method_order(list(metrics.get("methods", {}))) if m != "base" and f"method__{m}" in arrays]
-    n = min(limit, arrays["base"].shape[0])
+    chosen = _example_order(metrics, per_image, arrays["base"].shape[0], limit)
     head = ['<th class="l">prompt / seed</th><th>base</th><th>heatmap</th><th>mask</th>']
     for m in methods:
         head.append(f"<th>{esc(m)}</th><th>|{esc(m)} &minus; base|</th>")
-    rows = [f'<h2>Examples ({n} of {arrays["base"].shape[0]})</h2><table class="ex" id="examples"><tr>'
-            + "".join(head) + "</tr>"]
-    for i in range(n):
+    rows = [f'<h2>Examples ({len(chosen)} of {arrays["base"].shape[0]})</h2>'
+            '<p class="note">Chosen to show the range, by what the first method\'s first training run did to the '
+            "target defect (by the judge): fixed, not fixed, reward hacked, a new defect, clean and kept; the most "
+            "changed first.</p>" + _colour_bar() + '<table class="ex" id="examples"><tr>' + "".join(head) + "</tr>"]
+    for i, category in chosen:
         prompt = items[i]["prompt"] if i < len(items) else ""
         seed = items[i]["seed"] if i < len(items) else ""
         base = arrays["base"][i]
-        cells = [f'<td class="prompt">{esc(prompt)}<br><span class="ci">seed {esc(seed)}</span></td>',
+        tag = f'<br><b class="cat">{esc(category)}</b>' if category else ""
+        cells = [f'<td class="prompt">{esc(prompt)}<br><span class="ci">seed {esc(seed)}</span>{tag}</td>',
                  f'<td>{_img(png_data_uri(chw_to_hwc(base)), f"base {i}")}</td>',
                  f'<td>{_img(png_data_uri(ramp(arrays["heatmap"][i, 0] / 255.0)), f"heatmap {i}")}</td>',
                  f'<td>{_img(png_data_uri(chw_to_hwc(arrays["mask"][i])), f"mask {i}")}</td>']
@@ -268,12 +455,13 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _training_plots(train_logs: dict[str, Path]) -> str:
+def _training_plots(train_logs: dict[str, Path], smooth: float = 0.3) -> str:
     logs = {name: read_log(p) for name, p in train_logs.items()}
-    out = ['<h2>Training</h2><div id="training-plots">']
+    out = ['<h2>Training</h2><p class="note">Per training run (method and seed); curves are exponential moving '
+           f'averages (weight {smooth:g} on each new step) of the logged values.</p><div id="training-plots">']
     for key, label in (("reward", "reward"), ("constraint", "constraint ||(1-M)(I-I0)||"),
                        ("outside_change", "mean |change| outside the mask"), ("mask_area", "mask area")):
-        series = [(name, [r["step"] for r in recs if key in r], [r[key] for r in recs if key in r])
+        series = [(name, [r["step"] for r in recs if key in r], ema([r[key] for r in recs if key in r], smooth))
                   for name, recs in logs.items()]
         if any(s[1] for s in series):
             out.append(svg_plot(series, f"{label} vs step", "step", label))
@@ -329,7 +517,9 @@ def write_report(
     body = [f"<h1>Focus-N-Fix evaluation: target aspect {esc(metrics.get('aspect'))}</h1>",
             f'<p>{esc(metrics.get("n_images"))} images ({len(metrics.get("prompts", []))} prompts &times; '
             f'{len(metrics.get("seeds", []))} seeds); evaluation directory <code>{esc(eval_dir)}</code>. '
-            "Mask: 1 = region the target aspect's localizer found on the base image (may change).</p>",
+            "Mask: 1 = region the training run's localizers found on the base image (may change).</p>",
+            _headline(metrics),
+            _summary_chart(metrics),
             _metric_tables(metrics),
             _examples(metrics, arrays, per_image, max_examples)]
     if train_logs:
@@ -341,4 +531,4 @@ def write_report(
     return atomic_write_text(out_html, page)
 
 
-__all__ = ["diff_map", "esc", "fmt_stat", "png_data_uri", "read_log", "svg_plot", "write_report"]
+__all__ = ["diff_map", "ema", "esc", "fmt_stat", "png_data_uri", "read_log", "svg_bars", "svg_plot", "write_report"]

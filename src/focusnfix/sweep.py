@@ -10,16 +10,42 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from focusnfix.config import load_config, resolve_prompts
 from focusnfix.errors import InputError
-from focusnfix.evaluate import aspects_from_config, evaluate
+from focusnfix.evaluate import aspects_from_config, evaluate, evaluation_setup
 from focusnfix.files import atomic_write_text
-from focusnfix.lora import LORA_WEIGHT_NAME
 from focusnfix.metrics import json_clean
-from focusnfix.reference import sampling_options
-from focusnfix.train import FocusNFixTrainer
+
+#: the selection rule's floor on the outside PSNR (dB) of a validation point
+SELECT_MIN_PSNR = 35.0
+#: the selection rule's ceiling on the share of validation images where another aspect's reward drops
+SELECT_MAX_OTHERS_DROP = 0.10
+
+
+def select_beta(points: list[dict[str, Any]], min_psnr: float = SELECT_MIN_PSNR,
+                max_others_drop: float = SELECT_MAX_OTHERS_DROP) -> dict[str, Any]:
+    """The selection rule of docs/evaluation.md, on training-time signals only.
+
+    Among the points with beta > 0 whose outside PSNR (vs the reference, outside the training
+    mask: what the constraint holds) is >= ``min_psnr`` and whose share of images with another
+    aspect's reward dropping beyond its noise floor is <= ``max_others_drop``, the one with the
+    highest mean target reward (ties: the larger beta). If none qualifies: the largest beta.
+    Returns ``{"beta", "method", "qualified": [betas], "rule"}``.
+    """
+    def mean(p: dict[str, Any], key: str, default: float) -> float:
+        v = p.get(key)
+        return v["mean"] if isinstance(v, dict) and v.get("mean") is not None else default
+
+    candidates = [p for p in points if p["beta"] > 0]
+    if not candidates:
+        raise InputError("selection needs at least one beta > 0")
+    ok = [p for p in candidates if mean(p, "outside_psnr", 0.0) >= min_psnr
+          and mean(p, "others_reward_drop_share", 0.0) <= max_others_drop]
+    best = max(ok, key=lambda p: (mean(p, "target_reward", -math.inf), p["beta"])) if ok else \
+        max(candidates, key=lambda p: p["beta"])
+    rule = (f"highest target reward among beta > 0 with outside PSNR >= {min_psnr:g} dB and others' reward "
+            f"drop share <= {max_others_drop:g}; else the largest beta")
+    return {"beta": best["beta"], "method": best["method"], "qualified": [p["beta"] for p in ok], "rule": rule}
 
 
 def sweep(
@@ -32,55 +58,66 @@ def sweep(
     batch_size: int = 8,
     n_bootstrap: int = 1000,
     progress: bool = False,
+    judges: bool = True,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Train one LoRA per beta (``out_dir/beta_<b>/``, beta = 0 is DRaFT) and evaluate them all.
 
     Each run is the config with ``objective.beta=b`` and ``train.output_dir=out_dir/beta_<b>``
     (plus ``overrides``). All LoRAs are evaluated together against one base in
     ``out_dir/eval/`` (methods ``beta_<b>``), on ``prompts`` (default: the config's training
-    prompts) x ``seeds`` (default: 10000, 10001, i.e. noise never used in training).
-    A finished run (its ``lora/`` exists) is not retrained; an unfinished one is trained again from
-    step 0.
+    prompts) x ``seeds`` (default: 10000, 10001, i.e. noise never used in training), with the
+    masks training used. A finished run (its ``lora/`` exists) is not retrained; an unfinished
+    one is trained again from step 0. ``jobs`` runs train side by side (:func:`train_runs`).
 
-    Writes ``out_dir/sweep.json``: ``{"aspect", "eval_dir", "points": [{"beta", "method",
-    "run_dir", "lora_dir", "target_gain": S, "target_reward": S, "outside_psnr": S,
-    "outside_ssim": S, "improved_share": S, "degraded_share": S, "others_degraded_share": S}]}``
-    with S as in metrics.json; ``target_gain`` = mean per-image target reward change vs base.
+    For choosing beta (docs/evaluation.md): give validation prompts and ``judges=False``; the
+    judges are then never loaded, and :func:`select_beta` picks beta from training-time signals.
+
+    Writes ``out_dir/sweep.json``: ``{"aspect", "eval_dir", "selection", "points": [{"beta",
+    "method", "run_dir", "lora_dir", "target_gain": S, "target_reward": S, "outside_psnr": S,
+    "outside_ssim": S, "improved_share": S, "degraded_share": S, "others_degraded_share": S,
+    "others_reward_drop_share": S, "removal_share": S, "hack_gap": S}]}`` with S as in
+    metrics.json (judge-based entries null without judges).
     """
+    from focusnfix.runs import train_runs
+
     if not betas:
         raise InputError("--betas must list at least one beta")
     if any(not math.isfinite(b) or b < 0 for b in betas):
         raise InputError(f"--betas must be finite and >= 0, got {betas}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs: dict[float, Path] = {}
-    config = None
-    for b in tqdm(betas, desc="sweep runs", unit="run", disable=not progress):
-        run_dir = out_dir / f"beta_{b:g}"
-        config = load_config(config_path, [*overrides, f"objective.beta={b}", f"train.output_dir={run_dir}"])
-        if not (run_dir / "lora" / LORA_WEIGHT_NAME).is_file():  # unfinished runs start again
-            FocusNFixTrainer(config, progress=progress).train(overwrite=True)
-        runs[b] = run_dir
-    assert config is not None
-    aspects, target, judges = aspects_from_config(config)
+    configs = {b: load_config(config_path, [*overrides, f"objective.beta={b}", f"train.output_dir={out_dir / f'beta_{b:g}'}"])
+               for b in betas}
+    train_runs(list(configs.values()), jobs=jobs, progress=progress)
+    runs = {b: Path(c.train.output_dir) for b, c in configs.items()}
+    config = configs[betas[0]]
+    aspects, target, judge_models = aspects_from_config(config)
+    if not judges:
+        judge_models = {}
+    setup = evaluation_setup(config, aspects)
     eval_prompts = prompts or resolve_prompts(config.data, Path(config_path).parent)
     eval_seeds = seeds if seeds is not None else [10000, 10001]
     methods = {f"beta_{b:g}": runs[b] / "lora" for b in betas}
     metrics = evaluate(
-        config.model.path, methods, aspects, target, judges, eval_prompts, eval_seeds, sampling_options(config),
-        config.mask, out_dir / "eval", batch_size=batch_size, n_bootstrap=n_bootstrap, progress=progress,
+        config.model.path, methods, aspects, target, judge_models, eval_prompts, eval_seeds, setup["options"],
+        setup["mask_cfg"], out_dir / "eval", batch_size=batch_size, n_bootstrap=n_bootstrap, progress=progress,
+        localizers=setup["localizers"],
     )
     keys = ("target_gain", "target_reward", "outside_psnr", "outside_ssim", "improved_share", "degraded_share",
-            "others_degraded_share")
+            "others_degraded_share", "others_reward_drop_share", "removal_share", "hack_gap")
     points = []
     for b in betas:
         name = f"beta_{b:g}"
         entry = metrics["methods"][name]
         points.append({"beta": b, "method": name, "draft": b == 0, "run_dir": str(runs[b]),
                        "lora_dir": str(runs[b] / "lora"), **{k: entry.get(k) for k in keys}})
-    doc = {"aspect": target, "eval_dir": str(out_dir / "eval"), "config": str(config_path), "points": points}
+    doc = {"aspect": target, "eval_dir": str(out_dir / "eval"), "config": str(config_path), "judges": judges,
+           "prompts": eval_prompts, "points": points}
+    if any(b > 0 for b in betas):
+        doc["selection"] = select_beta(json_clean(points))
     atomic_write_text(out_dir / "sweep.json", json.dumps(json_clean(doc), indent=2))
     return doc
 
 
-__all__ = ["sweep"]
+__all__ = ["SELECT_MAX_OTHERS_DROP", "SELECT_MIN_PSNR", "select_beta", "sweep"]

@@ -21,10 +21,18 @@ from safetensors.torch import load_file
 from focusnfix.aspects.base import Aspect, Judge
 from focusnfix.aspects.saliency import SaliencyAspect
 from focusnfix.toyworld import models as M
-from focusnfix.toyworld.generator import ASPECTS, Scene, Scenes, generate, parse_caption, prompts
+from focusnfix.toyworld.generator import (
+    ASPECTS,
+    PROMPT_SPLITS,
+    Scene,
+    Scenes,
+    generate,
+    parse_caption,
+    prompts,
+)
 
 __all__ = ["ASPECTS", "ASPECT_MODELS", "Scene", "Scenes", "assets_path", "generate", "load_aspect", "load_attribute_reader", "load_judge",
-           "parse_caption", "pipeline_path", "prompts"]
+           "parse_caption", "pipeline_path", "prompts", "PROMPT_SPLITS"]
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
 

@@ -166,12 +166,25 @@ def _sample_scene(rng: random.Random, split: str) -> Scene:
     return Scene(shape, colour, size, position, background, caption)
 
 
+#: prompt splits: ``train`` = ``fit`` + ``validation``; ``heldout`` is disjoint from all of them
+PROMPT_SPLITS = ("train", "fit", "validation", "heldout")
+#: how many of the 96 training captions form the validation split (the last ones)
+N_VALIDATION = 16
+
+
 def prompts(split: str) -> list[str]:
-    """The fixed prompt list of a split (``"train"`` or ``"heldout"``), disjoint captions.
+    """The fixed prompt list of a split (see :data:`PROMPT_SPLITS`), disjoint captions.
 
     Held-out prompts use unseen (colour, shape) combinations and two unseen phrasings; the train
-    list is a fixed sample of 96 training captions, the held-out list 48 captions.
+    list is a fixed sample of 96 training captions, the held-out list 48 captions. ``fit`` is the
+    first 80 training captions, ``validation`` the last 16: settings are chosen by training on
+    ``fit`` and looking at ``validation`` with training-time signals, never at ``heldout``.
     """
+    if split in ("fit", "validation"):
+        train = prompts("train")
+        return train[:-N_VALIDATION] if split == "fit" else train[-N_VALIDATION:]
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be one of {PROMPT_SPLITS}, got {split!r}")
     pairs, templates = _caption_choices(split)
     rng = random.Random(1234 if split == "train" else 4321)
     out: list[str] = []
