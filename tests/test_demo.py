@@ -7,9 +7,10 @@ import pytest
 from focusnfix.cli import main
 
 SCHEMA = ["target_reward", "other_rewards", "judge_defect_rate", "outside_psnr", "outside_ssim",
-          "inside_change", "improved_share", "degraded_share", "others_degraded_share"]
+          "inside_change", "improved_share", "degraded_share", "others_degraded_share", "removal_share",
+          "new_defect_share", "hack_gap"]
 VS_BASE = ["outside_psnr", "outside_ssim", "inside_change", "improved_share", "degraded_share",
-           "others_degraded_share"]
+           "others_degraded_share", "removal_share", "new_defect_share"]
 
 
 def _toy_built() -> bool:
@@ -49,7 +50,13 @@ def test_demo_quick_writes_metrics_report_and_loras(tmp_path, capsys):
             assert (m[key] is None) == (name == "base"), (name, key)
             if name != "base":
                 assert _is_stat(m[key]), (name, key)
+    assert _is_stat(metrics["methods"]["base"]["hack_gap"])  # the reward's own miss rate on base images
+    paired = metrics["comparisons"]["focusnfix - draft"]
+    assert _is_stat(paired["removal_share"]) and _is_stat(paired["outside_psnr"])
+    assert metrics["settings"]["localizers"] == [{"aspect": "safety", "gate": "auto"}]
+    assert metrics["settings"]["mask"]["threshold_mode"] == "absolute"  # the calibrated setting, not a default
     html = (out / "report.html").read_text()
+    assert 'id="headline"' in html and 'id="summary-chart"' in html
     assert "<table" in html and "data:image/png;base64" in html
     assert (out / "rate.html").is_file()
     for method in ("focusnfix", "draft"):
