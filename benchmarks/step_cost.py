@@ -1,17 +1,27 @@
-"""What does one Focus-N-Fix training step cost, relative to a plain DRaFT-K step?
+"""What does one Focus-N-Fix training step cost, next to plain sampling of its batch?
 
-Measured in one run, on one machine, interleaved (so load from other processes hits all variants):
+A reward fine-tuning step must at least sample its batch, so the floor of a DRaFT-K step is one
+inference pass plus K UNet backward passes. Measured in one process, variants interleaved in each
+round (load from other processes hits all of them alike), on the packaged toy pipeline with the toy
+safety reward (batch 4, K = 2, DDIM 20, CFG 7.5, LoRA rank 4 by default):
 
-* ``draft``: policy sampling (gradient through the last K steps) + reward + backward: a plain
-  DRaFT-K step with no reference at all;
-* ``focusnfix_cached``: the trainer's step with every reference already in the cache;
-* ``focusnfix_uncached``: the same, but the reference Î0 and its mask recomputed every step;
-* ``detach_all_steps``: DRaFT-K as peers run it: every step with autograd on, early outputs
-  detached (same gradient as ``draft``).
+* ``sampling``: the diffusers pipeline's own ``pipe(...)`` on the batch, no gradient (the floor's
+  first part);
+* ``draft``: the trainer's step with beta = 0 (sample with gradient through the last K steps,
+  reward, backward);
+* ``focusnfix_warm``: the trainer's step with beta > 0, every reference item in the cache;
+* ``focusnfix_warm_unmerged``: the same with ``sampling.merge_lora: false`` (every no-gradient
+  UNet call through PEFT's LoRA branch, as before the merge);
+* ``focusnfix_reference_in_step``: the step when its reference is computed inside it (what the
+  first epoch cost before the cache was filled ahead of training).
 
-    python benchmarks/step_cost.py [--model toy|DIR] [--repeats 5]
+Also measured: ``prefill_seconds_per_batch``, the reference cost per batch when the cache is filled
+before training in batches of ``--prefill-batch`` (paid once, outside the steps).
 
-Prints JSON with seconds per step (median) and the ratios to ``draft``.
+    python benchmarks/step_cost.py [--model toy|DIR] [--repeats 5] [--batch 4] [--k 2]
+
+Prints JSON with median seconds per variant, min-max over rounds, and ratios to ``sampling``, to
+``focusnfix_warm`` and to ``draft``.
 """
 
 from __future__ import annotations
@@ -27,62 +37,74 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", help="'tiny' (random test pipeline), 'toy', or a directory")
+    parser.add_argument("--model", default="toy", help="'toy' or a diffusers pipeline directory")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--prefill-batch", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from focusnfix.config import config_from_dict
+    from focusnfix.config import load_config
     from focusnfix.reference import compute_reference
-    from focusnfix.sampling import initial_noise, sample
     from focusnfix.train import FocusNFixTrainer
 
-    from conftest import base_config
-    from tiny import save_tiny_sd
-
     tmp = Path(tempfile.mkdtemp())
-    model = str(save_tiny_sd(tmp / "sd")) if args.model == "tiny" else args.model
-    cfg = base_config(model, str(tmp / "run"), steps=1000, batch_size=4)
-    cfg["sampling"]["num_inference_steps"] = 20
-    cfg["data"]["cache_on_disk"] = False
-    trainer = FocusNFixTrainer(config_from_dict(cfg), progress=False)
+    config = load_config(ROOT / "configs" / "toy_safety.yaml", [
+        f"model.path={args.model}", f"train.output_dir={tmp / 'run'}", f"train.batch_size={args.batch}",
+        f"sampling.k={args.k}", f"sampling.num_inference_steps={args.steps}",
+        f"sampling.guidance_scale={args.guidance}", f"lora.rank={args.rank}", f"lora.alpha={args.rank}",
+        "data.cache_on_disk=false",
+    ])
+    trainer = FocusNFixTrainer(config, progress=False)
     bb, opts = trainer.backbone, trainer.options
-    idx, prompts, seeds = trainer.local_batch_items(0, 0)
-    trainer.cache.get(idx, prompts, seeds, trainer.accelerator.device)  # warm the cache
+    beta = config.objective.beta
+    _, prompts, seeds = trainer.local_batch_items(1, 0)
+    with torch.no_grad():  # a LoRA that is not zero, as after a few steps
+        for name, p in bb.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+    trainer.cache.get(prompts, seeds)  # warm
+
+    def step() -> None:
+        trainer.loss_on(1, 0)["loss"].backward()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    def sampling() -> None:
+        with torch.no_grad():
+            bb.pipe(prompts, num_inference_steps=opts.num_inference_steps, guidance_scale=opts.guidance_scale,
+                    generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pt")
 
     def draft() -> None:
-        images = sample(bb, prompts, seeds, opts).images
-        (-trainer.total_reward(images, prompts)[0].mean()).backward()
-        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.config.objective.beta = 0.0
+        step()
+        trainer.config.objective.beta = beta
 
-    def focusnfix_cached() -> None:
-        trainer.loss_on(0, 0)["loss"].backward()
-        trainer.optimizer.zero_grad(set_to_none=True)
+    def focusnfix_warm() -> None:
+        step()
 
-    def focusnfix_uncached() -> None:
-        compute_reference(bb, trainer.aspects, trainer.localize, prompts, seeds, opts, trainer.config.mask)
-        focusnfix_cached()
+    def focusnfix_warm_unmerged() -> None:
+        trainer.options.merge_lora = False
+        step()
+        trainer.options.merge_lora = True
 
-    def detach_all_steps() -> None:
-        cond = bb.encode_prompts(prompts)
-        x = initial_noise(bb, seeds, *bb.default_size)
-        bb.scheduler.set_timesteps(opts.num_inference_steps)
-        n = len(bb.scheduler.timesteps)
-        for i, t in enumerate(bb.scheduler.timesteps):
-            if i == n - opts.k:
-                x = x.detach()
-            x = bb.scheduler.step(bb.predict_noise(x, t, cond, opts.guidance_scale), t, x).prev_sample
-        (-trainer.total_reward(bb.decode(x), prompts)[0].mean()).backward()
-        trainer.optimizer.zero_grad(set_to_none=True)
+    def focusnfix_reference_in_step() -> None:
+        compute_reference(bb, trainer.aspects, trainer.localize, prompts, seeds, opts, trainer.config.mask,
+                          [a.gate for a in trainer.config.aspects])
+        step()
 
-    variants = {"draft": draft, "focusnfix_cached": focusnfix_cached,
-                "focusnfix_uncached": focusnfix_uncached, "detach_all_steps": detach_all_steps}
+    variants = {"sampling": sampling, "draft": draft, "focusnfix_warm": focusnfix_warm,
+                "focusnfix_warm_unmerged": focusnfix_warm_unmerged,
+                "focusnfix_reference_in_step": focusnfix_reference_in_step}
+    bb.pipe.set_progress_bar_config(disable=True)
     times: dict[str, list[float]] = {k: [] for k in variants}
     for fn in variants.values():  # warm-up
         fn()
@@ -91,12 +113,30 @@ def main() -> int:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+
+    # the reference filled ahead of training, in large batches, per training batch
+    n = max(args.prefill_batch, args.batch)
+    pool = trainer.pool[:n]
+    t0 = time.perf_counter()
+    compute_reference(bb, trainer.aspects, trainer.localize, [p for p, _ in pool], [s for _, s in pool], opts,
+                      trainer.config.mask, [a.gate for a in trainer.config.aspects])
+    prefill_per_batch = (time.perf_counter() - t0) * args.batch / len(pool)
+
     med = {k: statistics.median(v) for k, v in times.items()}
+
+    def ratios(to: str) -> dict[str, float]:
+        return {k: round(v / med[to], 3) for k, v in med.items()}
+
     result = {
-        "model": args.model, "threads": args.threads, "batch": len(prompts), "ddim_steps": opts.num_inference_steps,
-        "k": opts.k, "repeats": args.repeats,
+        "model": args.model, "threads": args.threads, "batch": args.batch, "ddim_steps": opts.num_inference_steps,
+        "guidance": opts.guidance_scale, "k": opts.k, "lora_rank": args.rank, "repeats": args.repeats,
+        "reward": "toy safety (robust)", "beta": beta, "device": str(trainer.accelerator.device),
         "seconds_median": {k: round(v, 4) for k, v in med.items()},
-        "ratio_to_draft": {k: round(v / med["draft"], 3) for k, v in med.items()},
+        "seconds_min_max": {k: [round(min(v), 4), round(max(v), 4)] for k, v in times.items()},
+        "prefill_seconds_per_batch": round(prefill_per_batch, 4),
+        "ratio_to_sampling": ratios("sampling"),
+        "ratio_to_focusnfix_warm": ratios("focusnfix_warm"),
+        "ratio_to_draft": ratios("draft"),
     }
     print(json.dumps(result, indent=2))
     return 0

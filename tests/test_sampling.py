@@ -154,3 +154,39 @@ def test_denoise_from_a_later_step_runs_only_the_remaining_unet_calls(backbone):
         calls.clear()
         late, _ = denoise(backbone, cond, x, opts, grad_steps=0, on_unet_call=lambda i, g: calls.append(i), start=3)
     assert calls == [3, 4] and late.shape == full.shape and not torch.equal(late, full)
+
+
+def test_merged_lora_gives_the_unmerged_images_and_restores_the_base_weights(backbone):
+    """The no-gradient calls run with the LoRA folded into the base weights: the same images
+    within 1e-5, base weights restored bit for bit, no LoRA branch called, gradient unchanged."""
+    params = add_lora(backbone.unet, rank=4)
+    _perturb_lora(backbone.unet, scale=0.2)
+    before = {k: v.clone() for k, v in backbone.unet.state_dict().items()}
+    merged_opts = SamplingOptions(num_inference_steps=5, guidance_scale=3.0, k=2)
+    plain_opts = SamplingOptions(num_inference_steps=5, guidance_scale=3.0, k=2, merge_lora=False)
+    with torch.no_grad():
+        merged = sample(backbone, PROMPTS, SEEDS, merged_opts).images
+        plain = sample(backbone, PROMPTS, SEEDS, plain_opts).images
+        with backbone.adapters_disabled():
+            frozen = sample(backbone, PROMPTS, SEEDS, merged_opts).images
+    assert (merged - plain).abs().max() <= 1e-5 and not torch.equal(merged, frozen)
+    after = backbone.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing drifted
+    # inside the context the LoRA branch is not called
+    lora_calls = []
+    hooks = [m.register_forward_hook(lambda *_: lora_calls.append(1))
+             for n, m in backbone.unet.named_modules() if n.endswith("lora_A.default")]
+    with torch.no_grad(), backbone.lora_merged():
+        sample(backbone, PROMPTS[:1], SEEDS[:1], plain_opts)
+    assert lora_calls == []
+    # the LoRA gradient of DRaFT-K is the same with and without merging the early calls
+    grads = {}
+    for opts in (merged_opts, plain_opts):
+        for p in params:
+            p.grad = None
+        sample(backbone, PROMPTS, SEEDS, opts).images.mean().backward()
+        grads[opts.merge_lora] = [p.grad.clone() for p in params]
+    for a, b in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    for h in hooks:
+        h.remove()

@@ -33,6 +33,37 @@ def test_step_zero_policy_equals_reference_and_constraint_is_exactly_zero(tiny_s
     assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
+def test_reference_prefill_and_step_zero_reuse_give_the_computed_reference(tiny_sd_dir, tmp_path):
+    """Before step 1 every reference item but step 0's is computed in large batches; step 0's
+    come from the zero LoRA's own sample and equal compute_reference's items bit for bit."""
+    from focusnfix.cache import encode_item
+    from focusnfix.reference import compute_reference
+
+    trainer = make_trainer(tiny_sd_dir, tmp_path, steps=1, batch_size=2)
+    trainer.config.data.cache_on_disk = False
+    assert trainer.lora_is_zero()
+    step0 = trainer.step_zero_items()
+    stats = trainer.prefill_reference()
+    assert stats["items"] == len(trainer.pool) - len(step0)
+    missing = trainer.cache.missing([p for p, _ in trainer.pool], [s for _, s in trainer.pool])
+    assert set(missing) == step0  # left to step 0
+    trainer.loss_on(step=0, micro=0)
+    assert trainer.cache.missing([p for p, _ in trainer.pool], [s for _, s in trainer.pool]) == []
+    assert trainer.cache.stats["computed"] == len(trainer.pool)
+    prompts = [trainer.pool[i][0] for i in sorted(step0)]
+    seeds = [trainer.pool[i][1] for i in sorted(step0)]
+    fresh = compute_reference(trainer.backbone, trainer.aspects, trainer.localize, prompts, seeds, trainer.options,
+                              trainer.config.mask, [a.gate for a in trainer.config.aspects])
+    for j, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
+        want = encode_item(fresh.images[j], fresh.latents[j], fresh.heatmap[j], fresh.mask[j])
+        got = trainer.cache.ram[trainer.cache.key(p, s)]
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    # a LoRA that is not zero (a resumed or initialised run) never stands in for the reference
+    with torch.no_grad():
+        next(p for n, p in trainer.backbone.unet.named_parameters() if "lora_B" in n).add_(0.1)
+    assert not trainer.lora_is_zero()
+
+
 def _outside_change(trainer):
     """Mean |Î - Î0| over the right half (outside the left-half mask) and the mean reward,
     on the whole training pool."""

@@ -213,22 +213,32 @@ class ReferenceCache:
             return item
         return None
 
-    def fill(self, prompts: list[str], seeds: list[int]) -> None:
-        """Compute (in one batch, in the given order) and store the items not yet cached."""
+    def missing(self, prompts: list[str], seeds: list[int]) -> list[int]:
+        """Indices of the (prompt, seed) pairs that are not cached yet."""
         if not self._opened:
             self.open()
-        keys = [self.key(p, s) for p, s in zip(prompts, seeds, strict=True)]
-        todo = [i for i, k in enumerate(keys) if self._lookup(k) is None]
-        if not todo:
-            return
-        ref = self.compute([prompts[i] for i in todo], [seeds[i] for i in todo])
-        self.stats["computed"] += len(todo)
-        for j, i in enumerate(todo):
+        return [i for i, (p, s) in enumerate(zip(prompts, seeds, strict=True)) if self._lookup(self.key(p, s)) is None]
+
+    def add(self, prompts: list[str], seeds: list[int], ref: Reference) -> None:
+        """Store the items of an already computed reference batch (in batch order)."""
+        if not self._opened:
+            self.open()
+        self.stats["computed"] += len(prompts)
+        for j, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
+            key = self.key(p, s)
             item = encode_item(ref.images[j], ref.latents[j], ref.heatmap[j], ref.mask[j])
             if self.directory is not None:
-                path = self._path(keys[i])
-                atomic_write(path, lambda tmp, item=item: save_file(item, tmp))
-            self._remember(keys[i], item)
+                atomic_write(self._path(key), lambda tmp, item=item: save_file(item, tmp))
+            self._remember(key, item)
+
+    def fill(self, prompts: list[str], seeds: list[int]) -> None:
+        """Compute (in one batch, in the given order) and store the items not yet cached."""
+        todo = self.missing(prompts, seeds)
+        if not todo:
+            return
+        ps, ss = [prompts[i] for i in todo], [seeds[i] for i in todo]
+        ref = self.compute(ps, ss)
+        self.add(ps, ss, ref)
         del ref
         _release_freed_memory()  # the model's batch buffers, freed just now (cheap next to computing)
 

@@ -64,6 +64,11 @@ class SamplingConfig(_Section):
     lv_n: int = Field(2, ge=0, description="DRaFT-LV: re-noisings of the final step (DRaFT paper: 2).")
     checkpoint_unet: bool = Field(False, description="recompute each graded UNet call in backward (saves memory).")
     checkpoint_vae: bool = Field(False, description="recompute the VAE decode in backward (saves memory).")
+    merge_lora: bool = Field(
+        True,
+        description="UNet calls without gradient (the first N - K steps) run with the LoRA merged into the base "
+        "weights: the plain model's cost, the same images up to float rounding.",
+    )
 
     @model_validator(mode="after")
     def _k_le_steps(self) -> SamplingConfig:
@@ -124,6 +129,13 @@ class DataConfig(_Section):
     cache_ram_items: int = Field(
         256, ge=1, description="reference items kept in RAM (LRU) when cache_on_disk; about 1.1 MB each at 512x512."
     )
+    prefill_reference: bool = Field(
+        True,
+        description="compute every missing reference item before the first step, in batches of "
+        "prefill_batch_size, so that training steps never wait for one (the items of step 0 come from the "
+        "zero LoRA's own sample, which is the frozen model's). With several processes it needs cache_on_disk.",
+    )
+    prefill_batch_size: int = Field(32, ge=1, description="prompts per reference batch when prefilling.")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

@@ -30,7 +30,7 @@ from focusnfix.sampling import SamplingOptions, sample
 #: bump when the stored layout or the meaning of an item changes: old caches are rebuilt
 CACHE_FORMAT = 2
 #: sampling options that shape only the policy's gradient, never Î0
-_GRADIENT_ONLY = ("grad_mode", "k", "lv_n", "checkpoint_unet", "checkpoint_vae")
+_GRADIENT_ONLY = ("grad_mode", "k", "lv_n", "checkpoint_unet", "checkpoint_vae", "merge_lora")
 
 
 def sampling_options(config: Config) -> SamplingOptions:
@@ -109,7 +109,25 @@ def compute_reference(
     """
     with torch.no_grad(), backbone.adapters_disabled():
         out = sample(backbone, prompts, seeds, options)
-    images = out.images.float()
+    return reference_from_images(out.images, out.latents, aspects, localize, prompts, mask_cfg, gates)
+
+
+def reference_from_images(
+    images: torch.Tensor,
+    latents: torch.Tensor,
+    aspects: list[Aspect],
+    localize: list[bool],
+    prompts: list[str],
+    mask_cfg: MaskConfig,
+    gates: list[float | str] | None = None,
+) -> Reference:
+    """The reference of already sampled frozen-model images ``(B, 3, H, W)`` in [0, 1] and their
+    latents: heatmaps, gates and masks exactly as :func:`compute_reference` makes them.
+
+    The trainer uses it at step 0, where a zero LoRA's sample IS the frozen model's (bit for
+    bit), to skip a second sampling pass.
+    """
+    images = images.detach().float()
     size = tuple(images.shape[-2:])
     gates = gates if gates is not None else ["auto"] * len(aspects)
     heatmaps, masks = [], []
@@ -127,7 +145,7 @@ def compute_reference(
             mask = torch.where(clean.view(-1, 1, 1, 1).to(mask.device), torch.zeros_like(mask), mask)
         heatmaps.append(heat)
         masks.append(mask)
-    return Reference(images, out.latents.float(), mask_ops.union(heatmaps), mask_ops.union(masks))
+    return Reference(images, latents.detach().float(), mask_ops.union(heatmaps), mask_ops.union(masks))
 
 
 def _check_heatmap(hm: torch.Tensor, aspect: Aspect, batch: int) -> None:
@@ -258,5 +276,6 @@ __all__ = [
     "hash_tensors",
     "model_identity",
     "reference_fields",
+    "reference_from_images",
     "sampling_options",
 ]

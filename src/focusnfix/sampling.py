@@ -9,6 +9,10 @@ Gradient modes (how much of the sampling chain carries gradient to the LoRA):
   timestep, each denoised again with gradient; the reward is averaged over the 1 + n images.
 * ``full``: backprop through all N steps, each UNet call checkpointed (recomputed in backward).
 
+Calls without gradient (the first N - K of DRaFT-K, every call of plain inference) run with the
+LoRA merged into the base weights (``SamplingOptions.merge_lora``, on by default), so they cost
+what the pretrained model costs; the result equals the unmerged LoRA's up to float rounding.
+
 The initial noise is drawn per seed on the CPU exactly as diffusers' pipelines draw it for
 ``generator=torch.Generator().manual_seed(seed)``, so the frozen model's image Î0 and the
 fine-tuned image Î share x_T, and ``focusnfix sample`` reproduces ``pipe(...)``.
@@ -16,6 +20,7 @@ fine-tuned image Î share x_T, and ``focusnfix sample`` reproduces ``pipe(...)``
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -42,6 +47,7 @@ class SamplingOptions:
     lv_n: int = 2
     checkpoint_unet: bool = False
     checkpoint_vae: bool = False
+    merge_lora: bool = True
 
 
 def initial_noise(
@@ -83,16 +89,19 @@ def denoise(
     sched.set_timesteps(options.num_inference_steps, device=latents.device)
     timesteps = sched.timesteps
     n = len(timesteps)
-    first_grad = n - grad_steps
     grad_allowed = torch.is_grad_enabled()
-    for i, t in enumerate(timesteps):
-        if i < start:
-            continue
-        with_grad = grad_allowed and i >= first_grad
+    first_grad = n - grad_steps if grad_allowed else n
+    # the calls without gradient run with the LoRA merged into the base weights (the plain model's cost)
+    merged = backbone.lora_merged() if options.merge_lora and first_grad > start else contextlib.nullcontext()
+    with merged, torch.no_grad():
+        for i in range(start, first_grad):
+            if on_unet_call is not None:
+                on_unet_call(i, False)
+            latents = _step(backbone, cond, latents, timesteps[i], options, checkpoint_it=False)
+    for i in range(max(start, first_grad), n):
         if on_unet_call is not None:
-            on_unet_call(i, with_grad)
-        with torch.set_grad_enabled(with_grad):
-            latents = _step(backbone, cond, latents, t, options, checkpoint_it=with_grad and options.checkpoint_unet)
+            on_unet_call(i, True)
+        latents = _step(backbone, cond, latents, timesteps[i], options, checkpoint_it=options.checkpoint_unet)
     return latents, int(timesteps[-1])
 
 

@@ -5,7 +5,8 @@ One optimizer step:
 1. pick a global batch of (prompt, seed) pairs from the training pool (deterministic in
    ``(train.seed, step)``) and take this process's shard;
 2. reference: the frozen model's image Î0 (LoRA disabled, no grad) and its mask, from the
-   content-keyed reference cache (computed once per pair, then reused every epoch);
+   content-keyed reference cache (filled before the first step in large batches, then reused
+   every epoch; at step 0 a zero LoRA's own sample is Î0, so those items cost no extra pass);
 3. policy: sample the same prompts from the same x_T with the LoRA on, gradient through the
    last K steps (DRaFT-K / -LV / full), decode inside the graph;
 4. loss = −Σ_a w_a r_a(Î) + β ‖(1 − M) ⊙ (Î − Î0)‖_F, backward (through the fp16 loss scaler
@@ -58,6 +59,7 @@ from focusnfix.reference import (
     compute_reference,
     model_identity,
     reference_fields,
+    reference_from_images,
     sampling_options,
 )
 from focusnfix.sampling import sample
@@ -211,14 +213,61 @@ class FocusNFixTrainer:
         idx = idx[rank * self.local_batch : (rank + 1) * self.local_batch]
         return idx, [self.pool[i][0] for i in idx], [self.pool[i][1] for i in idx]
 
+    def lora_is_zero(self) -> bool:
+        """Whether the LoRA adds exactly nothing (every ``lora_B`` is 0: PEFT's initialisation)."""
+        return all(not p.detach().any() for n, p in self.backbone.unet.named_parameters() if "lora_B" in n)
+
+    def step_zero_items(self) -> set[int]:
+        """Pool indices of step 0's global batch (every micro-batch, every process)."""
+        tc = self.config.train
+        return {i for micro in range(tc.grad_accum) for i in batch_indices(len(self.pool), tc.batch_size, tc.seed, 0, micro)}
+
+    def prefill_reference(self) -> dict[str, Any] | None:
+        """Compute every missing reference item before training, in batches of ``data.prefill_batch_size``.
+
+        Step 0's items are left to step 0 when the LoRA is still zero (its sample is Î0). With
+        several processes each computes a share of the items on disk (``data.cache_on_disk``), then
+        all wait. Returns ``{"items", "seconds"}`` of what was computed, or None when not prefilling.
+        """
+        dc = self.config.data
+        n_proc = self.accelerator.num_processes
+        if not dc.prefill_reference or (n_proc > 1 and not dc.cache_on_disk):
+            return None
+        t0 = time.perf_counter()
+        skip = self.step_zero_items() if self.step == 0 and self.lora_is_zero() else set()
+        items = [pair for i, pair in enumerate(self.pool) if i not in skip][self.accelerator.process_index :: n_proc]
+        todo = [items[i] for i in self.cache.missing([p for p, _ in items], [s for _, s in items])]
+        bs = dc.prefill_batch_size
+        bar = tqdm(total=len(todo), disable=not (self.progress and self.accelerator.is_main_process) or not todo,
+                   desc="reference", unit="img")
+        for i in range(0, len(todo), bs):
+            chunk = todo[i : i + bs]
+            self.cache.fill([p for p, _ in chunk], [s for _, s in chunk])
+            bar.update(len(chunk))
+        bar.close()
+        self.accelerator.wait_for_everyone()
+        return {"items": len(todo), "seconds": round(time.perf_counter() - t0, 4)}
+
     def loss_on(self, step: int, micro: int) -> dict[str, Any]:
         """Forward one micro-batch and return the loss terms (loss keeps its graph)."""
         _, prompts, seeds = self.local_batch_items(step, micro)
-        ref = self.cache.get(prompts, seeds, self.accelerator.device)
+        # at step 0 a zero LoRA's sample is the frozen model's, bit for bit: reuse it as the reference
+        reuse = self.cache.missing(prompts, seeds) if step == 0 and self.lora_is_zero() else []
+        ref = None if reuse else self.cache.get(prompts, seeds, self.accelerator.device)
         rank = self.accelerator.process_index
         generator = torch.Generator().manual_seed(hash((self.config.train.seed, step, micro, rank)) % 2**63)
         with self.accelerator.autocast():
             out = sample(self.backbone, prompts, seeds, self.options, generator=generator)
+        if reuse:
+            with torch.no_grad(), self.accelerator.autocast():
+                new = reference_from_images(
+                    out.images[reuse], out.latents[reuse], self.aspects, self.localize, [prompts[i] for i in reuse],
+                    self.config.mask, [a.gate for a in self.config.aspects],
+                )
+            self.cache.add([prompts[i] for i in reuse], [seeds[i] for i in reuse], new)
+            ref = self.cache.get(prompts, seeds, self.accelerator.device)
+        assert ref is not None
+        with self.accelerator.autocast():
             images = out.images.float()
             reward, parts = self.total_reward(images, prompts)
             if out.extra_images is not None:  # DRaFT-LV: average the reward over re-noisings
@@ -416,6 +465,9 @@ class FocusNFixTrainer:
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (self.progress and main), desc="focusnfix")
         log = open(self.log_path, "a", encoding="utf-8") if main else None  # noqa: SIM115 - closed below
         try:
+            prefill = self.prefill_reference() if self.step < tc.steps else None
+            if prefill is not None and main and prefill["items"]:  # its cost, apart from the steps'
+                atomic_write_text(self.run_dir / "reference_prefill.json", json.dumps(prefill))
             while self.step < tc.steps:
                 record = self.train_step(self.step)
                 self.step += 1

@@ -7,7 +7,9 @@ differentiable where the trainer needs gradients:
   guidance, plus whatever extra inputs the UNet of the family needs);
 * ``predict_noise(latents, t, cond, guidance_scale)`` -> the guided UNet output;
 * ``decode(latents)`` -> images ``(B, 3, H, W)`` in [0, 1];
-* ``adapters_disabled()`` -> a context in which the UNet runs without its LoRA (the frozen model).
+* ``adapters_disabled()`` -> a context in which the UNet runs without its LoRA (the frozen model);
+* ``lora_merged()`` -> a context in which the LoRA is folded into the base weights (no-gradient
+  calls then cost what the plain model costs).
 
 One subclass per family (SD 1.x/2.x, SDXL); the toy world is an SD-format pipeline.
 """
@@ -137,6 +139,45 @@ class Backbone(ABC):
             latents = latents + shift
         image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
         return (image.float() / 2 + 0.5).clamp(0.0, 1.0)
+
+    @contextlib.contextmanager
+    def lora_merged(self) -> Iterator[None]:
+        """Run the UNet with its active LoRA folded into the base weights (calls without gradient).
+
+        Each LoRA layer's base weight W is swapped for ``W + ΔW`` (PEFT's ``get_delta_weight``)
+        and the adapters are switched off, so a UNet call skips the LoRA branch; on exit the
+        original weight tensors are put back (nothing is subtracted, so W is restored bit for
+        bit). The output equals the unmerged LoRA's up to float rounding. A no-op when the UNet
+        has no adapters, when they are disabled (the frozen model) or use DoRA. Gradient must
+        not be needed inside (the LoRA parameters do not take part).
+        """
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in self.unet.modules() if isinstance(m, LoraLayer)]
+        mergeable = bool(layers) and not any(
+            m.disable_adapters or m.merged or any(m.use_dora.get(a, False) for a in m.active_adapters) for m in layers
+        )
+        if not mergeable:
+            yield
+            return
+        saved = []
+        try:
+            with torch.no_grad():
+                for m in layers:
+                    active = [a for a in m.active_adapters if a in m.lora_A]
+                    if not active:
+                        continue
+                    weight = m.get_base_layer().weight
+                    delta = sum(m.get_delta_weight(a) for a in active)
+                    saved.append((weight, weight.data))
+                    weight.data = (weight.data.float() + delta.float()).to(weight.dtype)
+            self.unet.disable_adapters()
+            yield
+        finally:
+            for weight, original in saved:
+                weight.data = original
+            if saved:
+                self.unet.enable_adapters()
 
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
