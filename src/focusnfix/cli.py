@@ -1,7 +1,7 @@
 """Command-line interface: every ``focusnfix`` command and its flags, in one parser.
 
-    focusnfix [--threads N] train | sample | mask | demo | eval | votes | report | rate | sweep
-    focusnfix [--threads N] toyworld build | path | stats
+    focusnfix [--threads N] train | sample | mask | demo | eval | votes | report | rate | sweep | export
+    focusnfix [--threads N] toyworld build | path | stats | calibrate
     focusnfix [--threads N] rahf train | eval
 
 The handlers live in :mod:`focusnfix.commands` (named here, imported once a command runs). Every command exits with 0 on success, 2 on bad
@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 from focusnfix.errors import InputError  # noqa: E402
 
 #: the commands, in the order ``focusnfix --help`` lists them
-COMMANDS = ("train", "sample", "mask", "demo", "eval", "votes", "report", "rate", "sweep", "toyworld", "rahf")
+COMMANDS = ("train", "sample", "mask", "demo", "eval", "votes", "report", "rate", "sweep", "export", "toyworld", "rahf")
 
 
 def positive_int(text: str) -> int:
@@ -149,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs trained side by side, one process each")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func="cmd_sweep")
+
+    p = sub.add_parser("export", help="write a run's LoRA in another format (kohya: ComfyUI, AUTOMATIC1111)")
+    p.add_argument("run", help="a run directory, its lora/ directory or a pytorch_lora_weights.safetensors")
+    p.add_argument("--format", default="kohya", choices=["kohya"], help="target format")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha, only for files without adapter metadata")
+    p.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size)")
+    p.set_defaults(func="cmd_export")
 
     tw = sub.add_parser("toyworld", help="the embedded toy world: build, locate, measure")
     tw_sub = tw.add_subparsers(dest="toyworld_command", required=True)

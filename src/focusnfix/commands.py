@@ -324,6 +324,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from focusnfix.export import export_kohya
+
+    out = export_kohya(args.run, args.out, alpha=args.alpha, dtype=torch.float16 if args.fp16 else None)
+    print(f"wrote {out} (kohya format: lora_unet_* keys with their alpha)")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # toyworld build | path | stats
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,93 @@
+"""Kohya-format export: diffusers' own kohya loader reads it and draws what our LoRA draws."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from focusnfix.backbones import load_backbone
+from focusnfix.errors import InputError
+from focusnfix.export import export_kohya, kohya_state_dict
+from focusnfix.lora import add_lora, lora_parameters, save_lora_weights
+
+PROMPT = "a red circle"
+
+
+def _random_lora(unet: torch.nn.Module, rank: int, alpha: float) -> None:
+    add_lora(unet, rank, alpha, target_modules=("to_q", "to_k", "to_v", "to_out.0"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lora_parameters(unet):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _images(pipe, lora_file, **kwargs) -> torch.Tensor:
+    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="x")
+    out = pipe(PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+               output_type="pt", **kwargs).images
+    pipe.delete_adapters(["x"])
+    return out
+
+
+@pytest.mark.parametrize("rank,alpha", [(4, 4.0), (4, 16.0)])
+def test_kohya_export_reproduces_the_lora_through_diffusers_loader_sd(tiny_sd_dir, tmp_path, rank, alpha):
+    bb = load_backbone(str(tiny_sd_dir))
+    _random_lora(bb.unet, rank, alpha)
+    ours = save_lora_weights(bb.unet, type(bb.pipe), tmp_path / "lora")
+    kohya = export_kohya(tmp_path / "lora", tmp_path / "kohya.safetensors")
+    state = load_file(str(kohya))
+    assert all(k.startswith("lora_unet_") for k in state)
+    alphas = {float(v) for k, v in state.items() if k.endswith(".alpha")}
+    assert alphas == {alpha}  # the real alpha, not the rank
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    a, b = _images(pipe, ours), _images(pipe, kohya)
+    base = pipe(PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+                output_type="pt").images
+    assert (a - base).abs().max() > 1e-3  # the LoRA does something
+    assert (a - b).abs().max() <= 1e-5
+
+
+def test_kohya_export_reproduces_the_lora_through_diffusers_loader_sdxl(tmp_path):
+    from test_sdxl import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(tmp_path / "sdxl")
+    pipe.save_pretrained(tmp_path / "sdxl_dir")
+    bb = load_backbone(str(tmp_path / "sdxl_dir"))
+    _random_lora(bb.unet, 4, 8.0)
+    ours = save_lora_weights(bb.unet, type(bb.pipe), tmp_path / "lora")
+    kohya = export_kohya(tmp_path / "lora", tmp_path / "kohya.safetensors")
+    fresh = type(bb.pipe).from_pretrained(str(tmp_path / "sdxl_dir"))
+    fresh.set_progress_bar_config(disable=True)
+    a, b = _images(fresh, ours, height=32, width=32), _images(fresh, kohya, height=32, width=32)
+    assert (a - b).abs().max() <= 1e-5
+
+
+def test_export_refuses_unknown_alpha_and_non_lora_files(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"unet.down_blocks.0.attn.to_q.lora.down.weight": torch.zeros(2, 4),
+               "unet.down_blocks.0.attn.to_q.lora.up.weight": torch.zeros(4, 2)}, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(InputError, match="alpha"):
+        kohya_state_dict(tmp_path / "bare.safetensors")
+    state = kohya_state_dict(tmp_path / "bare.safetensors", alpha=2.0)
+    assert float(state["lora_unet_down_blocks_0_attn_to_q.alpha"]) == 2.0
+    save_file({"text_encoder.x.lora.down.weight": torch.zeros(2, 4)}, str(tmp_path / "te.safetensors"))
+    with pytest.raises(InputError, match="UNet"):
+        kohya_state_dict(tmp_path / "te.safetensors", alpha=1.0)
+
+
+def test_cli_export(tiny_sd_dir, tmp_path, capsys):
+    from focusnfix.cli import main
+
+    bb = load_backbone(str(tiny_sd_dir))
+    _random_lora(bb.unet, 4, 2.0)
+    save_lora_weights(bb.unet, type(bb.pipe), tmp_path / "run" / "lora")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "k.safetensors"), "--fp16"]) == 0
+    state = load_file(str(tmp_path / "k.safetensors"))
+    assert all(v.dtype == torch.float16 for k, v in state.items() if not k.endswith(".alpha"))
+    assert all(float(v) == 2.0 for k, v in state.items() if k.endswith(".alpha"))
+    assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "LoRA weights not found" in capsys.readouterr().err
