@@ -159,13 +159,23 @@ class TrainConfig(_Section):
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warmup.")
     warmup_steps: int = Field(0, ge=0, description="linear warmup steps.")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast precision (accelerate).")
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
+        None,
+        description="autocast precision; unset: accelerate's (`accelerate launch --mixed_precision`, "
+        "`accelerate config`), 'no' when none is configured. Set here, it wins over accelerate's.",
+    )
     seed: int = Field(0, ge=0, description="seed of batch order and DRaFT-LV noise.")
     checkpoint_every: int = Field(50, ge=0, description="save a resumable checkpoint every N steps (0 = never).")
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep.")
     sample_every: int = Field(0, ge=0, description="save a sample grid every N steps (0 = only at the end).")
     num_sample_images: int = Field(4, ge=1, description="pool items shown in sample grids.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: what accelerate picks.")
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "none",
+        description="experiment tracker (through accelerate): every numeric field of each step's log record and "
+        "the sample grids; tensorboard writes under output_dir/trackers. Needs the matching extra.",
+    )
+    tracker_project: str = Field("focusnfix", min_length=1, description="tracker project / run group name.")
 
 
 class Config(_Section):

@@ -219,8 +219,12 @@ def _file_hashes(value: Any) -> Any:
     return None
 
 
-def reference_fields(config: Config, backbone: Backbone, aspects: list[Aspect], device: str) -> dict[str, Any]:
-    """Everything besides (prompt, seed) that determines a reference item, as a JSON-able dict."""
+def reference_fields(config: Config, backbone: Backbone, aspects: list[Aspect], device: str,
+                     mixed_precision: str | None = None) -> dict[str, Any]:
+    """Everything besides (prompt, seed) that determines a reference item, as a JSON-able dict.
+
+    ``mixed_precision``: the precision the run really uses (accelerate's when the config leaves it unset).
+    """
     sampling = {k: v for k, v in config.sampling.model_dump(mode="json").items() if k not in _GRADIENT_ONLY}
     localizers = []
     for aspect, cfg in zip(aspects, config.aspects, strict=True):
@@ -239,7 +243,7 @@ def reference_fields(config: Config, backbone: Backbone, aspects: list[Aspect], 
         "format": CACHE_FORMAT,
         "model": model_identity(backbone),
         "sampling": sampling,
-        "precision": {"mixed_precision": config.train.mixed_precision, "device": device},
+        "precision": {"mixed_precision": mixed_precision or config.train.mixed_precision or "no", "device": device},
         "aspects": localizers,
         "mask": config.mask.model_dump(mode="json"),
     }

@@ -131,7 +131,11 @@ class FocusNFixTrainer:
     ) -> None:
         self.config = config
         tc = config.train
-        self.accelerator = accelerator or Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.device == "cpu")
+        # mixed_precision None: accelerate's own (launch flags, `accelerate config`), "no" without one
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=tc.mixed_precision, cpu=tc.device == "cpu",
+            log_with=None if tc.report_to == "none" else tc.report_to, project_dir=str(Path(tc.output_dir) / "trackers"),
+        )
         self.progress = progress
         self.run_dir = Path(tc.output_dir)
         self.prompts = resolve_prompts(config.data)
@@ -173,7 +177,8 @@ class FocusNFixTrainer:
         fp16 = "fp16" in (tc.mixed_precision, self.accelerator.mixed_precision)
         self.scaler = torch.amp.GradScaler(self.accelerator.device.type, enabled=fp16)
 
-        fields = reference_fields(config, self.backbone, self.aspects, self.accelerator.device.type)
+        fields = reference_fields(config, self.backbone, self.aspects, self.accelerator.device.type,
+                                  str(self.accelerator.mixed_precision))
         self.cache = ReferenceCache(
             self._compute_reference,
             fields,
@@ -425,7 +430,19 @@ class FocusNFixTrainer:
         with torch.no_grad(), self.accelerator.autocast():
             now = sample(self.backbone, prompts, seeds, self.options).images.float()
         rows = [overlay(ref.images, ref.mask, 0.35), ref.images, now, (now - ref.images).abs().mul(4).clamp(0, 1)]
-        return save_png(grid([r.cpu() for r in rows], scale=2), self.run_dir / "samples" / f"{name}.png")
+        picture = grid([r.cpu() for r in rows], scale=2)
+        self._log_image("samples", picture)
+        return save_png(picture, self.run_dir / "samples" / f"{name}.png")
+
+    def _log_image(self, tag: str, array: np.ndarray) -> None:
+        """Send an ``(H, W, 3)`` uint8 image (a :func:`focusnfix.images.grid`) to the trackers, if any."""
+        if self.config.train.report_to == "none" or not self.accelerator.is_main_process:
+            return
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({tag: array}, step=self.step, dataformats="HWC")
+            elif hasattr(tracker, "log_images"):
+                tracker.log_images({tag: [array]}, step=self.step)
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
@@ -464,6 +481,9 @@ class FocusNFixTrainer:
         main = self.accelerator.is_main_process
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (self.progress and main), desc="focusnfix")
         log = open(self.log_path, "a", encoding="utf-8") if main else None  # noqa: SIM115 - closed below
+        tracking = tc.report_to != "none"
+        if tracking:
+            self.accelerator.init_trackers(tc.tracker_project, config=_flat_scalars(self.config.model_dump(mode="json")))
         try:
             prefill = self.prefill_reference() if self.step < tc.steps else None
             if prefill is not None and main and prefill["items"]:  # its cost, apart from the steps'
@@ -474,6 +494,9 @@ class FocusNFixTrainer:
                 if log is not None:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
+                if tracking:  # every numeric field of the record, at its step
+                    self.accelerator.log({k: float(v) for k, v in record.items()
+                                          if k != "step" and isinstance(v, (int, float))}, step=self.step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward']:.4f}", c=f"{record['constraint']:.4f}")
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
@@ -484,6 +507,18 @@ class FocusNFixTrainer:
             bar.close()
             if log is not None:
                 log.close()
+            if tracking:
+                self.accelerator.end_training()
+
+
+def _flat_scalars(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"a.b": scalar}`` (lists and None as strings): what trackers' hparams take."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat_scalars(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: tree if isinstance(tree, (int, float, str, bool)) else json.dumps(tree)}
 
 
 def lora_vector(unet: torch.nn.Module) -> torch.Tensor:

@@ -1,0 +1,58 @@
+"""Experiment tracking through accelerate, and mixed precision taken from accelerate's settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from focusnfix.config import config_from_dict
+from focusnfix.train import FocusNFixTrainer
+
+from conftest import base_config
+
+
+def test_tensorboard_scalars_equal_the_log(tiny_sd_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=3, report_to="tensorboard")
+    FocusNFixTrainer(config_from_dict(cfg), progress=False).train()
+    records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    events = list((tmp_path / "run" / "trackers").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = set(acc.Tags()["scalars"])
+    for key in ("loss", "reward", "constraint", "mask_area", "outside_change", "grad_norm", "lr"):
+        assert key in tags, key
+        logged = [(e.step, e.value) for e in acc.Scalars(key)]
+        assert logged == [(r["step"], pytest.approx(r[key], rel=1e-6, abs=1e-12)) for r in records], key
+    assert "samples" in acc.Tags()["images"]  # the final sample grid
+
+
+@pytest.mark.slow
+def test_accelerate_launch_mixed_precision_sets_the_runs_precision(tiny_sd_dir, tmp_path):
+    """`accelerate launch --mixed_precision bf16` changes the precision of a run whose config leaves it
+    unset (a bf16 autocast run on the CPU); a config that sets it wins."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    def launch(name: str, **train) -> dict:
+        cfg = base_config(str(tiny_sd_dir), str(tmp_path / name), steps=1, **train)
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+                               "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "bf16", "-m",
+                               "focusnfix.cli", "train", "--config", str(tmp_path / f"{name}.yaml")],
+                              capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        manifest = json.loads((tmp_path / name / "reference_cache" / "manifest.json").read_text())
+        return manifest["fields"]["precision"]
+
+    assert launch("from_accelerate")["mixed_precision"] == "bf16"
+    assert launch("from_config", mixed_precision="no")["mixed_precision"] == "no"
