@@ -9,6 +9,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from focusnfix.config import config_from_dict
+from focusnfix.errors import InputError
 from focusnfix.lora import LORA_WEIGHT_NAME, lora_parameters
 from focusnfix.sampling import sample
 from focusnfix.train import FocusNFixTrainer, lora_vector
@@ -205,3 +206,24 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_sd_dir, tmp_path
     a = load_file(str(tmp_path / "killed" / "lora" / LORA_WEIGHT_NAME))
     b = load_file(str(tmp_path / "straight" / "lora" / LORA_WEIGHT_NAME))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_from_an_existing_lora_and_resume_from_a_named_checkpoint(tiny_sd_dir, tmp_path):
+    first = make_trainer(tiny_sd_dir, tmp_path, name="first", steps=4, checkpoint_every=2, keep_checkpoints=3)
+    result = first.train()
+    trained = lora_vector(first.backbone.unet)
+    # a new run that starts from the first run's LoRA: its adapter is that LoRA before step 1
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "second"), steps=1)
+    cfg["lora"]["init_from"] = str(result.lora_dir)
+    second = FocusNFixTrainer(config_from_dict(cfg), progress=False)
+    torch.testing.assert_close(lora_vector(second.backbone.unet), trained, rtol=0, atol=0)
+    assert not second.lora_is_zero() and "init_from_sha256" in second.run_fields["lora"]
+    cfg["lora"]["rank"] = 2  # another rank: refused with the shapes named
+    with pytest.raises(InputError, match="does not fit"):
+        FocusNFixTrainer(config_from_dict(cfg), progress=False)
+    # --resume PATH: continue from the step-2 checkpoint, not the latest (step 4)
+    again = make_trainer(tiny_sd_dir, tmp_path, name="first", steps=4, checkpoint_every=2, keep_checkpoints=3)
+    again.train(resume=str(tmp_path / "first" / "checkpoints" / "step_000002"))
+    torch.testing.assert_close(lora_vector(again.backbone.unet), trained)  # the same last two steps again
+    with pytest.raises(InputError, match="not a checkpoint"):
+        make_trainer(tiny_sd_dir, tmp_path, name="first", steps=4).train(resume=str(tmp_path / "nowhere"))

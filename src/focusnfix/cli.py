@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a LoRA with Focus-N-Fix (beta = 0: DRaFT)")
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--resume", nargs="?", const="latest", default=False, metavar="PATH|latest",
+                   help="continue from the run directory's last checkpoint, or from the checkpoint directory PATH")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a run directory that holds a run")
     p.add_argument("--dry-run", action="store_true", help="validate the config and print the plan; load nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

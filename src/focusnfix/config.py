@@ -45,6 +45,11 @@ class LoraConfigSection(_Section):
         description="UNet module names (PEFT target_modules) that get an adapter.",
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    init_from: str | None = Field(
+        None,
+        description="start from this LoRA (a pytorch_lora_weights.safetensors or its directory, same rank and "
+        "target modules) instead of zero; the reference stays the base model without any LoRA.",
+    )
 
 
 class SamplingConfig(_Section):

@@ -62,10 +62,36 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_lora_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a state dict from :func:`lora_state_dict` back into the adapter (for resume)."""
+    own = get_peft_model_state_dict(unet)
+    for key, value in state.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise InputError(f"LoRA weights {key}: shape {tuple(value.shape)} does not fit the adapter's "
+                             f"{tuple(own[key].shape)} (another lora.rank or model?)")
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise InputError(f"LoRA weights lack {len(missing)} of the adapter's tensors, e.g. {missing[:2]} "
+                         "(other lora.target_modules?)")
     result = set_peft_model_state_dict(unet, state)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise InputError(f"LoRA checkpoint has keys the UNet's adapter lacks, e.g. {unexpected[:3]}")
+
+
+def peft_state_dict_of_file(lora: str | Path) -> dict[str, torch.Tensor]:
+    """A diffusers-format UNet LoRA file (or its directory) as the PEFT state dict
+    :func:`load_lora_state_dict` takes (``unet.X.lora.down.weight`` -> ``X.lora_A.weight``).
+
+    Raises:
+        InputError: not a LoRA file, or keys that are not UNet LoRA down/up weights.
+    """
+    path = check_lora_file(lora)
+    out = {}
+    for key, value in load_file(str(path)).items():
+        if not key.startswith("unet.") or not key.endswith((".lora.down.weight", ".lora.up.weight")):
+            raise InputError(f"{path}: key {key!r} is not a UNet LoRA weight (expected unet.<module>.lora.down/up.weight)")
+        name = key[len("unet."):].replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight")
+        out[name] = value.float()
+    return out
 
 
 def save_lora_weights(unet: torch.nn.Module, pipeline_class: Any, out_dir: str | Path) -> Path:

@@ -68,15 +68,27 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda d: int(d.name.split("_")[1]))
 
 
-def prepare(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+def prepare(run_dir: Path, resume: bool | str, overwrite: bool) -> Path | None:
     """Check that the folder may be used this way and clear what ``overwrite`` replaces.
+
+    Args:
+        resume: False, True / ``"latest"`` (the folder's last checkpoint), or the path of one
+            checkpoint directory (``RUN/checkpoints/step_000020``).
 
     Returns:
         The checkpoint to resume from, or None (start at step 0).
 
     Raises:
-        InputError: the folder holds a run and neither ``resume`` nor ``overwrite`` was given.
+        InputError: the folder holds a run and neither ``resume`` nor ``overwrite`` was given, or
+            the named checkpoint does not exist.
     """
+    if isinstance(resume, str) and resume != "latest":
+        ckpt = Path(resume)
+        if not (ckpt / "state.json").is_file():
+            raise InputError(f"--resume {resume}: not a checkpoint directory (expected {ckpt / 'state.json'})")
+        if overwrite:
+            raise InputError("--resume and --overwrite exclude each other: continue the run or replace it")
+        return ckpt
     if resume and overwrite:
         raise InputError("--resume and --overwrite exclude each other: continue the run or replace it")
     used = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
@@ -107,6 +119,15 @@ def truncate_log(log_path: Path, step: int) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             break  # a line cut by a kill: nothing after it is trusted
     atomic_write_text(log_path, "".join(line + "\n" for line in keep))
+
+
+def file_sha256(path: Path) -> str:
+    """Streamed sha256 of a file (first 16 hex digits)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def run_fields(config: Config, prompts: list[str], model: dict[str, str]) -> dict[str, Any]:

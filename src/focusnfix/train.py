@@ -46,9 +46,11 @@ from focusnfix.files import atomic_write_text
 from focusnfix.images import grid, overlay, save_png
 from focusnfix.lora import (
     add_lora,
+    check_lora_file,
     load_lora_state_dict,
     lora_parameters,
     lora_state_dict,
+    peft_state_dict_of_file,
     replace_dir,
     save_lora_weights,
 )
@@ -168,6 +170,9 @@ class FocusNFixTrainer:
         # same LoRA init on every process and every run (PEFT draws lora_A from the global RNG)
         torch.manual_seed(tc.seed)
         self.params = add_lora(self.backbone.unet, lc.rank, lc.alpha, lc.target_modules, lc.dropout)
+        if lc.init_from:  # continue from an existing LoRA (its file's hash is part of the run's identity)
+            load_lora_state_dict(self.backbone.unet, peft_state_dict_of_file(lc.init_from))
+            self.run_fields["lora"]["init_from_sha256"] = rundir.file_sha256(check_lora_file(lc.init_from))
         # The optimizer is not passed through accelerator.prepare: the UNet is not wrapped in DDP
         # (LoRA gradients are averaged explicitly in _sync_gradients, which works for any number
         # of UNet calls per backward) and the fp16 loss scaler is ours, so a skipped update always
@@ -400,7 +405,7 @@ class FocusNFixTrainer:
                 torch.cuda.set_rng_state_all(rng["cuda"])
         self.step = int(state["step"])
 
-    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
+    def _prepare_run_dir(self, resume: bool | str, overwrite: bool) -> None:
         main = self.accelerator.is_main_process
         if main:
             ckpt = rundir.prepare(self.run_dir, resume, overwrite)
@@ -409,13 +414,17 @@ class FocusNFixTrainer:
             atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))
             self.cache.open()
         self.accelerator.wait_for_everyone()
-        ckpts = rundir.checkpoint_dirs(self.run_dir) if resume else []
-        if ckpts:
-            self.load_checkpoint(ckpts[-1])
+        if isinstance(resume, str) and resume != "latest":
+            chosen: Path | None = Path(resume)
+        else:
+            ckpts = rundir.checkpoint_dirs(self.run_dir) if resume else []
+            chosen = ckpts[-1] if ckpts else None
+        if chosen is not None:
+            self.load_checkpoint(chosen)
         if main:
             rundir.truncate_log(self.log_path, self.step)  # a resume rewrites the steps after its checkpoint
-            if ckpts:
-                print(f"resuming from {ckpts[-1]} (step {self.step})")
+            if chosen is not None:
+                print(f"resuming from {chosen} (step {self.step})")
             elif resume:
                 print(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
         self.accelerator.wait_for_everyone()
@@ -445,12 +454,13 @@ class FocusNFixTrainer:
                 tracker.log_images({tag: [array]}, step=self.step)
 
     # -- the loop --------------------------------------------------------------------------------
-    def train(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    def train(self, resume: bool | str = False, overwrite: bool = False) -> TrainResult:
         """Train to ``train.steps``.
 
         Args:
-            resume: continue from the run folder's last checkpoint (its config, prompts and
-                model must match; a run without a checkpoint starts again at step 0).
+            resume: continue from the run folder's last checkpoint (True or ``"latest"``) or from
+                the checkpoint directory at this path (its config, prompts and model must match;
+                a run without a checkpoint starts again at step 0).
             overwrite: replace a run already in the folder (its reference cache is kept and
                 reused where its items still match).
 
