@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from focusnfix.config import config_from_dict
+from focusnfix.errors import InputError
 from focusnfix.train import FocusNFixTrainer
 
 from conftest import base_config
@@ -17,8 +18,12 @@ def test_tensorboard_scalars_equal_the_log(tiny_sd_dir, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=3, report_to="tensorboard")
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=3, report_to="tensorboard", validation_every=2)
+    cfg["data"]["validation_prompts"] = ["a green triangle"]
+    cfg["data"]["validation_seeds"] = [5, 6]
     FocusNFixTrainer(config_from_dict(cfg), progress=False).train()
+    for name in ("validation_step_000002.png", "validation_final.png"):  # base above current, 2 seeds
+        assert (tmp_path / "run" / "samples" / name).is_file()
     records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     events = list((tmp_path / "run" / "trackers").rglob("events.out.tfevents.*"))
     assert events
@@ -28,7 +33,11 @@ def test_tensorboard_scalars_equal_the_log(tiny_sd_dir, tmp_path):
         assert key in tags, key
         logged = [(e.step, e.value) for e in acc.Scalars(key)]
         assert logged == [(r["step"], pytest.approx(r[key], rel=1e-6, abs=1e-12)) for r in records], key
-    assert "samples" in acc.Tags()["images"]  # the final sample grid
+    assert {"samples", "validation"} <= set(acc.Tags()["images"])  # the sample and validation grids
+    assert [e.step for e in acc.Images("validation")] == [2, 3]
+    cfg["data"]["validation_prompts"] = ["a red circle"]  # a training prompt: refused
+    with pytest.raises(InputError, match="never be trained on"):
+        FocusNFixTrainer(config_from_dict(cfg), progress=False)
 
 
 @pytest.mark.slow

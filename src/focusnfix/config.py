@@ -126,6 +126,13 @@ class DataConfig(_Section):
     prompts_file: str | None = Field(None, description="text file with one prompt per line ('toy:train' = toy world).")
     seeds_per_prompt: int = Field(4, ge=1, description="initial-noise seeds per prompt.")
     seed_offset: int = Field(0, ge=0, description="seeds are seed_offset .. seed_offset + seeds_per_prompt - 1.")
+    validation_prompts: list[str] | None = Field(
+        None,
+        description="prompts never trained on, sampled every train.validation_every steps at fixed seeds, the base "
+        "model's image above the current one (samples/validation_*.png and the tracker).",
+    )
+    validation_seeds: list[int] = Field(default_factory=lambda: [10_000], min_length=1,
+                                        description="initial-noise seeds of the validation images.")
     cache_on_disk: bool = Field(
         True,
         description="store the reference cache (Î0, latents, heatmap, mask per prompt and seed) under "
@@ -148,6 +155,10 @@ class DataConfig(_Section):
             raise ValueError("give exactly one of data.prompts or data.prompts_file")
         if self.prompts is not None and (not self.prompts or any(not p.strip() for p in self.prompts)):
             raise ValueError("data.prompts must be a non-empty list of non-empty strings")
+        if self.validation_prompts is not None and (
+            not self.validation_prompts or any(not p.strip() for p in self.validation_prompts)
+        ):
+            raise ValueError("data.validation_prompts must be a non-empty list of non-empty strings (or unset)")
         return self
 
 
@@ -175,6 +186,7 @@ class TrainConfig(_Section):
     sample_every: int = Field(0, ge=0, description="save a sample grid every N steps (0 = only at the end).")
     num_sample_images: int = Field(4, ge=1, description="pool items shown in sample grids.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: what accelerate picks.")
+    validation_every: int = Field(0, ge=0, description="sample data.validation_prompts every N steps (0 = only at the end).")
     report_to: Literal["none", "tensorboard", "wandb"] = Field(
         "none",
         description="experiment tracker (through accelerate): every numeric field of each step's log record and "

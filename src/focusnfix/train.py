@@ -141,6 +141,10 @@ class FocusNFixTrainer:
         self.progress = progress
         self.run_dir = Path(tc.output_dir)
         self.prompts = resolve_prompts(config.data)
+        trained_on = set(self.prompts) & set(config.data.validation_prompts or [])
+        if trained_on:
+            raise InputError(f"data.validation_prompts must never be trained on; {len(trained_on)} of them are "
+                             f"training prompts too, e.g. {sorted(trained_on)[0]!r}")
         seeds = range(config.data.seed_offset, config.data.seed_offset + config.data.seeds_per_prompt)
         self.pool: list[tuple[str, int]] = [(p, s) for p in self.prompts for s in seeds]
         n_proc = self.accelerator.num_processes
@@ -443,6 +447,21 @@ class FocusNFixTrainer:
         self._log_image("samples", picture)
         return save_png(picture, self.run_dir / "samples" / f"{name}.png")
 
+    def save_validation(self, name: str) -> Path | None:
+        """Base (top row) and current (bottom row) images of ``data.validation_prompts`` x seeds."""
+        dc = self.config.data
+        if not dc.validation_prompts or not self.accelerator.is_main_process:
+            return None
+        prompts = [p for p in dc.validation_prompts for _ in dc.validation_seeds]
+        seeds = [s for _ in dc.validation_prompts for s in dc.validation_seeds]
+        with torch.no_grad(), self.accelerator.autocast():
+            now = sample(self.backbone, prompts, seeds, self.options).images.float()
+            with self.backbone.adapters_disabled():
+                base = sample(self.backbone, prompts, seeds, self.options).images.float()
+        picture = grid([base.cpu(), now.cpu()], scale=2)
+        self._log_image("validation", picture)
+        return save_png(picture, self.run_dir / "samples" / f"validation_{name}.png")
+
     def _log_image(self, tag: str, array: np.ndarray) -> None:
         """Send an ``(H, W, 3)`` uint8 image (a :func:`focusnfix.images.grid`) to the trackers, if any."""
         if self.config.train.report_to == "none" or not self.accelerator.is_main_process:
@@ -480,6 +499,7 @@ class FocusNFixTrainer:
             if main:
                 save_lora_weights(self.backbone.unet, type(self.backbone.pipe), lora_dir)
             self.save_samples("final")
+            self.save_validation("final")
             self.accelerator.wait_for_everyone()
         finally:
             if lock is not None:
@@ -513,6 +533,8 @@ class FocusNFixTrainer:
                     self.save_checkpoint()
                 if tc.sample_every and self.step % tc.sample_every == 0:
                     self.save_samples(f"step_{self.step:06d}")
+                if tc.validation_every and self.step % tc.validation_every == 0:
+                    self.save_validation(f"step_{self.step:06d}")
         finally:
             bar.close()
             if log is not None:
