@@ -91,3 +91,38 @@ def test_cli_export(tiny_sd_dir, tmp_path, capsys):
     assert all(float(v) == 2.0 for k, v in state.items() if k.endswith(".alpha"))
     assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "LoRA weights not found" in capsys.readouterr().err
+
+
+def test_push_dry_run_writes_the_card_lora_samples_and_metrics(tiny_sd_dir, tmp_path):
+    import json
+
+    import yaml
+
+    from focusnfix.cli import main
+
+    from conftest import base_config
+
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    cfg = base_config(str(tiny_sd_dir), str(run))
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    bb = load_backbone(str(tiny_sd_dir))
+    _random_lora(bb.unet, 4, 4.0)
+    save_lora_weights(bb.unet, type(bb.pipe), run / "lora")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(run / "samples" / "final.png")
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    stat = {"mean": 0.5, "ci95": [0.4, 0.6]}
+    (ev / "metrics.json").write_text(json.dumps({"aspect": "bright", "n_images": 4, "methods": {
+        "base": {"target_reward": stat}, "focusnfix": {"removal_share": stat, "outside_psnr": stat}}}))
+    out = tmp_path / "upload"
+    assert main(["push", str(run), "--repo-id", "me/fnf-lora", "--eval", str(ev), "--dry-run", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"README.md", "pytorch_lora_weights.safetensors", "samples.png",
+                                              "metrics_summary.json"}
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "library_name: diffusers" in card
+    assert "Focus-N-Fix" in card and "beta (regional constraint) | 1" in card and "K = 2" in card
+    assert "| focusnfix | 0.5 [0.4, 0.6]" in card and 'pipe.load_lora_weights("me/fnf-lora")' in card
+    assert main(["push", str(run), "--repo-id", "no-slash", "--dry-run", str(out)]) == 2

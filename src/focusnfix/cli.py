@@ -1,6 +1,6 @@
 """Command-line interface: every ``focusnfix`` command and its flags, in one parser.
 
-    focusnfix [--threads N] train | sample | mask | demo | eval | votes | report | rate | sweep | export
+    focusnfix [--threads N] train | sample | mask | demo | eval | votes | report | rate | sweep | export | push
     focusnfix [--threads N] toyworld build | path | stats | calibrate
     focusnfix [--threads N] rahf train | eval
 
@@ -26,7 +26,8 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 from focusnfix.errors import InputError  # noqa: E402
 
 #: the commands, in the order ``focusnfix --help`` lists them
-COMMANDS = ("train", "sample", "mask", "demo", "eval", "votes", "report", "rate", "sweep", "export", "toyworld", "rahf")
+COMMANDS = ("train", "sample", "mask", "demo", "eval", "votes", "report", "rate", "sweep", "export", "push", "toyworld",
+            "rahf")
 
 
 def positive_int(text: str) -> int:
@@ -158,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha, only for files without adapter metadata")
     p.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size)")
     p.set_defaults(func="cmd_export")
+
+    p = sub.add_parser("push", help="upload a run's LoRA with a model card to the Hugging Face Hub")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--repo-id", required=True, help="USER/NAME on the Hub")
+    p.add_argument("--eval", default=None, help="an evaluation directory whose metrics go into the card")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--dry-run", metavar="DIR", default=None, help="only write the upload folder to DIR")
+    p.set_defaults(func="cmd_push")
 
     tw = sub.add_parser("toyworld", help="the embedded toy world: build, locate, measure")
     tw_sub = tw.add_subparsers(dest="toyworld_command", required=True)

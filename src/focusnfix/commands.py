@@ -332,6 +332,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from focusnfix.hub import push, upload_folder_for
+
+    if args.dry_run:
+        folder = upload_folder_for(args.run, args.repo_id, args.dry_run, args.eval)
+        print(f"wrote the upload folder {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))})")
+        return 0
+    print(push(args.run, args.repo_id, args.eval, private=args.private))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # toyworld build | path | stats
 # ---------------------------------------------------------------------------------------------

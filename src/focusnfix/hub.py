@@ -1,0 +1,138 @@
+"""Share a run on the Hugging Face Hub: the LoRA, a model card and a sample grid.
+
+:func:`upload_folder_for` builds the folder that is uploaded (``README.md`` = the model card,
+``pytorch_lora_weights.safetensors``, ``samples.png``, ``metrics_summary.json`` when an
+evaluation exists); :func:`push` uploads it with ``huggingface_hub``. The card says what a user
+needs to reproduce or judge the LoRA: base model and revision, aspects, beta, K, steps, the mask
+settings, the evaluation's headline numbers, and how to load it.
+
+The upload itself is untested here (no network); the folder's content is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from focusnfix.config import load_config
+from focusnfix.errors import InputError
+from focusnfix.files import atomic_write_text
+from focusnfix.lora import LORA_WEIGHT_NAME, check_lora_file
+
+_SUMMARY_KEYS = ("removal_share", "new_defect_share", "hack_gap", "others_degraded_share", "outside_psnr",
+                 "target_reward")
+
+
+def _summary(eval_dir: Path | None) -> dict[str, Any] | None:
+    if eval_dir is None or not (eval_dir / "metrics.json").is_file():
+        return None
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    return {
+        "aspect": metrics.get("aspect"),
+        "n_images": metrics.get("n_images"),
+        "methods": {name: {k: m.get(k) for k in _SUMMARY_KEYS if m.get(k) is not None}
+                    for name, m in metrics.get("methods", {}).items()},
+    }
+
+
+def _fmt(stat: Any) -> str:
+    if not isinstance(stat, dict) or stat.get("mean") is None:
+        return "–"
+    lo, hi = stat["ci95"]
+    return f"{stat['mean']:.3g} [{lo:.3g}, {hi:.3g}]"
+
+
+def model_card(run_dir: Path, repo_id: str, summary: dict[str, Any] | None) -> str:
+    """The README.md of the upload: YAML front matter the Hub reads, then the run's facts."""
+    config = load_config(run_dir / "config.yaml", [])
+    m, s, o, t = config.model, config.sampling, config.objective, config.train
+    aspects = ", ".join(f"{a.name or a.args.get('aspect', a.type)} ({a.type}, weight {a.weight:g})" for a in config.aspects)
+    method = "Focus-N-Fix" if o.beta > 0 else "DRaFT (beta = 0)"
+    lines = [
+        "---",
+        f"base_model: {m.path}",
+        "library_name: diffusers",
+        "tags: [lora, text-to-image, diffusers, focusnfix, reward-fine-tuning]",
+        "---",
+        "",
+        f"# {repo_id}",
+        "",
+        f"A LoRA trained with **{method}** (region-aware reward fine-tuning, focusnfix) on `{m.path}`"
+        + (f" at revision `{m.revision}`" if m.revision else "") + ".",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| aspects | {aspects} |",
+        f"| beta (regional constraint) | {o.beta:g} ({o.norm}, {o.space} space) |",
+        f"| gradient | {s.grad_mode}, K = {s.k}, {s.num_inference_steps} DDIM steps, guidance {s.guidance_scale:g} |",
+        f"| training | {t.steps} steps, batch {t.batch_size}, learning rate {t.learning_rate:g}, seed {t.seed} |",
+        f"| LoRA | rank {config.lora.rank}, alpha {config.lora.alpha or config.lora.rank:g}, "
+        f"modules {', '.join(config.lora.target_modules)} |",
+        f"| mask | {config.mask.threshold_mode} threshold {config.mask.threshold:g}, dilation {config.mask.dilate_px} px, "
+        f"feather {config.mask.feather_px:g} px |",
+        "",
+    ]
+    if summary:
+        lines += [f"## Evaluation ({summary['n_images']} images, target aspect {summary['aspect']})", "",
+                  "| method | " + " | ".join(_SUMMARY_KEYS) + " |", "|---|" + "---|" * len(_SUMMARY_KEYS)]
+        for name, vals in summary["methods"].items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(vals.get(k)) for k in _SUMMARY_KEYS) + " |")
+        lines += ["", "Mean [95% interval]; definitions in focusnfix's docs/evaluation.md.", ""]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from diffusers import DiffusionPipeline",
+        "",
+        f'pipe = DiffusionPipeline.from_pretrained("{m.path}")',
+        f'pipe.load_lora_weights("{repo_id}")',
+        "```",
+        "",
+        "For ComfyUI / AUTOMATIC1111: `focusnfix export RUN --format kohya --out lora.safetensors`.",
+        "",
+    ]
+    if (run_dir / "samples" / "final.png").is_file():
+        lines += ["![samples: mask, base, fine-tuned, difference](samples.png)", ""]
+    return "\n".join(lines)
+
+
+def upload_folder_for(run_dir: str | Path, repo_id: str, out: str | Path, eval_dir: str | Path | None = None) -> Path:
+    """Write the folder to upload (model card, LoRA, samples, metrics summary) to ``out``."""
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / "config.yaml").is_file():
+        raise InputError(f"{run_dir} is not a run directory (no config.yaml)")
+    lora = check_lora_file(run_dir / "lora")
+    if not repo_id or repo_id.count("/") != 1:
+        raise InputError(f"--repo-id must look like USER/NAME, got {repo_id!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(lora, out / LORA_WEIGHT_NAME)
+    if (run_dir / "samples" / "final.png").is_file():
+        shutil.copy2(run_dir / "samples" / "final.png", out / "samples.png")
+    summary = _summary(Path(eval_dir) if eval_dir else None)
+    if summary:
+        atomic_write_text(out / "metrics_summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "README.md", model_card(run_dir, repo_id, summary))
+    return out
+
+
+def push(run_dir: str | Path, repo_id: str, eval_dir: str | Path | None = None, private: bool = False,
+         token: str | None = None) -> str:
+    """Create ``repo_id`` (if needed) and upload the run's folder; returns the commit URL.
+
+    Untested here (no network): it calls ``huggingface_hub.create_repo`` and ``upload_folder``.
+    """
+    import tempfile
+
+    from huggingface_hub import create_repo, upload_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = upload_folder_for(run_dir, repo_id, tmp, eval_dir)
+        create_repo(repo_id, private=private, exist_ok=True, token=token)
+        info = upload_folder(repo_id=repo_id, folder_path=str(folder), token=token,
+                             commit_message="focusnfix: LoRA, model card and samples")
+    return str(info)
+
+
+__all__ = ["model_card", "push", "upload_folder_for"]
