@@ -190,3 +190,17 @@ def test_merged_lora_gives_the_unmerged_images_and_restores_the_base_weights(bac
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
     for h in hooks:
         h.remove()
+
+
+def test_sampling_after_the_adapters_were_deleted(backbone):
+    """Deleting an adapter leaves empty PEFT wrappers: the merged path must then run the plain
+    model (what evaluation does after each method's LoRA is unloaded)."""
+    add_lora(backbone.unet, rank=4)
+    _perturb_lora(backbone.unet, scale=0.2)
+    opts = SamplingOptions(num_inference_steps=3, guidance_scale=3.0)
+    with torch.no_grad(), backbone.adapters_disabled():
+        frozen = sample(backbone, PROMPTS, SEEDS, opts).images
+    backbone.unet.delete_adapters(["default"])
+    with torch.no_grad():
+        after = sample(backbone, PROMPTS, SEEDS, opts).images
+    assert torch.equal(after, frozen)

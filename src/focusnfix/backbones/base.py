@@ -153,9 +153,12 @@ class Backbone(ABC):
         """
         from peft.tuners.lora import LoraLayer
 
-        layers = [m for m in self.unet.modules() if isinstance(m, LoraLayer)]
-        mergeable = bool(layers) and not any(
-            m.disable_adapters or m.merged or any(m.use_dora.get(a, False) for a in m.active_adapters) for m in layers
+        # layers whose active adapters are present (deleted adapters leave empty PEFT wrappers behind)
+        layers = [(m, [a for a in m.active_adapters if a in m.lora_A])
+                  for m in self.unet.modules() if isinstance(m, LoraLayer)]
+        layers = [(m, active) for m, active in layers if active]
+        mergeable = bool(layers) and bool(getattr(self.unet, "peft_config", None)) and not any(
+            m.disable_adapters or m.merged or any(m.use_dora.get(a, False) for a in active) for m, active in layers
         )
         if not mergeable:
             yield
@@ -163,10 +166,7 @@ class Backbone(ABC):
         saved = []
         try:
             with torch.no_grad():
-                for m in layers:
-                    active = [a for a in m.active_adapters if a in m.lora_A]
-                    if not active:
-                        continue
+                for m, active in layers:
                     weight = m.get_base_layer().weight
                     delta = sum(m.get_delta_weight(a) for a in active)
                     saved.append((weight, weight.data))
@@ -176,8 +176,7 @@ class Backbone(ABC):
         finally:
             for weight, original in saved:
                 weight.data = original
-            if saved:
-                self.unet.enable_adapters()
+            self.unet.enable_adapters()
 
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
