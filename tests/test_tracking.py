@@ -65,3 +65,30 @@ def test_accelerate_launch_mixed_precision_sets_the_runs_precision(tiny_sd_dir, 
 
     assert launch("from_accelerate")["mixed_precision"] == "bf16"
     assert launch("from_config", mixed_precision="no")["mixed_precision"] == "no"
+
+
+def test_prompts_from_a_datasets_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from focusnfix.config import ConfigError, resolve_prompts
+
+    ds = datasets.Dataset.from_dict({"text": ["a red circle", "a blue square", ""], "id": [1, 2, 3]})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "p.jsonl").write_text('{"text": "a green triangle"}\n{"text": "a grey star"}\n')
+
+    def data(**kw):
+        return config_from_dict({"aspects": [{"type": "python", "args": {"target": "x:y"}}],
+                                 "data": {"prompts_column": "text", **kw}}).data
+
+    assert resolve_prompts(data(prompts_dataset=str(tmp_path / "saved"))) == ["a red circle", "a blue square"]
+    assert resolve_prompts(data(prompts_dataset=str(tmp_path / "p.jsonl"))) == ["a green triangle", "a grey star"]
+    with pytest.raises(ConfigError, match="not a column"):
+        resolve_prompts(config_from_dict({"aspects": [{"type": "python", "args": {"target": "x:y"}}],
+                                          "data": {"prompts_dataset": str(tmp_path / "saved")}}).data)
+    with pytest.raises(ConfigError, match="exactly one"):
+        data(prompts_dataset=str(tmp_path / "saved"), prompts=["x"])
+
+
+def test_8bit_adamw_is_refused_on_the_cpu_with_a_clear_error(tiny_sd_dir, tmp_path):
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"), optimizer="adamw_8bit")
+    with pytest.raises(InputError, match="adamw_8bit needs a CUDA GPU"):
+        FocusNFixTrainer(config_from_dict(cfg), progress=False)

@@ -124,6 +124,13 @@ class DataConfig(_Section):
 
     prompts: list[str] | None = Field(None, description="training prompts (or use prompts_file).")
     prompts_file: str | None = Field(None, description="text file with one prompt per line ('toy:train' = toy world).")
+    prompts_dataset: str | None = Field(
+        None,
+        description="a Hugging Face `datasets` dataset: a folder written by save_to_disk, a data file "
+        "(csv, json, jsonl, parquet, txt) or a hub id; needs the datasets extra.",
+    )
+    prompts_column: str = Field("prompt", min_length=1, description="the dataset's column that holds the prompts.")
+    prompts_split: str = Field("train", min_length=1, description="the dataset's split.")
     seeds_per_prompt: int = Field(4, ge=1, description="initial-noise seeds per prompt.")
     seed_offset: int = Field(0, ge=0, description="seeds are seed_offset .. seed_offset + seeds_per_prompt - 1.")
     validation_prompts: list[str] | None = Field(
@@ -151,8 +158,8 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
-        if (self.prompts is None) == (self.prompts_file is None):
-            raise ValueError("give exactly one of data.prompts or data.prompts_file")
+        if sum(x is not None for x in (self.prompts, self.prompts_file, self.prompts_dataset)) != 1:
+            raise ValueError("give exactly one of data.prompts, data.prompts_file or data.prompts_dataset")
         if self.prompts is not None and (not self.prompts or any(not p.strip() for p in self.prompts)):
             raise ValueError("data.prompts must be a non-empty list of non-empty strings")
         if self.validation_prompts is not None and (
@@ -170,6 +177,9 @@ class TrainConfig(_Section):
     batch_size: int = Field(4, ge=1, description="global images per micro-batch, split across processes.")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step.")
     learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw", description="adamw (torch) or adamw_8bit (bitsandbytes, CUDA only: the bnb extra)."
+    )
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (DRaFT: 0.1).")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warmup.")
@@ -292,10 +302,43 @@ def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
+def _dataset_prompts(data: DataConfig, base_dir: Path | None) -> list[str]:
+    """The prompts column of a ``datasets`` dataset (a save_to_disk folder, a data file or a hub id)."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ConfigError("data.prompts_dataset needs the 'datasets' package: pip install 'focusnfix[datasets]'") from err
+    spec = data.prompts_dataset
+    assert spec is not None
+    path = Path(spec)
+    if not path.exists() and base_dir is not None and (base_dir / spec).exists():
+        path = base_dir / spec
+    suffixes = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+    try:
+        if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(str(path))
+            ds = ds[data.prompts_split] if isinstance(ds, datasets.DatasetDict) else ds
+        elif path.is_file() and path.suffix in suffixes:
+            ds = datasets.load_dataset(suffixes[path.suffix], data_files=str(path), split=data.prompts_split)
+        else:
+            ds = datasets.load_dataset(spec, split=data.prompts_split)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as err:
+        raise ConfigError(f"data.prompts_dataset {spec!r} (split {data.prompts_split!r}) cannot be read: {err}") from err
+    if data.prompts_column not in ds.column_names:
+        raise ConfigError(f"data.prompts_column {data.prompts_column!r} is not a column of {spec!r}; "
+                          f"it has {ds.column_names}")
+    prompts = [str(p) for p in ds[data.prompts_column] if p is not None and str(p).strip()]
+    if not prompts:
+        raise ConfigError(f"data.prompts_dataset {spec!r}: column {data.prompts_column!r} holds no non-empty prompt")
+    return prompts
+
+
 def resolve_prompts(data: DataConfig, base_dir: Path | None = None) -> list[str]:
-    """The training prompts: the inline list, a file (one per line), or ``toy:train``/``toy:heldout``."""
+    """The training prompts: the inline list, a file (one per line), ``toy:<split>``, or a ``datasets`` dataset."""
     if data.prompts is not None:
         return list(data.prompts)
+    if data.prompts_dataset is not None:
+        return _dataset_prompts(data, base_dir)
     assert data.prompts_file is not None
     if data.prompts_file.startswith("toy:"):
         split = data.prompts_file.split(":", 1)[1]

@@ -181,7 +181,7 @@ class FocusNFixTrainer:
         # (LoRA gradients are averaged explicitly in _sync_gradients, which works for any number
         # of UNet calls per backward) and the fp16 loss scaler is ours, so a skipped update always
         # goes through it (scaler.step skips, scaler.update lowers the scale).
-        self.optimizer = torch.optim.AdamW(self.params, lr=tc.learning_rate, betas=tc.adam_betas, weight_decay=tc.weight_decay)
+        self.optimizer = _optimizer(tc, self.params, self.accelerator.device)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(tc.lr_scheduler, tc.warmup_steps, tc.steps))
         fp16 = "fp16" in (tc.mixed_precision, self.accelerator.mixed_precision)
         self.scaler = torch.amp.GradScaler(self.accelerator.device.type, enabled=fp16)
@@ -541,6 +541,19 @@ class FocusNFixTrainer:
                 log.close()
             if tracking:
                 self.accelerator.end_training()
+
+
+def _optimizer(tc: Any, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (its states in 8 bits: a quarter of the optimizer memory)."""
+    if tc.optimizer == "adamw_8bit":
+        if device.type != "cuda":
+            raise InputError(f"train.optimizer adamw_8bit needs a CUDA GPU (bitsandbytes); this run is on {device.type}")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise InputError("train.optimizer adamw_8bit needs bitsandbytes: pip install 'focusnfix[bnb]'") from err
+        return bnb.optim.AdamW8bit(params, lr=tc.learning_rate, betas=tc.adam_betas, weight_decay=tc.weight_decay)
+    return torch.optim.AdamW(params, lr=tc.learning_rate, betas=tc.adam_betas, weight_decay=tc.weight_decay)
 
 
 def _flat_scalars(tree: Any, prefix: str = "") -> dict[str, Any]:
