@@ -24,7 +24,6 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -83,20 +83,6 @@ def batch_indices(pool_size: int, batch_size: int, seed: int, step: int, micro: 
     when the pool is large enough, so resume and multi-process runs see the same batches."""
     rng = np.random.default_rng([seed, step, micro])
     return rng.choice(pool_size, size=batch_size, replace=pool_size < batch_size).tolist()
-
-
-def _lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
-    def fn(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return fn
 
 
 def _warn_long_prompts(backbone: Backbone, prompts: list[str]) -> None:
@@ -182,7 +168,10 @@ class FocusNFixTrainer:
         # of UNet calls per backward) and the fp16 loss scaler is ours, so a skipped update always
         # goes through it (scaler.step skips, scaler.update lowers the scale).
         self.optimizer = _optimizer(tc, self.params, self.accelerator.device)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(tc.lr_scheduler, tc.warmup_steps, tc.steps))
+        # diffusers' schedules (what its training examples use); "constant" with warmup is its constant_with_warmup
+        kind = "constant_with_warmup" if tc.lr_scheduler == "constant" and tc.warmup_steps else tc.lr_scheduler
+        self.lr_scheduler = get_scheduler(kind, self.optimizer, num_warmup_steps=tc.warmup_steps,
+                                          num_training_steps=tc.steps)
         fp16 = "fp16" in (tc.mixed_precision, self.accelerator.mixed_precision)
         self.scaler = torch.amp.GradScaler(self.accelerator.device.type, enabled=fp16)
 
