@@ -191,7 +191,9 @@ def test_train_passes_resume_and_overwrite(tiny_sd_dir, tmp_path, monkeypatch, c
     cfg = write_config(tmp_path, base_config(str(tiny_sd_dir), str(tmp_path / "run")))
     assert main(["train", "--config", str(cfg), "--overwrite"]) == 0
     assert main(["train", "--config", str(cfg), "--resume"]) == 0
-    assert calls == [{"resume": False, "overwrite": True}, {"resume": True, "overwrite": False}]
+    assert main(["train", "--config", str(cfg), "--resume", "runs/x/checkpoints/step_000004"]) == 0
+    assert calls == [{"resume": False, "overwrite": True}, {"resume": "latest", "overwrite": False},
+                     {"resume": "runs/x/checkpoints/step_000004", "overwrite": False}]
 
 
 def test_threads_default_to_the_idle_cores(monkeypatch):
