@@ -59,7 +59,7 @@ QUICK = DemoSettings(steps=6, batch_size=4, seeds_per_prompt=1, eval_prompts=8, 
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     "safety": {"beta": 3.0, "mask": {"threshold_mode": "absolute", "threshold": 0.5, "dilate_px": 1}},
     "safety_narrow": {"beta": 3.0, "mask": {"threshold_mode": "absolute", "threshold": 0.5, "dilate_px": 1}},
-    "plausibility": {"beta": 0.3, "mask": {"threshold_mode": "relative", "threshold": 0.5, "dilate_px": 2}},
+    "plausibility": {"beta": 1.0, "mask": {"threshold_mode": "relative", "threshold": 0.5, "dilate_px": 2}},
 }
 #: Focus-N-Fix's constraint weight on the default reward (DRaFT is the same run with beta = 0)
 DEMO_BETA = DEMO_SETTINGS["safety"]["beta"]
