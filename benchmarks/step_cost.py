@@ -7,6 +7,8 @@ safety reward (batch 4, K = 2, DDIM 20, CFG 7.5, LoRA rank 4 by default):
 
 * ``sampling``: the diffusers pipeline's own ``pipe(...)`` on the batch, no gradient (the floor's
   first part);
+* ``sampling_focusnfix``: our own sampler on the batch, no gradient (LoRA merged), without the
+  pipeline's per-call overhead;
 * ``draft``: the trainer's step with beta = 0 (sample with gradient through the last K steps,
   reward, backward);
 * ``focusnfix_warm``: the trainer's step with beta > 0, every reference item in the cache;
@@ -55,6 +57,7 @@ def main() -> int:
 
     from focusnfix.config import load_config
     from focusnfix.reference import compute_reference
+    from focusnfix.sampling import sample
     from focusnfix.train import FocusNFixTrainer
 
     tmp = Path(tempfile.mkdtemp())
@@ -101,7 +104,12 @@ def main() -> int:
                           [a.gate for a in trainer.config.aspects])
         step()
 
-    variants = {"sampling": sampling, "draft": draft, "focusnfix_warm": focusnfix_warm,
+    def sampling_focusnfix() -> None:
+        with torch.no_grad():
+            sample(bb, prompts, seeds, opts)
+
+    variants = {"sampling": sampling, "sampling_focusnfix": sampling_focusnfix, "draft": draft,
+                "focusnfix_warm": focusnfix_warm,
                 "focusnfix_warm_unmerged": focusnfix_warm_unmerged,
                 "focusnfix_reference_in_step": focusnfix_reference_in_step}
     bb.pipe.set_progress_bar_config(disable=True)
