@@ -77,9 +77,8 @@ def main() -> int:
                 p.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
     trainer.cache.get(prompts, seeds)  # warm
 
-    def step() -> None:
-        trainer.loss_on(1, 0)["loss"].backward()
-        trainer.optimizer.zero_grad(set_to_none=True)
+    def step() -> None:  # the whole optimizer step: forward, backward, clip, update
+        trainer.train_step(1)
 
     def sampling() -> None:
         with torch.no_grad():

@@ -76,15 +76,13 @@ def measure_k(k: int, args: argparse.Namespace, reward_model, prompts_pool: list
     def trl_alignprop() -> None:
         counter["step"] = theirs.step(0, counter["step"])
 
-    def focusnfix_draft() -> None:
+    def focusnfix_draft() -> None:  # the whole optimizer step, as trl's step: forward, backward, clip, update
         ours.config.objective.beta = 0.0
-        ours.loss_on(1, 0)["loss"].backward()
-        ours.optimizer.zero_grad(set_to_none=True)
+        ours.train_step(1)
         ours.config.objective.beta = beta
 
     def focusnfix_warm() -> None:
-        ours.loss_on(1, 0)["loss"].backward()
-        ours.optimizer.zero_grad(set_to_none=True)
+        ours.train_step(1)
 
     def sampling() -> None:
         with torch.no_grad():
