@@ -7,6 +7,7 @@ they are kept in fp32 even when the base weights are bf16/fp16.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import tempfile
@@ -102,13 +103,17 @@ def save_lora_weights(unet: torch.nn.Module, pipeline_class: Any, out_dir: str |
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    layers = convert_state_dict_to_diffusers(lora_state_dict(unet))
     metadata = unet.peft_config["default"].to_dict()
+    # UNet pipelines (SD, SDXL) take unet_lora_layers in diffusers' key format; transformer pipelines
+    # (SD3, FLUX) take transformer_lora_layers as PEFT writes them (what diffusers' training scripts do)
+    if "transformer_lora_layers" in inspect.signature(pipeline_class.save_lora_weights).parameters:
+        kwargs = {"transformer_lora_layers": lora_state_dict(unet), "transformer_lora_adapter_metadata": metadata}
+    else:
+        kwargs = {"unet_lora_layers": convert_state_dict_to_diffusers(lora_state_dict(unet)),
+                  "unet_lora_adapter_metadata": metadata}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        pipeline_class.save_lora_weights(
-            tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
-        )
+        pipeline_class.save_lora_weights(tmp, safe_serialization=True, **kwargs)
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -57,7 +57,7 @@ def initial_noise(
     shape = backbone.latent_shape(1, height, width)
     noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
     x = torch.cat(noise).to(backbone.device, dtype or backbone.dtype)
-    return x * backbone.scheduler.init_noise_sigma
+    return x * getattr(backbone.scheduler, "init_noise_sigma", 1.0)  # flow schedulers start at sigma 1
 
 
 def _image_size(backbone: Backbone, options: SamplingOptions) -> tuple[int, int]:
@@ -85,9 +85,7 @@ def denoise(
     Returns:
         ``(x0, t_last)``: the final latents and the last timestep (DRaFT-LV re-noises to it).
     """
-    sched = backbone.scheduler
-    sched.set_timesteps(options.num_inference_steps, device=latents.device)
-    timesteps = sched.timesteps
+    timesteps = backbone.set_timesteps(options.num_inference_steps, latents)
     n = len(timesteps)
     grad_allowed = torch.is_grad_enabled()
     first_grad = n - grad_steps if grad_allowed else n
@@ -117,8 +115,8 @@ def _step(
         return backbone.predict_noise(x, t, cond, options.guidance_scale)
 
     eps = checkpoint(eps_fn, latents, use_reentrant=False) if checkpoint_it else eps_fn(latents)
-    # DDIMScheduler.step with eta = 0 is a deterministic, differentiable function of eps and x_t
-    return backbone.scheduler.step(eps, t, latents, eta=0.0, return_dict=False)[0]
+    # DDIM with eta = 0 (or a flow model's Euler step) is a deterministic, differentiable function of eps and x_t
+    return backbone.scheduler_step(eps, t, latents)
 
 
 def decode(backbone: Backbone, latents: torch.Tensor, checkpoint_vae: bool = False) -> torch.Tensor:
@@ -189,12 +187,11 @@ def _renoise_last_step(
     on_unet_call: Callable[[int, bool], None] | None,
 ) -> torch.Tensor:
     """DRaFT-LV: ``lv_n`` times, re-noise the final latents to ``t_last`` and denoise once."""
-    sched = backbone.scheduler
     t = torch.tensor([t_last], device=x0.device)
     images = []
     for _ in range(options.lv_n):
         noise = torch.randn(x0.shape, generator=generator).to(x0)
-        x_t = sched.add_noise(x0.detach(), noise, t)
+        x_t = backbone.add_noise(x0.detach(), noise, t)
         if on_unet_call is not None:
             on_unet_call(options.num_inference_steps, True)
         x = _step(backbone, cond, x_t, t[0], options, checkpoint_it=options.checkpoint_unet)

@@ -10,6 +10,7 @@ from diffusers import DiffusionPipeline
 
 from focusnfix.backbones.base import Backbone, Conditioning, make_ddim_scheduler
 from focusnfix.backbones.sd import StableDiffusionBackbone
+from focusnfix.backbones.sd3 import StableDiffusion3Backbone
 from focusnfix.backbones.sdxl import StableDiffusionXLBackbone
 from focusnfix.errors import InputError
 from focusnfix.toyworld import pipeline_path
@@ -18,6 +19,7 @@ from focusnfix.toyworld import pipeline_path
 BACKBONES: dict[str, type[Backbone]] = {
     "StableDiffusionPipeline": StableDiffusionBackbone,
     "StableDiffusionXLPipeline": StableDiffusionXLBackbone,
+    "StableDiffusion3Pipeline": StableDiffusion3Backbone,
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,6 +83,7 @@ def load_backbone(
         kwargs["revision"] = revision
     if class_name in ("StableDiffusionPipeline", None):
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    kwargs.update({name: None for name in _absent_components(source)})  # e.g. SD3 saved without T5
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except OSError as err:
@@ -91,6 +94,18 @@ def load_backbone(
     pipe.set_progress_bar_config(disable=True)
     backbone = BACKBONES[name](pipe)
     return backbone.to(device)
+
+
+def _absent_components(source: str) -> list[str]:
+    """Components a local pipeline was saved without (``[null, null]`` in model_index.json)."""
+    index = Path(source) / "model_index.json"
+    if not index.is_file():
+        return []
+    try:
+        doc = json.loads(index.read_text())
+    except json.JSONDecodeError:
+        return []
+    return [k for k, v in doc.items() if not k.startswith("_") and isinstance(v, list) and v == [None, None]]
 
 
 def _pipeline_class_name(source: str) -> str | None:

@@ -106,6 +106,20 @@ class Backbone(ABC):
     def unet_inputs(self, cond: dict[str, Any], batch: int, height: int, width: int) -> dict[str, Any]:
         """Keyword arguments for ``unet(latents, t, **kwargs)`` from one conditioning dict."""
 
+    # -- the sampler (DDIM here; flow-matching backbones override these three) -------------
+    def set_timesteps(self, num_inference_steps: int, latents: torch.Tensor) -> torch.Tensor:
+        """Prepare the scheduler for a chain of ``num_inference_steps`` on ``latents``; its timesteps."""
+        self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
+        return self.scheduler.timesteps
+
+    def scheduler_step(self, model_output: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """One deterministic, differentiable sampler step x_t -> x_{t-1} (DDIM, eta = 0)."""
+        return self.scheduler.step(model_output, t, latents, eta=0.0, return_dict=False)[0]
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Noise clean latents to timestep ``t`` (DRaFT-LV's re-noising)."""
+        return self.scheduler.add_noise(x0, noise, t)
+
     # -- shared ----------------------------------------------------------------------------
     def predict_noise(
         self,
