@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from focusnfix.backbones import load_backbone
