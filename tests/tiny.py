@@ -89,3 +89,19 @@ def save_tiny_sd(path: Path, seed: int = 0) -> Path:
     pipe = tiny_sd_pipeline(path.parent, seed)
     pipe.save_pretrained(path)
     return path
+
+
+def write_t5_tokenizer(path: Path):
+    """A T5 tokenizer of :data:`WORDS` written offline (Unigram vocabulary, T5's metaspace pieces)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in WORDS]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    t5 = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+    t5.save_pretrained(path)
+    return T5TokenizerFast.from_pretrained(path)

@@ -9,6 +9,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from focusnfix.backbones.base import Backbone, Conditioning, make_ddim_scheduler
+from focusnfix.backbones.flux import FluxBackbone
 from focusnfix.backbones.sd import StableDiffusionBackbone
 from focusnfix.backbones.sd3 import StableDiffusion3Backbone
 from focusnfix.backbones.sdxl import StableDiffusionXLBackbone
@@ -20,6 +21,7 @@ BACKBONES: dict[str, type[Backbone]] = {
     "StableDiffusionPipeline": StableDiffusionBackbone,
     "StableDiffusionXLPipeline": StableDiffusionXLBackbone,
     "StableDiffusion3Pipeline": StableDiffusion3Backbone,
+    "FluxPipeline": FluxBackbone,
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
