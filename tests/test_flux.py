@@ -120,3 +120,14 @@ def test_focusnfix_on_flux_lora_loads_in_fluxpipeline_and_reproduces_sampling(ti
     theirs = _pipe_images(pipe, PROMPTS[0], SEEDS[0])
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert (theirs - plain).abs().max() > 0
+    # `focusnfix sample` with the run's LoRA (settings from the run's config.yaml) draws the same picture
+    import numpy as np
+    from PIL import Image
+
+    from focusnfix.cli import main
+
+    assert main(["sample", "--lora", str(result.lora_dir), "--prompt", PROMPTS[0], "--seed", str(SEEDS[0]),
+                 "--out", str(tmp_path / "x.png")]) == 0
+    png = np.asarray(Image.open(tmp_path / "x.png")).astype(np.int16)
+    want = (theirs[0].permute(1, 2, 0).numpy() * 255).round().astype(np.int16)
+    assert np.abs(png - want).max() <= 1
