@@ -102,7 +102,9 @@ def fmt_stat(s: Any, digits: int = 3) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# SVG plots
+# SVG plots: hand-written on purpose. The report is one self-contained HTML file that must open
+# offline; inline SVG needs no plotting dependency (matplotlib would add ~40 MB and a font cache
+# to the core install for five small line and bar plots).
 # ---------------------------------------------------------------------------------------------
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     """About ``n`` round tick values (steps of 1, 2 or 5 x 10^k) inside ``[lo, hi]``."""

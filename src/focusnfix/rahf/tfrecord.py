@@ -8,6 +8,11 @@ with ``masked(crc) = ((crc >> 15 | crc << 17) + 0xa282ead8) mod 2**32``. ``data`
 ``tf.train.Example`` protobuf, decoded here by hand (it only needs the wire format:
 ``Example{1: Features{1: map<string, Feature>}}``, ``Feature{1: BytesList, 2: FloatList,
 3: Int64List}``, each list ``{1: repeated value}``, packed or not).
+
+Why not the ``tfrecord`` package: it parses ``tf.train.Example`` through protobuf classes generated
+for one protobuf major version (a second protobuf pin next to transformers' and tensorboard's), and
+RichHF-18K needs only this small read path; this reader verifies both CRCs and is tested against
+files written byte for byte by TensorFlow's format (tests/test_rahf.py).
 """
 
 from __future__ import annotations
