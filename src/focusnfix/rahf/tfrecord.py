@@ -11,8 +11,8 @@ with ``masked(crc) = ((crc >> 15 | crc << 17) + 0xa282ead8) mod 2**32``. ``data`
 
 Why not the ``tfrecord`` package: it parses ``tf.train.Example`` through protobuf classes generated
 for one protobuf major version (a second protobuf pin next to transformers' and tensorboard's), and
-RichHF-18K needs only this small read path; this reader verifies both CRCs and is tested against
-files written byte for byte by TensorFlow's format (tests/test_rahf.py).
+RichHF-18K needs only this small read path; this reader verifies both CRCs and is tested on the
+CRC-32C check value, the framing bytes and corrupted files (tests/test_rahf.py).
 """
 
 from __future__ import annotations
