@@ -187,3 +187,14 @@ def test_blind_votes_fold_relative_to_the_base(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"rater": "r", "votes": bad}))
     with pytest.raises(InputError, match="contradicts"):
         read_votes([tmp_path / "bad.json"])
+
+
+def test_plot_ticks_are_round_and_survive_float_noise():
+    from focusnfix.report import _ticks, ema, svg_plot
+
+    assert _ticks(0.0, 1.0) == [0.0, 0.5, 1.0] and _ticks(0.475, 0.525) == [0.48, 0.5, 0.52]
+    assert _ticks(-0.467, 1.0) == [0.0, 0.5, 1.0]
+    flat = ema([0.01] * 4, 0.3)  # differs by one ulp: must not loop or produce thousands of ticks
+    assert len(_ticks(min(flat), max(flat))) <= 2
+    assert "<svg" in svg_plot([("run", [1, 2, 3, 4], flat)], "flat", "step", "value")
+    assert _ticks(1.0, 1.0) == [1.0] and _ticks(0.0, float("inf")) == [0.0]

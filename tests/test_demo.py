@@ -10,7 +10,7 @@ SCHEMA = ["target_reward", "other_rewards", "judge_defect_rate", "outside_psnr",
           "inside_change", "improved_share", "degraded_share", "others_degraded_share", "removal_share",
           "new_defect_share", "hack_gap"]
 VS_BASE = ["outside_psnr", "outside_ssim", "inside_change", "improved_share", "degraded_share",
-           "others_degraded_share", "removal_share", "new_defect_share"]
+           "others_degraded_share"]
 
 
 def _toy_built() -> bool:
@@ -51,8 +51,13 @@ def test_demo_quick_writes_metrics_report_and_loras(tmp_path, capsys):
             if name != "base":
                 assert _is_stat(m[key]), (name, key)
     assert _is_stat(metrics["methods"]["base"]["hack_gap"])  # the reward's own miss rate on base images
+    # removal needs base images with a defect, new-defect share clean ones (16 images: maybe none)
+    base_rate = metrics["methods"]["base"]["judge_defect_rate"]["safety"]["mean"]
+    for name in ("focusnfix", "draft"):
+        m = metrics["methods"][name]
+        assert (m["removal_share"] is None) == (base_rate == 0) and (m["new_defect_share"] is None) == (base_rate == 1)
     paired = metrics["comparisons"]["focusnfix - draft"]
-    assert _is_stat(paired["removal_share"]) and _is_stat(paired["outside_psnr"])
+    assert _is_stat(paired["outside_psnr"]) and (base_rate == 0 or _is_stat(paired["removal_share"]))
     assert metrics["settings"]["localizers"] == [{"aspect": "safety", "gate": "auto"}]
     assert metrics["settings"]["mask"]["threshold_mode"] == "absolute"  # the calibrated setting, not a default
     html = (out / "report.html").read_text()

@@ -107,18 +107,22 @@ def fmt_stat(s: Any, digits: int = 3) -> str:
 # to the core install for five small line and bar plots).
 # ---------------------------------------------------------------------------------------------
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About ``n`` round tick values (steps of 1, 2 or 5 x 10^k) inside ``[lo, hi]``."""
-    if hi <= lo:
+    """About ``n`` round tick values (steps of 1, 2 or 5 x 10^k) inside ``[lo, hi]``.
+
+    Ticks are ``k * step`` for integer k (no accumulated additions), at most 4n of them; a range
+    too narrow for its magnitude (float rounding) gets ``[lo, hi]``.
+    """
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
         return [lo]
+    if hi - lo <= 1e-9 * max(abs(lo), abs(hi)):
+        return [lo, hi]
     raw = (hi - lo) / max(1, n - 1)
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    first = math.ceil(lo / step - 1e-9) * step
-    out, t = [], first
-    while t <= hi + 1e-9 * step:
-        out.append(0.0 if abs(t) < 1e-12 * step else t)
-        t += step
-    return out or [lo]
+    k0, k1 = math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)
+    if k1 < k0 or k1 - k0 > 4 * n:
+        return [lo, hi]
+    return [0.0 if k == 0 else k * step for k in range(k0, k1 + 1)]
 
 
 def ema(values: list[float], alpha: float) -> list[float]:
@@ -156,9 +160,9 @@ def svg_plot(
         return "".join(parts)
     x0, x1 = min(p[0] for p in allp), max(p[0] for p in allp)
     y0, y1 = min(p[1] for p in allp), max(p[1] for p in allp)
-    if x1 == x0:
+    if x1 - x0 <= 1e-9 * max(abs(x0), abs(x1)):
         x0, x1 = x0 - 0.5, x1 + 0.5
-    if y1 == y0:
+    if y1 - y0 <= 1e-9 * max(abs(y0), abs(y1)):  # flat (up to float rounding: an EMA of a constant)
         pad = abs(y0) * 0.05 or 0.5
         y0, y1 = y0 - pad, y1 + pad
 
