@@ -91,8 +91,9 @@ def test_report_in_browser(driver, eval_dir, tmp_path):
     out = write_report(eval_dir, tmp_path / "report.html", train_logs={"focusnfix": log})
     _load(driver, out)
     loaded = _images_loaded(driver)
-    # 4 examples x (base, heatmap, mask, 2 methods x (image, diff))
-    assert len(loaded) == 4 * 7 and all(loaded)
+    # 4 examples x (base, heatmap, mask, 2 methods x (image, diff)), and the difference maps' colour bar
+    assert len(loaded) == 4 * 7 + 1 and all(loaded)
+    assert driver.find_element(By.ID, "diff-scale").is_displayed()
     assert driver.execute_script("return window.__xss") is None
     assert "<script>window.__xss=1</script>" in driver.find_element(By.ID, "examples").text
     for table in ("table-rewards", "table-change"):
