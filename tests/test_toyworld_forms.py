@@ -90,3 +90,17 @@ def test_sdedit_pairs_label_what_the_pipeline_kept():
     pixels = data["masks"][:6].flatten(1).sum(1)
     assert torch.equal(defect > 0, pixels >= MIN_DEFECT_PIXELS)
     assert data["masks"][6:].sum() == 0
+
+
+def test_pipeline_calibration_set_is_pairs_of_pipeline_outputs():
+    import pytest
+
+    from focusnfix.toyworld.calibrate import calibration_set
+
+    data = calibration_set("safety", n=8, seed=5, source="pipeline")
+    assert data["images"].shape == (8, 3, 64, 64) and data["masks"].shape == (8, 1, 64, 64)
+    assert data["masks"][4:].sum() == 0  # the fixed twins' outputs are the clean images
+    assert 0.0 <= float(data["images"].min()) and float(data["images"].max()) <= 1.0
+    assert set(data["masks"].unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="renders"):
+        calibration_set("safety", n=8, source="samples")

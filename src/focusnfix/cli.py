@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aspect", default="safety", help="toy aspect: safety, safety_narrow or plausibility")
     p.add_argument("--n", type=int, default=512, help="calibration images (training captions, about half defective)")
     p.add_argument("--min-recall", type=float, default=0.95, help="recall the chosen setting must reach")
+    p.add_argument("--source", choices=("renders", "pipeline"), default="renders",
+                   help="renders: generator renders with exact masks; pipeline: render / fixed-twin pairs "
+                        "through the base pipeline image-to-image, mask = where the outputs differ")
     p.add_argument("--out", default=None, help="also write every row as JSON here")
     p.set_defaults(func="cmd_toyworld_calibrate")
 

@@ -387,7 +387,7 @@ def cmd_toyworld_calibrate(args: argparse.Namespace) -> int:
         raise InputError(f"--aspect must be safety, safety_narrow or plausibility (localizing aspects), got {args.aspect!r}")
     if args.n < 8:
         raise InputError(f"--n must be >= 8, got {args.n}")
-    result = calibrate_aspect(args.aspect, n=args.n, min_recall=args.min_recall)
+    result = calibrate_aspect(args.aspect, n=args.n, min_recall=args.min_recall, source=args.source)
     if args.out:
         atomic_write_text(Path(args.out), json.dumps(result, indent=2))
     keys = ("recall", "area_ratio", "image_recall_95", "defect_masked_share", "clean_empty_share")
@@ -395,7 +395,8 @@ def cmd_toyworld_calibrate(args: argparse.Namespace) -> int:
     for name, loc in result["localizers"].items():
         c = loc["chosen"]
         summary[name] = {"chosen_mask": c["mask"], "gate": c["gate"], **{k: round(c[k], 4) for k in keys}}
-    print(json.dumps({"aspect": args.aspect, "n": args.n, "min_recall": args.min_recall, "localizers": summary},
+    print(json.dumps({"aspect": args.aspect, "source": args.source, "n": result["n"], "min_recall": args.min_recall,
+                      "localizers": summary},
                      indent=2))
     return 0
 

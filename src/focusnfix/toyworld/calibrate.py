@@ -29,11 +29,31 @@ SALIENCY_LOCALIZERS: dict[str, dict[str, Any]] = {
 }
 
 
-def calibration_set(aspect: str, n: int = 512, seed: int = 7) -> dict[str, torch.Tensor | list[str]]:
-    """``{"images" (N, 3, 64, 64) in [0, 1], "masks" (N, 1, 64, 64) in {0, 1}, "captions"}``, training captions."""
+#: where calibration images come from (see :func:`calibration_set`)
+SOURCES = ("renders", "pipeline")
+
+
+def calibration_set(aspect: str, n: int = 512, seed: int = 7,
+                    source: str = "renders") -> dict[str, torch.Tensor | list[str]]:
+    """``{"images" (N, 3, 64, 64) in [0, 1], "masks" (N, 1, 64, 64) in {0, 1}, "captions"}``, training captions.
+
+    ``source="renders"``: generator renders through the VAE with the sample look (exact masks).
+    ``source="pipeline"``: ``n // 2`` renders (about half with the base-form defect) and their
+    fixed twins, each pair passed through the base pipeline image-to-image with the same noise
+    (:func:`~focusnfix.toyworld.sdedit.sdedit_forms_dataset`); the mask is where the two outputs
+    still differ, i.e. the defect as the pipeline itself draws it (soft, haloed, moved a little),
+    which is what a mask on the base model's samples must cover.
+    """
     from focusnfix.backbones import load_backbone
     from focusnfix.toyworld.build_models import reconstruct, sample_like
 
+    if source not in SOURCES:
+        raise ValueError(f"calibration source must be one of {SOURCES}, got {source!r}")
+    if source == "pipeline":
+        from focusnfix.toyworld.sdedit import sdedit_forms_dataset
+
+        data = sdedit_forms_dataset(load_backbone("toy"), n // 2, seed, aspect, forms=(BASE_FORM[aspect],))
+        return {"images": data["images"], "masks": data["masks"], "captions": list(data["captions"])}
     data = forms_dataset(n, seed, aspect, split="train", p_defect=0.5, forms=(BASE_FORM[aspect],))
     vae = load_backbone("toy").vae
     images = reconstruct(vae, data["images"]).float()
@@ -57,15 +77,17 @@ def localizers(aspect_name: str) -> dict[str, Aspect]:
 
 
 def calibrate_aspect(aspect_name: str, n: int = 512, seed: int = 7, batch: int = 64,
-                     min_recall: float = 0.95) -> dict[str, Any]:
+                     min_recall: float = 0.95, source: str = "renders") -> dict[str, Any]:
     """Calibration of every localizer of ``aspect_name`` over :func:`calibration.grid`.
 
     Returns ``{"aspect", "n", "min_recall", "localizers": {name: {"rows": [...], "chosen": row,
     "packaged_setting": row of the setting the toy preset uses}}}``.
     """
-    data = calibration_set("safety" if aspect_name == "safety_narrow" else aspect_name, n, seed)
+    data = calibration_set("safety" if aspect_name == "safety_narrow" else aspect_name, n, seed, source)
     images, truth, captions = data["images"], data["masks"], data["captions"]
-    out: dict[str, Any] = {"aspect": aspect_name, "n": n, "seed": seed, "min_recall": min_recall, "localizers": {}}
+    n = len(images)
+    out: dict[str, Any] = {"aspect": aspect_name, "n": n, "seed": seed, "source": source,
+                           "min_recall": min_recall, "localizers": {}}
     for name, aspect in localizers(aspect_name).items():
         heat, rew = [], []
         for i in range(0, n, batch):
@@ -79,4 +101,4 @@ def calibrate_aspect(aspect_name: str, n: int = 512, seed: int = 7, batch: int =
     return out
 
 
-__all__ = ["SALIENCY_LOCALIZERS", "calibrate_aspect", "calibration_set", "localizers"]
+__all__ = ["SALIENCY_LOCALIZERS", "SOURCES", "calibrate_aspect", "calibration_set", "localizers"]

@@ -45,11 +45,14 @@ def sdedit(backbone: Backbone, images: torch.Tensor, prompts: list[str], start: 
 
 def sdedit_forms_dataset(backbone: Backbone, n: int, seed: int, aspect: str, batch: int = 32,
                          steps: int = 20, starts: tuple[int, ...] = (12, 13, 14), guidance: float = 5.0,
-                         progress=None) -> dict[str, torch.Tensor]:
-    """``2n`` sample-like images: each defect (or clean) render of :func:`forms_dataset` and its
-    fixed twin, both through :func:`sdedit` with the same noise; labels and masks as the module
-    docstring says. Returns ``images``, ``masks``, ``labels``, ``captions``."""
-    data = forms_dataset(n, seed, aspect, "train")
+                         progress=None, forms: tuple[str, ...] | None = None,
+                         p_defect: float = 0.5) -> dict[str, torch.Tensor]:
+    """``2n`` sample-like images: each defect (or clean) render of :func:`forms_dataset` (``forms``,
+    ``p_defect`` passed on) and its fixed twin, both through :func:`sdedit` with the same noise;
+    labels and masks as the module docstring says. Returns ``images``, ``masks``, ``labels``,
+    ``captions`` (the first ``n`` of each batch pair are the defect renders' outputs, interleaved
+    by batch with their twins')."""
+    data = forms_dataset(n, seed, aspect, "train", p_defect=p_defect, forms=forms)
     fixed = torch.stack([torch.from_numpy(render_fixed(s, aspect)) for s in data["scenes"]])
     out_img, out_mask, out_lab, caps = [], [], [], []
     for i in range(0, n, batch):
