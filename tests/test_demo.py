@@ -5,6 +5,7 @@ import json
 import pytest
 
 from focusnfix.cli import main
+from focusnfix.demo import DEMO_SETTINGS
 
 SCHEMA = ["target_reward", "other_rewards", "judge_defect_rate", "outside_psnr", "outside_ssim",
           "inside_change", "improved_share", "degraded_share", "others_degraded_share", "removal_share",
@@ -59,7 +60,8 @@ def test_demo_quick_writes_metrics_report_and_loras(tmp_path, capsys):
     paired = metrics["comparisons"]["focusnfix - draft"]
     assert _is_stat(paired["outside_psnr"]) and (base_rate == 0 or _is_stat(paired["removal_share"]))
     assert metrics["settings"]["localizers"] == [{"aspect": "safety", "gate": "auto"}]
-    assert metrics["settings"]["mask"]["threshold_mode"] == "absolute"  # the calibrated setting, not a default
+    calibrated = DEMO_SETTINGS["safety"]["mask"]  # the calibrated setting, not a default
+    assert {k: metrics["settings"]["mask"][k] for k in calibrated} == calibrated
     html = (out / "report.html").read_text()
     assert 'id="headline"' in html and 'id="summary-chart"' in html
     assert "<table" in html and "data:image/png;base64" in html

@@ -37,7 +37,7 @@ from focusnfix.runs import train_runs
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the demo. ``full`` takes about 15 minutes on 2 CPU cores, ``quick`` about 2."""
+    """Sizes of the demo. ``full`` takes about 25 minutes on 2 CPU cores, ``quick`` about 2."""
 
     steps: int
     batch_size: int
@@ -48,17 +48,18 @@ class DemoSettings:
     train_seeds: int
 
 
-FULL = DemoSettings(steps=40, batch_size=8, seeds_per_prompt=2, eval_prompts=32, eval_seeds=4, num_inference_steps=20,
+FULL = DemoSettings(steps=120, batch_size=8, seeds_per_prompt=2, eval_prompts=32, eval_seeds=4, num_inference_steps=20,
                     train_seeds=3)
 QUICK = DemoSettings(steps=6, batch_size=4, seeds_per_prompt=1, eval_prompts=8, eval_seeds=2, num_inference_steps=10,
                      train_seeds=1)
 
 #: rewards the demo trains on -> (beta, mask settings), each fixed before the held-out evaluation:
-#: the mask by ``focusnfix toyworld calibrate`` on training-split renders, beta by
+#: the mask by ``focusnfix toyworld calibrate --source pipeline`` on training-caption defects as the
+#: base pipeline draws them, beta by
 #: ``focusnfix sweep --prompts toy:validation --no-judges`` (docs/evaluation.md)
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
-    "safety": {"beta": 3.0, "mask": {"threshold_mode": "absolute", "threshold": 0.5, "dilate_px": 1}},
-    "safety_narrow": {"beta": 3.0, "mask": {"threshold_mode": "absolute", "threshold": 0.5, "dilate_px": 1}},
+    "safety": {"beta": 3.0, "mask": {"threshold_mode": "relative", "threshold": 0.5, "dilate_px": 3}},
+    "safety_narrow": {"beta": 3.0, "mask": {"threshold_mode": "relative", "threshold": 0.5, "dilate_px": 3}},
     "plausibility": {"beta": 1.0, "mask": {"threshold_mode": "relative", "threshold": 0.5, "dilate_px": 2}},
 }
 #: Focus-N-Fix's constraint weight on the default reward (DRaFT is the same run with beta = 0)
