@@ -63,7 +63,9 @@ def test_demo_quick_writes_metrics_report_and_loras(tmp_path, capsys):
     calibrated = DEMO_SETTINGS["safety"]["mask"]  # the calibrated setting, not a default
     assert {k: metrics["settings"]["mask"][k] for k in calibrated} == calibrated
     html = (out / "report.html").read_text()
-    assert 'id="headline"' in html and 'id="summary-chart"' in html
+    assert 'id="headline"' in html and 'id="summary-chart"' in html and 'id="table-diagnostics"' in html
+    diagnostics = json.loads((out / "diagnostics.json").read_text())
+    assert set(diagnostics["methods"]) == {"focusnfix", "draft"}
     assert "<table" in html and "data:image/png;base64" in html
     assert (out / "rate.html").is_file()
     for method in ("focusnfix", "draft"):

@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--votes", action="append", required=True, metavar="FILE", help="votes JSON (repeatable)")
     p.set_defaults(func="cmd_votes")
 
+    p = sub.add_parser("diagnose", help="where each method's fixes happened and whether the mask allowed them "
+                                        "(after the fact; toy-world judges)")
+    p.add_argument("dir", help="evaluation directory")
+    p.add_argument("--min-psnr", type=float, default=35.0, help="outside-mask PSNR (dB) of a regional fix")
+    p.set_defaults(func="cmd_diagnose")
+
     p = sub.add_parser("report", help="write a self-contained HTML report of an evaluation")
     p.add_argument("dir", help="evaluation directory")
     p.add_argument("--out", help="HTML file (default: DIR/report.html)")

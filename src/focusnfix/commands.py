@@ -380,6 +380,24 @@ def cmd_toyworld_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from focusnfix.diagnose import diagnose
+
+    metrics_file = Path(args.dir) / "metrics.json"
+    if not metrics_file.is_file():
+        raise InputError(f"{args.dir} is not an evaluation directory: metrics.json is missing")
+    aspect = json.loads(metrics_file.read_text())["aspect"]
+    judge_name = "safety" if aspect == "safety_narrow" else aspect
+    if judge_name not in ("safety", "plausibility"):
+        raise InputError(f"diagnose needs a localizing judge: the toy world has them for safety, safety_narrow and "
+                         f"plausibility, not {aspect!r} (other judges: call focusnfix.diagnose.diagnose from Python)")
+    result = diagnose(args.dir, toyworld.load_judge(judge_name), min_psnr=args.min_psnr)
+    print(json.dumps({k: v for k, v in result.items() if k != "methods"} | {
+        "methods": {m: {k: v for k, v in r.items() if k != "runs"} for m, r in result["methods"].items()}}, indent=2))
+    print(f"written {Path(args.dir) / 'diagnostics.json'}")
+    return 0
+
+
 def cmd_toyworld_calibrate(args: argparse.Namespace) -> int:
     from focusnfix.toyworld.calibrate import calibrate_aspect
 

@@ -7,7 +7,8 @@
 2. evaluate base, DRaFT and Focus-N-Fix on held-out prompts x seeds with every toy aspect and
    the independent judges, statistics resampling training runs and prompts, and the paired
    difference Focus-N-Fix - DRaFT;
-3. write ``OUT/metrics.json``, ``OUT/report.html``, ``OUT/rate.html`` and the LoRAs of the first
+3. write ``OUT/metrics.json``, ``OUT/diagnostics.json`` (:mod:`focusnfix.diagnose`),
+   ``OUT/report.html``, ``OUT/rate.html`` and the LoRAs of the first
    seed ``OUT/lora/{focusnfix,draft}/pytorch_lora_weights.safetensors``; training runs (logs,
    checkpoints, LoRAs of every seed) stay under ``OUT/runs/<method>_s<seed>/``.
 
@@ -28,6 +29,7 @@ from typing import Any
 
 from focusnfix import toyworld
 from focusnfix.config import config_from_dict
+from focusnfix.diagnose import diagnose
 from focusnfix.errors import InputError
 from focusnfix.evaluate import evaluate, evaluation_setup
 from focusnfix.rating import write_rating_page
@@ -60,7 +62,7 @@ QUICK = DemoSettings(steps=6, batch_size=4, seeds_per_prompt=1, eval_prompts=8, 
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     "safety": {"beta": 3.0, "mask": {"threshold_mode": "relative", "threshold": 0.5, "dilate_px": 3}},
     "safety_narrow": {"beta": 3.0, "mask": {"threshold_mode": "relative", "threshold": 0.5, "dilate_px": 3}},
-    "plausibility": {"beta": 1.0, "mask": {"threshold_mode": "relative", "threshold": 0.5, "dilate_px": 2}},
+    "plausibility": {"beta": 1.0, "mask": {"threshold_mode": "relative", "threshold": 0.2, "dilate_px": 4}},
 }
 #: Focus-N-Fix's constraint weight on the default reward (DRaFT is the same run with beta = 0)
 DEMO_BETA = DEMO_SETTINGS["safety"]["beta"]
@@ -157,6 +159,8 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True, reward
         localizers=setup["localizers"],
         compare=[("focusnfix", "draft")],
     )
+    # after the fact (held-out, judges): where the fixes happened and whether the mask allowed them
+    diagnose(out, toyworld.load_judge("safety" if target == "safety_narrow" else target))
     logs = {f"{name} seed {seed}": Path(c.train.output_dir) / "log.jsonl" for (name, seed), c in configs.items()}
     write_report(out, out / "report.html", train_logs=logs)
     write_rating_page(out, out / "rate.html")

@@ -502,6 +502,33 @@ def _sweep_section(sweep_path: Path) -> str:
     return "".join(out)
 
 
+def _diagnostics_table(path: Path) -> str:
+    """The table of :mod:`focusnfix.diagnose`'s ``diagnostics.json`` ('' when there is none)."""
+    if not path.is_file():
+        return ""
+    d = json.loads(path.read_text())
+    held = d.get("mask_holds_judge_defect") or {}
+
+    def num(v: Any, digits: int = 2) -> str:
+        return "–" if v is None else f"{v:.{digits}f}"
+
+    cols = [("removal_share", "defect removed", 2),
+            ("regional_removal_share", f"removed, outside PSNR &ge; {num(d.get('min_psnr'), 0)} dB", 2),
+            ("median_outside_psnr_of_removals", "median outside PSNR of removals (dB)", 1),
+            ("inside_change_share", "share of the removals' squared change inside the mask", 2),
+            ("composite_removal_share", "removed when only its pixels inside the mask are pasted on base", 2)]
+    out = ['<h2>Where the fixes happened (after the fact)</h2><table class="metrics" id="table-diagnostics">'
+           '<tr><th class="l">method</th>' + "".join(f"<th>{label}</th>" for _, label, _ in cols) + "</tr>"]
+    for name, row in (d.get("methods") or {}).items():
+        out.append(f'<tr><td class="l">{esc(name)}</td>' + "".join(f"<td>{num(row.get(k), n)}</td>" for k, _, n in cols)
+                   + "</tr>")
+    out.append(f'</table><p class="note">Shares of the base images the judge calls defective (mean over training runs). '
+               f"The training mask holds {num(held.get('pooled'))} of the pixels the judge localizes on those base "
+               f"images ({num(held.get('images_ge_95'))} of images hold &ge; 95%). Held-out images and judges: these "
+               "explain a result, they never choose a setting.</p>")
+    return "".join(out)
+
+
 def write_report(
     eval_dir: str | Path,
     out_html: str | Path,
@@ -527,6 +554,7 @@ def write_report(
             _headline(metrics),
             _summary_chart(metrics),
             _metric_tables(metrics),
+            _diagnostics_table(Path(eval_dir) / "diagnostics.json"),
             _examples(metrics, arrays, per_image, max_examples)]
     if train_logs:
         body.append(_training_plots(train_logs))
