@@ -1,6 +1,7 @@
 """Command-line interface: every ``focusnfix`` command and its flags, in one parser.
 
-    focusnfix [--threads N] train | sample | mask | demo | eval | votes | report | rate | sweep | export | push
+    focusnfix [--threads N] train | sample | mask | demo | eval | votes | diagnose | report | rate | sweep | export
+                            | push
     focusnfix [--threads N] toyworld build | path | stats | calibrate
     focusnfix [--threads N] rahf train | eval
 
@@ -26,8 +27,8 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 from focusnfix.errors import InputError  # noqa: E402
 
 #: the commands, in the order ``focusnfix --help`` lists them
-COMMANDS = ("train", "sample", "mask", "demo", "eval", "votes", "report", "rate", "sweep", "export", "push", "toyworld",
-            "rahf")
+COMMANDS = ("train", "sample", "mask", "demo", "eval", "votes", "diagnose", "report", "rate", "sweep", "export", "push",
+            "toyworld", "rahf")
 
 
 def positive_int(text: str) -> int:
