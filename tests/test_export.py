@@ -15,8 +15,12 @@ from focusnfix.lora import add_lora, lora_parameters, save_lora_weights
 PROMPT = "a red circle"
 
 
-def _random_lora(unet: torch.nn.Module, rank: int, alpha: float) -> None:
-    add_lora(unet, rank, alpha, target_modules=("to_q", "to_k", "to_v", "to_out.0"))
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+ATTENTION_AND_CONV = (*ATTENTION, "conv1", "conv2")  # the toy presets' targets: 3x3 kernels too
+
+
+def _random_lora(unet: torch.nn.Module, rank: int, alpha: float, targets: tuple[str, ...] = ATTENTION) -> None:
+    add_lora(unet, rank, alpha, target_modules=targets)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in lora_parameters(unet):
@@ -31,10 +35,10 @@ def _images(pipe, lora_file, **kwargs) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("rank,alpha", [(4, 4.0), (4, 16.0)])
-def test_kohya_export_reproduces_the_lora_through_diffusers_loader_sd(tiny_sd_dir, tmp_path, rank, alpha):
+@pytest.mark.parametrize("rank,alpha,targets", [(4, 4.0, ATTENTION), (4, 16.0, ATTENTION), (4, 8.0, ATTENTION_AND_CONV)])
+def test_kohya_export_reproduces_the_lora_through_diffusers_loader_sd(tiny_sd_dir, tmp_path, rank, alpha, targets):
     bb = load_backbone(str(tiny_sd_dir))
-    _random_lora(bb.unet, rank, alpha)
+    _random_lora(bb.unet, rank, alpha, targets)
     ours = save_lora_weights(bb.unet, type(bb.pipe), tmp_path / "lora")
     kohya = export_kohya(tmp_path / "lora", tmp_path / "kohya.safetensors")
     state = load_file(str(kohya))
@@ -126,3 +130,19 @@ def test_push_dry_run_writes_the_card_lora_samples_and_metrics(tiny_sd_dir, tmp_
     assert "Focus-N-Fix" in card and "beta (regional constraint) | 1" in card and "K = 2" in card
     assert "| focusnfix | 0.5 [0.4, 0.6]" in card and 'pipe.load_lora_weights("me/fnf-lora")' in card
     assert main(["push", str(run), "--repo-id", "no-slash", "--dry-run", str(out)]) == 2
+
+
+def test_a_saved_conv_lora_reads_back_into_the_adapter_exactly(tiny_sd_dir, tmp_path):
+    """lora.init_from reads our own files, whose conv keys keep PEFT's lora_A/B names."""
+    from focusnfix.lora import load_lora_state_dict, lora_state_dict, peft_state_dict_of_file
+
+    bb = load_backbone(str(tiny_sd_dir))
+    _random_lora(bb.unet, 4, 8.0, ATTENTION_AND_CONV)
+    file = save_lora_weights(bb.unet, type(bb.pipe), tmp_path / "lora")
+    keys = set(load_file(str(file)))
+    assert any(k.endswith(".lora.down.weight") for k in keys) and any(".conv1.lora_A" in k for k in keys)
+    fresh = load_backbone(str(tiny_sd_dir))
+    add_lora(fresh.unet, 4, 8.0, target_modules=ATTENTION_AND_CONV)
+    load_lora_state_dict(fresh.unet, peft_state_dict_of_file(file))
+    want, got = lora_state_dict(bb.unet), lora_state_dict(fresh.unet)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

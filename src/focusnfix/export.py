@@ -1,7 +1,8 @@
 """Export a LoRA for other UIs: the kohya ("lora_unet_*") format ComfyUI and AUTOMATIC1111 read.
 
-Our LoRA files are diffusers-format (``unet.<module>.lora.down.weight`` / ``.lora.up.weight``,
-with PEFT's adapter config, alpha included, in the safetensors metadata). The kohya format names
+Our LoRA files are diffusers-format (``unet.<module>.lora.down.weight`` / ``.lora.up.weight`` for
+attention projections, PEFT's ``.lora_A`` / ``.lora_B`` for other modules such as convolutions,
+exactly as diffusers' converter writes them, with PEFT's adapter config, alpha included, in the safetensors metadata). The kohya format names
 each module ``lora_unet_<module path, dots as underscores>`` and stores, per module,
 ``.lora_down.weight`` (= PEFT's lora_A), ``.lora_up.weight`` (= lora_B) and ``.alpha`` (a scalar):
 the applied update is ``alpha / rank * up @ down``, the same scale PEFT applies (``lora_alpha / r``).
@@ -27,7 +28,10 @@ from focusnfix.files import atomic_write
 from focusnfix.lora import check_lora_file
 
 _PREFIX = "unet."
-_SUFFIXES = {".lora.down.weight": "lora_down.weight", ".lora.up.weight": "lora_up.weight"}
+# diffusers' converter renames attention projections only (to_q.lora_A -> to_q.lora.down); other
+# modules (convolutions, feed-forward) keep PEFT's names, so one file can hold both
+_SUFFIXES = {".lora.down.weight": "lora_down.weight", ".lora.up.weight": "lora_up.weight",
+             ".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight"}
 
 
 def _adapter_config(metadata: dict[str, str] | None) -> tuple[float | None, int | None, dict, dict]:
@@ -72,11 +76,11 @@ def kohya_state_dict(path: str | Path, alpha: float | None = None) -> dict[str, 
             raise InputError(f"{file}: key {key!r} is not a UNet LoRA key; only UNet LoRAs can be exported")
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
         if suffix is None:
-            raise InputError(f"{file}: key {key!r} is neither a lora.down nor a lora.up weight")
+            raise InputError(f"{file}: key {key!r} is neither a lora.down/lora_A nor a lora.up/lora_B weight")
         module = key[len(_PREFIX) : -len(suffix)]
         name = "lora_unet_" + module.replace(".", "_")
         out[f"{name}.{_SUFFIXES[suffix]}"] = tensor.contiguous()
-        if suffix == ".lora.down.weight":
+        if _SUFFIXES[suffix] == "lora_down.weight":
             a = float(_pattern_value(module, alpha_pattern, lora_alpha))
             out[f"{name}.alpha"] = torch.tensor(a, dtype=torch.float32)
     return out

@@ -86,12 +86,16 @@ def peft_state_dict_of_file(lora: str | Path) -> dict[str, torch.Tensor]:
         InputError: not a LoRA file, or keys that are not UNet LoRA down/up weights.
     """
     path = check_lora_file(lora)
+    # diffusers renames only attention projections to lora.down/up; other modules keep lora_A/B
+    suffixes = {".lora.down.weight": ".lora_A.weight", ".lora.up.weight": ".lora_B.weight",
+                ".lora_A.weight": ".lora_A.weight", ".lora_B.weight": ".lora_B.weight"}
     out = {}
     for key, value in load_file(str(path)).items():
-        if not key.startswith("unet.") or not key.endswith((".lora.down.weight", ".lora.up.weight")):
-            raise InputError(f"{path}: key {key!r} is not a UNet LoRA weight (expected unet.<module>.lora.down/up.weight)")
-        name = key[len("unet."):].replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight")
-        out[name] = value.float()
+        suffix = next((s for s in suffixes if key.endswith(s)), None)
+        if not key.startswith("unet.") or suffix is None:
+            raise InputError(f"{path}: key {key!r} is not a UNet LoRA weight "
+                             "(expected unet.<module>.lora.down/up.weight or .lora_A/B.weight)")
+        out[key[len("unet."):-len(suffix)] + suffixes[suffix]] = value.float()
     return out
 
 
