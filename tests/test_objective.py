@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from focusnfix.objective import focus_n_fix_loss, regional_constraint
+from focusnfix.objective import focus_n_fix_loss, regional_constraint, reward_composite
 
 
 def test_frobenius_constraint_matches_definition():
@@ -58,3 +58,20 @@ def test_mask_is_resized_and_bad_shapes_are_named():
         regional_constraint(policy, ref, torch.ones(1, 8, 8))
     with pytest.raises(ValueError, match="beta"):
         focus_n_fix_loss(torch.zeros(1), policy, ref, torch.ones(1, 1, 8, 8), beta=-1)
+
+
+def test_reward_composite_takes_the_policy_inside_the_mask_and_passes_gradient_only_there():
+    g = torch.Generator().manual_seed(0)
+    policy = torch.rand(2, 3, 8, 8, generator=g, requires_grad=True)
+    reference = torch.rand(2, 3, 8, 8, generator=g, requires_grad=True)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, :, 2:5, 3:6] = 1.0  # image 1: empty mask (a clean image) -> the reward sees only Î0
+    out = reward_composite(policy, reference, mask)
+    assert torch.equal(out[0, :, 2:5, 3:6], policy[0, :, 2:5, 3:6].detach())
+    inside = mask.expand(-1, 3, -1, -1).bool()
+    assert torch.equal(out[~inside], reference[~inside].detach())
+    out.sum().backward()
+    assert torch.equal(policy.grad, inside.float())  # d out / d policy = M, exactly
+    assert reference.grad is None  # the reference is a constant
+    with pytest.raises(ValueError, match="shape"):
+        reward_composite(policy, reference[:1], mask)

@@ -2,7 +2,7 @@
 
     focusnfix [--threads N] train | sample | mask | demo | eval | votes | diagnose | report | rate | sweep | export
                             | push
-    focusnfix [--threads N] toyworld build | path | stats | calibrate
+    focusnfix [--threads N] toyworld build | path | stats | calibrate | ceiling
     focusnfix [--threads N] rahf train | eval
 
 The handlers live in :mod:`focusnfix.commands` (named here, imported once a command runs). Every command exits with 0 on success, 2 on bad
@@ -203,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "through the base pipeline image-to-image, mask = where the outputs differ")
     p.add_argument("--out", default=None, help="also write every row as JSON here")
     p.set_defaults(func="cmd_toyworld_calibrate")
+    p = tw_sub.add_parser("ceiling", help="outside-mask PSNR a perfect regional fix reaches through the toy VAE, "
+                                          "and how far the decoder spreads a latent change")
+    p.add_argument("--aspect", default="safety", help="toy aspect: safety or plausibility")
+    p.add_argument("--n", type=int, default=256, help="training-caption scenes drawn with the defect")
+    p.add_argument("--dilate", default="3,5,8", help="mask dilations in pixels, comma-separated")
+    p.set_defaults(func="cmd_toyworld_ceiling")
 
     rahf = sub.add_parser("rahf", help="train / evaluate a RAHF-style heatmap and score model on RichHF-18K")
     rahf_sub = rahf.add_subparsers(dest="rahf_command", required=True)

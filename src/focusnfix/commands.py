@@ -419,6 +419,23 @@ def cmd_toyworld_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_toyworld_ceiling(args: argparse.Namespace) -> int:
+    from focusnfix.toyworld.ceiling import perfect_fix_ceiling
+
+    if args.aspect not in ("safety", "plausibility"):
+        raise InputError(f"--aspect must be safety or plausibility, got {args.aspect!r}")
+    if args.n < 2:
+        raise InputError(f"--n must be >= 2, got {args.n}")
+    try:
+        dilations = [int(x) for x in args.dilate.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--dilate must be comma-separated whole pixels, e.g. 3,5,8; got {args.dilate!r}") from None
+    if not dilations or min(dilations) < 0:
+        raise InputError(f"--dilate needs one or more dilations >= 0, got {args.dilate!r}")
+    print(json.dumps(perfect_fix_ceiling(args.aspect, n=args.n, dilations=dilations), indent=2))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # rahf train | eval
 # ---------------------------------------------------------------------------------------------

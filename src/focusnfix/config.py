@@ -90,6 +90,13 @@ class ObjectiveConfig(_Section):
         "frobenius", description="frobenius (paper, unsquared), squared, or per-pixel mean of squares."
     )
     space: Literal["pixel", "latent"] = Field("pixel", description="compare decoded images (paper) or latents.")
+    reward_input: Literal["image", "composite"] = Field(
+        "image",
+        description="what the reward scores: image = the fine-tuned image Î (paper); composite = "
+        "M * Î + (1 - M) * Î0, Î inside the mask and the frozen image outside (ours), so the reward's "
+        "gradient reaches only the pixels that may change and stops pulling towards global redraws "
+        "that the constraint must then undo. The constraint is the same either way.",
+    )
 
 
 class MaskConfig(_Section):

@@ -67,6 +67,26 @@ def regional_constraint(
     raise ValueError(f"constraint norm must be 'frobenius', 'squared' or 'mean', got {norm!r}")
 
 
+def reward_composite(policy: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``M * policy + (1 - M) * reference``: what the reward scores with ``objective.reward_input:
+    composite`` (ours, not the paper). Gradients reach ``policy`` only where ``M > 0`` (scaled by M).
+
+    Args:
+        policy: ``(B, 3, H, W)`` fine-tuned images in [0, 1].
+        reference: ``(B, 3, H, W)`` frozen-model images in [0, 1]; detached.
+        mask: ``(B, 1, H, W)`` in [0, 1], 1 = may change; resized (bilinear) if its size differs.
+
+    Returns:
+        ``(B, 3, H, W)`` in [0, 1]; equals ``reference`` where the mask is 0, ``policy`` where it is 1.
+    """
+    if policy.shape != reference.shape:
+        raise ValueError(f"policy {tuple(policy.shape)} and reference {tuple(reference.shape)} differ in shape")
+    if mask.shape[-2:] != policy.shape[-2:]:
+        mask = F.interpolate(mask.float(), size=policy.shape[-2:], mode="bilinear", align_corners=False)
+    mask = mask.to(policy.dtype)
+    return mask * policy + (1.0 - mask) * reference.detach().to(policy.dtype)
+
+
 @dataclass
 class ObjectiveTerms:
     """The loss and its parts; all per-image tensors are ``(B,)``."""

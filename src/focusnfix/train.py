@@ -54,7 +54,7 @@ from focusnfix.lora import (
     replace_dir,
     save_lora_weights,
 )
-from focusnfix.objective import focus_n_fix_loss
+from focusnfix.objective import focus_n_fix_loss, reward_composite
 from focusnfix.reference import (
     Reference,
     build_aspects,
@@ -251,6 +251,13 @@ class FocusNFixTrainer:
         self.accelerator.wait_for_everyone()
         return {"items": len(todo), "seconds": round(time.perf_counter() - t0, 4)}
 
+    def reward_input(self, images: torch.Tensor, ref: Any) -> torch.Tensor:
+        """What the reward scores (``objective.reward_input``): the images ``(B, 3, H, W)`` in [0, 1]
+        themselves, or ``M * images + (1 - M) * Î0`` with the reference detached."""
+        if self.config.objective.reward_input == "image":
+            return images
+        return reward_composite(images, ref.images, ref.mask)
+
     def loss_on(self, step: int, micro: int) -> dict[str, Any]:
         """Forward one micro-batch and return the loss terms (loss keeps its graph)."""
         _, prompts, seeds = self.local_batch_items(step, micro)
@@ -272,10 +279,11 @@ class FocusNFixTrainer:
         assert ref is not None
         with self.accelerator.autocast():
             images = out.images.float()
-            reward, parts = self.total_reward(images, prompts)
+            scored = self.reward_input(images, ref)
+            reward, parts = self.total_reward(scored, prompts)
             if out.extra_images is not None:  # DRaFT-LV: average the reward over re-noisings
                 for extra in out.extra_images:
-                    reward = reward + self.total_reward(extra.float(), prompts)[0]
+                    reward = reward + self.total_reward(self.reward_input(extra.float(), ref), prompts)[0]
                 reward = reward / (1 + out.extra_images.shape[0])
             if self.config.objective.space == "latent":
                 policy, reference, tol = out.latents.float(), ref.latents, ref.latent_tolerance
