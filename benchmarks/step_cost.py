@@ -12,6 +12,9 @@ safety reward (batch 4, K = 2, DDIM 20, CFG 7.5, LoRA rank 4 by default):
 * ``draft``: the trainer's step with beta = 0 (sample with gradient through the last K steps,
   reward, backward);
 * ``focusnfix_warm``: the trainer's step with beta > 0, every reference item in the cache;
+* ``focusnfix_warm_compiled``: the same with ``sampling.compile_unet: true`` (no-gradient UNet
+  calls through ``torch.compile``; the one-off compile is in the warm-up, reported as
+  ``compile_seconds``); ``sampling_focusnfix_compiled``: our sampler so;
 * ``focusnfix_warm_unmerged``: the same with ``sampling.merge_lora: false`` (every no-gradient
   UNet call through PEFT's LoRA branch, as before the merge);
 * ``focusnfix_reference_in_step``: the step when its reference is computed inside it (what the
@@ -34,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -107,14 +111,27 @@ def main() -> int:
         with torch.no_grad():
             sample(bb, prompts, seeds, opts)
 
+    def focusnfix_warm_compiled() -> None:
+        trainer.options.compile_unet = True
+        step()
+        trainer.options.compile_unet = False
+
+    def sampling_focusnfix_compiled() -> None:
+        with torch.no_grad():
+            sample(bb, prompts, seeds, replace(opts, compile_unet=True))
+
     variants = {"sampling": sampling, "sampling_focusnfix": sampling_focusnfix, "draft": draft,
-                "focusnfix_warm": focusnfix_warm,
+                "focusnfix_warm": focusnfix_warm, "focusnfix_warm_compiled": focusnfix_warm_compiled,
+                "sampling_focusnfix_compiled": sampling_focusnfix_compiled,
                 "focusnfix_warm_unmerged": focusnfix_warm_unmerged,
                 "focusnfix_reference_in_step": focusnfix_reference_in_step}
     bb.pipe.set_progress_bar_config(disable=True)
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for fn in variants.values():  # warm-up
+    warmup: dict[str, float] = {}
+    for name, fn in variants.items():  # warm-up (the compiled variants compile here)
+        t0 = time.perf_counter()
         fn()
+        warmup[name] = time.perf_counter() - t0
     for _ in range(args.repeats):
         for name, fn in variants.items():
             t0 = time.perf_counter()
@@ -141,6 +158,7 @@ def main() -> int:
         "seconds_median": {k: round(v, 4) for k, v in med.items()},
         "seconds_min_max": {k: [round(min(v), 4), round(max(v), 4)] for k, v in times.items()},
         "prefill_seconds_per_batch": round(prefill_per_batch, 4),
+        "compile_seconds": round(warmup["focusnfix_warm_compiled"] - med["focusnfix_warm_compiled"], 1),
         "ratio_to_sampling": ratios("sampling"),
         "ratio_to_focusnfix_warm": ratios("focusnfix_warm"),
         "ratio_to_draft": ratios("draft"),

@@ -8,6 +8,9 @@ once, interleaved, so load from other processes hits all of them alike:
 * ``trl_alignprop``: ``AlignPropTrainer.step`` (trl 0.23.1, the last release with AlignProp);
 * ``focusnfix_draft``: our trainer's step with beta = 0;
 * ``focusnfix_warm``: our Focus-N-Fix step with its reference cached;
+* ``focusnfix_warm_compiled``: the same with ``sampling.compile_unet: true`` (the no-gradient UNet
+  calls through ``torch.compile``; its one-off compile is in the warm-up, reported apart as
+  ``compile_seconds``);
 * ``sampling``: the diffusers pipeline's ``pipe(...)`` on the batch, no gradient (the floor's first part);
 * ``sampling_focusnfix``: our own sampler on the batch, no gradient (LoRA merged): the same images
   without the pipeline's per-call overhead.
@@ -84,6 +87,11 @@ def measure_k(k: int, args: argparse.Namespace, reward_model, prompts_pool: list
     def focusnfix_warm() -> None:
         ours.train_step(1)
 
+    def focusnfix_warm_compiled() -> None:
+        ours.options.compile_unet = True
+        ours.train_step(1)
+        ours.options.compile_unet = False
+
     def sampling() -> None:
         with torch.no_grad():
             ours.backbone.pipe(prompts, num_inference_steps=args.steps, guidance_scale=7.5,
@@ -95,10 +103,14 @@ def measure_k(k: int, args: argparse.Namespace, reward_model, prompts_pool: list
 
     ours.backbone.pipe.set_progress_bar_config(disable=True)
     variants = {"trl_alignprop": trl_alignprop, "focusnfix_draft": focusnfix_draft,
-                "focusnfix_warm": focusnfix_warm, "sampling": sampling, "sampling_focusnfix": sampling_ours}
+                "focusnfix_warm": focusnfix_warm, "focusnfix_warm_compiled": focusnfix_warm_compiled,
+                "sampling": sampling, "sampling_focusnfix": sampling_ours}
     times: dict[str, list[float]] = {n: [] for n in variants}
-    for fn in variants.values():
-        fn()  # warm-up
+    warmup: dict[str, float] = {}
+    for name, fn in variants.items():
+        t0 = time.perf_counter()
+        fn()  # warm-up (the compiled variant compiles here)
+        warmup[name] = time.perf_counter() - t0
     for _ in range(args.repeats):
         for name, fn in variants.items():
             t0 = time.perf_counter()
@@ -106,6 +118,7 @@ def measure_k(k: int, args: argparse.Namespace, reward_model, prompts_pool: list
             times[name].append(time.perf_counter() - t0)
     med = {n: statistics.median(v) for n, v in times.items()}
     return {
+        "compile_seconds": round(warmup["focusnfix_warm_compiled"] - med["focusnfix_warm_compiled"], 1),
         "seconds_median": {n: round(v, 4) for n, v in med.items()},
         "seconds_min_max": {n: [round(min(v), 4), round(max(v), 4)] for n, v in times.items()},
         "ratio_to_trl": {n: round(v / med["trl_alignprop"], 3) for n, v in med.items()},

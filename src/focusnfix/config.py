@@ -74,6 +74,12 @@ class SamplingConfig(_Section):
         description="UNet calls without gradient (the first N - K steps) run with the LoRA merged into the base "
         "weights: the plain model's cost, the same images up to float rounding.",
     )
+    compile_unet: bool = Field(
+        False,
+        description="run the UNet calls without gradient (the first N - K steps, the reference images) through "
+        "torch.compile: faster after a one-off compile (benchmarks/step_cost.py), the same images up to float "
+        "rounding; on CPU it needs a C++ compiler.",
+    )
 
     @model_validator(mode="after")
     def _k_le_steps(self) -> SamplingConfig:

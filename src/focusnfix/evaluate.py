@@ -477,7 +477,7 @@ def check_same_setup(configs: dict[str, Any]) -> None:
                        [{k: v for k, v in x.items() if k != "weight"} for x in b]
             diff += changed_fields(a, b, section)
         diff = [d for d in diff if d.split(".")[-1] not in ("grad_mode", "k", "lv_n", "checkpoint_unet",
-                                                             "checkpoint_vae", "merge_lora")]
+                                                             "checkpoint_vae", "merge_lora", "compile_unet")]
         if diff:
             raise InputError(f"runs {first_name!r} and {name!r} were trained with different {', '.join(diff)}; "
                              "evaluate them separately (each against the images and masks its training used)")

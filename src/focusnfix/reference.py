@@ -30,7 +30,7 @@ from focusnfix.sampling import SamplingOptions, sample
 #: bump when the stored layout or the meaning of an item changes: old caches are rebuilt
 CACHE_FORMAT = 2
 #: sampling options that shape only the policy's gradient, never Î0
-_GRADIENT_ONLY = ("grad_mode", "k", "lv_n", "checkpoint_unet", "checkpoint_vae", "merge_lora")
+_GRADIENT_ONLY = ("grad_mode", "k", "lv_n", "checkpoint_unet", "checkpoint_vae", "merge_lora", "compile_unet")
 
 
 def sampling_options(config: Config) -> SamplingOptions:

@@ -48,6 +48,7 @@ class SamplingOptions:
     checkpoint_unet: bool = False
     checkpoint_vae: bool = False
     merge_lora: bool = True
+    compile_unet: bool = False
 
 
 def initial_noise(
@@ -91,7 +92,8 @@ def denoise(
     first_grad = n - grad_steps if grad_allowed else n
     # the calls without gradient run with the LoRA merged into the base weights (the plain model's cost)
     merged = backbone.lora_merged() if options.merge_lora and first_grad > start else contextlib.nullcontext()
-    with merged, torch.no_grad():
+    compiled = backbone.unet_compiled() if options.compile_unet and first_grad > start else contextlib.nullcontext()
+    with merged, compiled, torch.no_grad():
         for i in range(start, first_grad):
             if on_unet_call is not None:
                 on_unet_call(i, False)

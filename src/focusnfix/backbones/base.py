@@ -56,11 +56,14 @@ class Backbone(ABC):
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
         self.scheduler = make_ddim_scheduler(pipe.scheduler.config)
+        self._compiled: tuple[torch.nn.Module, torch.nn.Module] | None = None  # (unet, its torch.compile)
+        self._unet_override: torch.nn.Module | None = None
 
     # -- properties ------------------------------------------------------------------------
     @property
     def unet(self) -> torch.nn.Module:
-        return self.pipe.unet
+        """The pipeline's UNet (its ``torch.compile`` inside :meth:`unet_compiled`)."""
+        return self._unet_override if self._unet_override is not None else self.pipe.unet
 
     @property
     def vae(self) -> torch.nn.Module:
@@ -191,6 +194,23 @@ class Backbone(ABC):
             for weight, original in saved:
                 weight.data = original
             self.unet.enable_adapters()
+
+    @contextlib.contextmanager
+    def unet_compiled(self) -> Iterator[None]:
+        """Run UNet calls through ``torch.compile(unet)`` inside this context (calls without gradient).
+
+        Compiled once per UNet object and reused; it shares the UNet's parameters, so the merged
+        LoRA weights and disabled adapters of :meth:`lora_merged` / :meth:`adapters_disabled` apply.
+        The first call compiles (minutes on CPU); outputs equal eager ones up to float rounding.
+        """
+        unet = self.pipe.unet
+        if self._compiled is None or self._compiled[0] is not unet:
+            self._compiled = (unet, torch.compile(unet))
+        self._unet_override = self._compiled[1]
+        try:
+            yield
+        finally:
+            self._unet_override = None
 
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
