@@ -36,6 +36,23 @@ def test_matches_the_diffusers_pipeline(backbone):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
+def test_v_prediction_zero_terminal_snr_models_match_the_diffusers_pipeline(tiny_sd_dir, tmp_path):
+    """SD 2.x-style schedulers (v-prediction, zero terminal SNR, trailing timesteps) sample as diffusers does."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir), safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction",
+                                               rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    pipe.save_pretrained(tmp_path / "v")
+    bb = load_backbone(str(tmp_path / "v"))
+    assert bb.scheduler.config.prediction_type == "v_prediction" and bb.scheduler.config.rescale_betas_zero_snr
+    with torch.no_grad():
+        ours = sample(bb, PROMPTS[:1], SEEDS[:1], SamplingOptions(num_inference_steps=5, guidance_scale=4.0)).images
+        theirs = bb.pipe(PROMPTS[:1], num_inference_steps=5, guidance_scale=4.0,
+                         generator=torch.Generator().manual_seed(SEEDS[0]), output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
 def test_zero_lora_reproduces_the_frozen_image_bit_for_bit(backbone):
     opts = SamplingOptions(num_inference_steps=4, guidance_scale=3.0, k=2)
     with torch.no_grad():
