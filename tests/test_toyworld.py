@@ -132,6 +132,23 @@ def test_pipeline_layout_and_scheduler():
     assert sched["beta_schedule"] == "scaled_linear" and sched["clip_sample"] is False
 
 
+def test_scheduler_configs_terminal_snr():
+    """v1 (epsilon) never shows the model pure noise; v2's rescaled betas end at exactly zero SNR."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from focusnfix.toyworld.models import scheduler_config
+
+    eps = DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k != "set_alpha_to_one"})
+    v = DDPMScheduler(**{k: v for k, v in scheduler_config(True).items()
+                         if k not in ("set_alpha_to_one", "timestep_spacing")})
+    assert float(eps.alphas_cumprod[-1]) == pytest.approx(0.0047, abs=1e-4)
+    assert float(v.alphas_cumprod[-1]) == pytest.approx(0.0, abs=1e-12)
+    assert torch.allclose(v.alphas_cumprod[0], eps.alphas_cumprod[0], rtol=1e-3)  # same start of the schedule
+    ddim = DDIMScheduler(**scheduler_config(True))
+    ddim.set_timesteps(20)
+    assert int(ddim.timesteps[0]) == 999  # trailing spacing: sampling starts at the pure-noise step
+
+
 def test_assets_size():
     from focusnfix.toyworld import assets_path
 
@@ -242,12 +259,15 @@ def test_recipe_tiny_build_loads(tmp_path):
 
     from focusnfix.toyworld.build import Recipe, build
 
-    recipe = Recipe(n_train=64, vae_images=32, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4,
+    recipe = Recipe(n_train=64, vae_images=32, vae_steps=2, vae_batch=4, unet_steps=2, unet_v_steps=2, unet_batch=4,
                     aspect_images=32, aspect_steps=2, judge_images=32, judge_steps=2, model_batch=4,
                     forms_images=32, forms_steps=2, sdedit_images=8)
     record = build(tmp_path, recipe, progress=lambda _msg: None)
     assert (tmp_path / "build.json").is_file() and record["timings_s"]["total"] > 0
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_path(tmp_path), safety_checker=None)
+    sched = pipe.scheduler.config  # stage 2 makes it a v-prediction, zero-terminal-SNR pipeline
+    assert sched.prediction_type == "v_prediction" and sched.rescale_betas_zero_snr
+    assert sched.timestep_spacing == "trailing" and float(pipe.scheduler.alphas_cumprod[-1]) < 1e-6
     pipe.set_progress_bar_config(disable=True)
     img = pipe(["a red circle on the left"], num_inference_steps=2, height=64, width=64, output_type="pt").images
     assert img.shape == (1, 3, 64, 64)

@@ -80,34 +80,32 @@ def encode_images(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     return torch.cat(out)
 
 
-def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, recipe: Recipe,
-               progress: Callable[[str], None]):
-    seed_all(recipe.seed + 2)
-    vocab = tokenizer.get_vocab()
-    text_encoder = CLIPTextModel(CLIPTextConfig(**M.text_config(len(vocab), tokenizer.bos_token_id,
-                                                                tokenizer.eos_token_id)))
-    unet = UNet2DConditionModel(**M.unet_config(text_encoder.config.hidden_size))
+def _unet_stage(unet, text_encoder, latents: torch.Tensor, ids_all: torch.Tensor, empty: torch.Tensor,
+                recipe: Recipe, steps: int, lr: float, warmup: int, v_prediction: bool, seed: int, name: str,
+                progress: Callable[[str], None]):
+    """One denoising-training stage of ``unet`` and ``text_encoder`` (trained jointly, in place);
+    returns EMA copies of both (on CPU, eval mode). ``latents (N, 4, 8, 8)`` are scaled VAE means,
+    ``ids_all (N, L)`` their caption token ids, ``empty (1, L)`` the empty caption's (dropout)."""
     dev = recipe.device
-    unet, text_encoder = unet.to(dev), text_encoder.to(dev)
-    noise_sched = DDPMScheduler(**{k: v for k, v in M.scheduler_config().items()
-                                   if k not in ("set_alpha_to_one",)})
-    ids_all = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                      return_tensors="pt").input_ids
+    noise_sched = DDPMScheduler(**{k: v for k, v in M.scheduler_config(v_prediction).items()
+                                   if k not in ("set_alpha_to_one", "timestep_spacing")})
+    unet.train()
+    text_encoder.train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=1e-2)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     for p in ema_params:
         p.requires_grad_(False)
-    g = torch.Generator().manual_seed(recipe.seed + 2)
+    g = torch.Generator().manual_seed(seed)
     alphas = noise_sched.alphas_cumprod.to(dev)
     t0 = time.time()
-    for step in range(recipe.unet_steps):
-        cosine_lr(opt, recipe.unet_lr, step, recipe.unet_steps, warmup=100)
+    for step in range(steps):
+        cosine_lr(opt, lr, step, steps, warmup=warmup)
         idx = torch.randint(0, latents.shape[0], (recipe.unet_batch,), generator=g)
-        x0 = latents[idx].to(dev)
+        x0 = latents[idx].float().to(dev)
         ids = ids_all[idx].clone()
         drop = torch.rand(recipe.unet_batch, generator=g) < recipe.caption_dropout
         ids[drop] = empty
@@ -116,9 +114,11 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, recipe: Re
         ids = ids.to(dev)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        emb = text_encoder(ids)[0]
-        pred = unet(xt, t, emb).sample
-        loss = F.mse_loss(pred, noise)
+        # v = sqrt(a) * noise - sqrt(1 - a) * x0: at zero terminal SNR (a = 0) the target is -x0, which
+        # epsilon prediction could not learn there
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v_prediction else noise
+        pred = unet(xt, t, text_encoder(ids)[0]).sample
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -127,14 +127,40 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, recipe: Re
         with torch.no_grad():
             for pe, p in zip(ema_params, params, strict=True):
                 pe.lerp_(p, 1 - decay)
-        if step % 100 == 0 or step == recipe.unet_steps - 1:
-            progress(f"unet step {step}/{recipe.unet_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        if step % 100 == 0 or step == steps - 1:
+            progress(f"{name} step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     return ema_unet.cpu(), ema_text.cpu()
 
 
-def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer_dir: Path) -> None:
+def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, recipe: Recipe,
+               progress: Callable[[str], None]):
+    """UNet + text encoder from scratch: stage 1 epsilon prediction on SD-1.5's schedule
+    (``unet_steps``), then, if ``unet_v_steps > 0``, stage 2 from stage 1's EMA weights: v-prediction
+    on the zero-terminal-SNR schedule (as SD 2's v-models were fine-tuned from their epsilon base).
+    Returns the EMA weights of the last stage."""
+    seed_all(recipe.seed + 2)
+    vocab = tokenizer.get_vocab()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**M.text_config(len(vocab), tokenizer.bos_token_id,
+                                                                tokenizer.eos_token_id)))
+    unet = UNet2DConditionModel(**M.unet_config(text_encoder.config.hidden_size))
+    unet, text_encoder = unet.to(recipe.device), text_encoder.to(recipe.device)
+    ids_all = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                      return_tensors="pt").input_ids
+    unet, text_encoder = _unet_stage(unet, text_encoder, latents, ids_all, empty, recipe, recipe.unet_steps,
+                                     recipe.unet_lr, 100, False, recipe.seed + 2, "unet", progress)
+    if recipe.unet_v_steps > 0:
+        unet, text_encoder = unet.to(recipe.device), text_encoder.to(recipe.device)
+        unet, text_encoder = _unet_stage(unet, text_encoder, latents, ids_all, empty, recipe,
+                                         recipe.unet_v_steps, recipe.unet_v_lr, 50, True, recipe.seed + 5,
+                                         "unet (v-prediction)", progress)
+    return unet, text_encoder
+
+
+def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer_dir: Path, v_prediction: bool = False) -> None:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(tokenizer_dir),
-                                   unet=unet, scheduler=DDIMScheduler(**M.scheduler_config()), safety_checker=None,
+                                   unet=unet, scheduler=DDIMScheduler(**M.scheduler_config(v_prediction)), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
 
@@ -182,7 +208,7 @@ def build(out_dir: str | Path, recipe: Recipe | None = None, progress: Callable[
         write_tokenizer(tok_dir, gen.vocabulary())
         tokenizer = load_tokenizer(tok_dir)
         unet, text_encoder = train_unet(latents, data.captions, tokenizer, recipe, progress)
-        save_pipeline(out / "pipeline", vae.cpu(), unet, text_encoder, tok_dir)
+        save_pipeline(out / "pipeline", vae.cpu(), unet, text_encoder, tok_dir, recipe.unet_v_steps > 0)
         vae.to(recipe.device)
         timings["unet"] = time.time() - t
         del data, images, latents

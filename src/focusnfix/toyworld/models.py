@@ -280,6 +280,11 @@ def text_config(vocab_size: int, bos: int, eos: int, hidden: int = 64) -> dict:
                 pad_token_id=eos, projection_dim=hidden)
 
 
-def scheduler_config() -> dict:
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+def scheduler_config(v_prediction: bool = False) -> dict:
+    """The toy pipeline's DDIM configuration: SD-1.5's betas, or with ``v_prediction`` the same betas
+    rescaled to zero terminal SNR, v as the UNet's target and trailing timesteps (Lin et al. 2024)."""
+    cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+               clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    if v_prediction:
+        cfg.update(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return cfg

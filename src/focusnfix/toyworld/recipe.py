@@ -26,6 +26,12 @@ class Recipe:
     unet_steps: int = 2400
     unet_batch: int = 48
     unet_lr: float = 1e-3
+    # stage 2 (toy world v2): the stage-1 EMA weights fine-tuned for v-prediction on a zero-terminal-SNR
+    # schedule, sampled with trailing timesteps, so the model sees pure noise in training and places the
+    # object where the caption says instead of where the noise's low frequencies say (docs/toyworld.md,
+    # "Caption following"). 0 ships the stage-1 epsilon pipeline (toy world v1).
+    unet_v_steps: int = 2400
+    unet_v_lr: float = 5e-4
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     aspect_images: int = 6000
@@ -43,7 +49,7 @@ class Recipe:
 
     @classmethod
     def quick(cls, seed: int = 0) -> Recipe:
-        return cls(seed=seed, n_train=2000, vae_images=1000, vae_steps=150, unet_steps=150, unet_batch=32,
+        return cls(seed=seed, n_train=2000, vae_images=1000, vae_steps=150, unet_steps=150, unet_v_steps=100, unet_batch=32,
                    aspect_images=800, aspect_steps=60, judge_images=800, judge_steps=50, forms_images=800,
                    forms_steps=60, sdedit_images=64)
 
