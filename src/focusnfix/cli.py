@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="a build directory (default: the packaged assets)")
     p.add_argument("--n", type=int, default=192, help="pipeline samples (held-out prompts x seeds)")
     p.add_argument("--grid", default=None, help="also save a PNG grid of the first 64 samples")
+    p.add_argument("--guidance", type=float, default=7.5,
+                   help="CFG scale of the pipeline samples (default 7.5; the toy presets train at 5)")
     p.set_defaults(func="cmd_toyworld_stats")
     p = tw_sub.add_parser("calibrate", help="localizer recall and mask area vs the generator's exact defect masks")
     p.add_argument("--aspect", default="safety", help="toy aspect: safety, safety_narrow or plausibility")

@@ -372,7 +372,7 @@ def cmd_toyworld_path(args: argparse.Namespace) -> int:
 
 def cmd_toyworld_stats(args: argparse.Namespace) -> int:
     try:
-        stats = compute_stats(args.model, n=args.n, save_grid=args.grid)
+        stats = compute_stats(args.model, n=args.n, save_grid=args.grid, guidance=args.guidance)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -215,8 +215,9 @@ def pipeline_stats(root=None, n: int = 192, steps: int = 20, guidance: float = 7
 
 
 def compute_stats(root: str | Path | None = None, n: int = 192, n_generator: int = 128,
-                  save_grid: str | Path | None = None) -> dict:
-    """All measured stats of the toy world under ``root`` (default: the packaged assets)."""
+                  save_grid: str | Path | None = None, guidance: float = 7.5) -> dict:
+    """All measured stats of the toy world under ``root`` (default: the packaged assets); the
+    pipeline's ``n`` held-out samples are drawn at CFG ``guidance``."""
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, threads))
     try:
@@ -231,7 +232,7 @@ def compute_stats(root: str | Path | None = None, n: int = 192, n_generator: int
         for name in gen.ASPECTS:
             out["judges"][name]["audit_kappa"] = agreement[name]["kappa"]
         out["audit"] = agreement
-        out["pipeline"], images, _ = pipeline_stats(root, n)
+        out["pipeline"], images, _ = pipeline_stats(root, n, guidance=guidance)
         if save_grid is not None:
             save_image_grid(images[:64], save_grid)
         return out
