@@ -130,6 +130,9 @@ def test_pipeline_layout_and_scheduler():
     sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     assert sched["steps_offset"] == 1 and sched["set_alpha_to_one"] is False
     assert sched["beta_schedule"] == "scaled_linear" and sched["clip_sample"] is False
+    # toy world v2: v-prediction on zero terminal SNR, sampled from the pure-noise step (trailing)
+    assert sched["prediction_type"] == "v_prediction" and sched["rescale_betas_zero_snr"] is True
+    assert sched["timestep_spacing"] == "trailing"
 
 
 def test_scheduler_configs_terminal_snr():
