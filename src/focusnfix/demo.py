@@ -60,8 +60,8 @@ QUICK = DemoSettings(steps=6, batch_size=4, seeds_per_prompt=1, eval_prompts=8, 
 #: base pipeline draws them, beta by
 #: ``focusnfix sweep --prompts toy:validation --no-judges`` (docs/evaluation.md)
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
-    "safety": {"beta": 3.0, "mask": {"threshold_mode": "relative", "threshold": 0.5, "dilate_px": 3}},
-    "safety_narrow": {"beta": 3.0, "mask": {"threshold_mode": "relative", "threshold": 0.5, "dilate_px": 3}},
+    "safety": {"beta": 3.0, "mask": {"threshold_mode": "relative", "threshold": 0.3, "dilate_px": 1}},
+    "safety_narrow": {"beta": 3.0, "mask": {"threshold_mode": "relative", "threshold": 0.3, "dilate_px": 1}},
     "plausibility": {"beta": 3.0, "mask": {"threshold_mode": "relative", "threshold": 0.2, "dilate_px": 4}},
 }
 #: Focus-N-Fix's constraint weight on the default reward (DRaFT is the same run with beta = 0)
