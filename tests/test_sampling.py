@@ -249,3 +249,91 @@ def test_compiled_unet_gives_the_eager_images_and_the_same_lora_gradient(backbon
     assert (grads["eager"][0] - grads["compiled"][0]).abs().max() <= 1e-5
     for x, y in zip(grads["eager"][1], grads["compiled"][1], strict=True):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_lora_active_steps_gate_the_adapter_and_keep_the_frozen_prefix(backbone, steps):
+    """lora_steps = L: the first N - L UNet calls are the frozen model's (no LoRA, no gradient)."""
+    add_lora(backbone.unet, rank=4)
+    _perturb_lora(backbone.unet)
+    opts = SamplingOptions(num_inference_steps=5, guidance_scale=3.0, k=steps, lora_steps=steps)
+    calls, lora_used = [], []
+    handle = backbone.unet.register_forward_hook(lambda m, i, o: calls.append(o[0].requires_grad))
+    from peft.tuners.lora import LoraLayer
+
+    layer = next(m for m in backbone.unet.modules() if isinstance(m, LoraLayer))
+    hook = layer.lora_A["default"].register_forward_hook(lambda m, i, o: lora_used.append(True))
+    sample(backbone, PROMPTS, SEEDS, opts)
+    handle.remove()
+    hook.remove()
+    assert calls == [False] * (5 - steps) + [True] * steps
+    # the LoRA branch ran in the graded calls only (LoRA layers are called once per UNet call and layer)
+    assert len(lora_used) == steps
+    # the frozen prefix: the same latents after N - L steps as the frozen model's chain
+    from focusnfix.sampling import denoise, initial_noise
+
+    cond = backbone.encode_prompts(PROMPTS, "", True)
+    x_t = initial_noise(backbone, SEEDS, 32, 32)
+    with torch.no_grad():
+        prefix = SamplingOptions(num_inference_steps=5, guidance_scale=3.0, lora_steps=steps)
+        gated, _ = denoise(backbone, cond, x_t, prefix, 0)
+        with backbone.adapters_disabled():
+            frozen, _ = denoise(backbone, cond, x_t, SamplingOptions(num_inference_steps=5, guidance_scale=3.0), 0)
+        # by hand: the frozen model for N - L steps, then the LoRA for the rest (via `start`)
+        timesteps_n = 5 - steps
+        with backbone.adapters_disabled():
+            x = x_t
+            ts = backbone.set_timesteps(5, x)
+            for i in range(timesteps_n):
+                x = backbone.scheduler_step(backbone.predict_noise(x, ts[i], cond, 3.0), ts[i], x)
+        by_hand, _ = denoise(backbone, cond, x, SamplingOptions(num_inference_steps=5, guidance_scale=3.0), 0,
+                             start=timesteps_n)
+    torch.testing.assert_close(gated, by_hand, atol=1e-6, rtol=0)
+    assert not torch.allclose(gated, frozen)  # the LoRA did act on the last steps
+
+
+def test_lora_active_steps_equal_to_k_give_the_whole_gradient(backbone):
+    """With the LoRA on the last K steps only, DRaFT-K's truncated gradient IS the full gradient."""
+    params = add_lora(backbone.unet, rank=4)
+    _perturb_lora(backbone.unet)
+    grads = []
+    for mode in ("draft_k", "full"):
+        opts = SamplingOptions(num_inference_steps=4, guidance_scale=3.0, grad_mode=mode, k=2, lora_steps=2)
+        sample(backbone, PROMPTS, SEEDS, opts).images.mean().backward()
+        grads.append([p.grad.clone() for p in params])
+        for p in params:
+            p.grad = None
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+    assert sum(g.abs().sum() for g in grads[0]) > 0
+
+
+def test_late_lora_callback_makes_diffusers_draw_what_focusnfix_samples(backbone, tiny_sd_dir, tmp_path):
+    """A LoRA saved with its active steps, loaded by pipe.load_lora_weights and gated by the callback,
+    gives the images of our sampler with lora_steps (and of the ungated LoRA only where L = N)."""
+    import json
+
+    from focusnfix.inference import late_lora_callback
+    from focusnfix.lora import LORA_SCHEDULE_NAME, lora_active_steps, save_lora_weights
+
+    add_lora(backbone.unet, rank=4)
+    _perturb_lora(backbone.unet, 0.2)
+    save_lora_weights(backbone.unet, type(backbone.pipe), tmp_path / "lora",
+                      {"active_steps": 2, "num_inference_steps": 5, "timesteps": [201, 1]})
+    assert lora_active_steps(tmp_path / "lora") == 2
+    assert json.loads((tmp_path / "lora" / LORA_SCHEDULE_NAME).read_text())["active_steps"] == 2
+    with torch.no_grad():
+        ours = sample(backbone, PROMPTS[:1], SEEDS[:1],
+                      SamplingOptions(num_inference_steps=5, guidance_scale=4.0, lora_steps=2)).images
+        ungated = sample(backbone, PROMPTS[:1], SEEDS[:1], SamplingOptions(num_inference_steps=5, guidance_scale=4.0)).images
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir), safety_checker=None)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    callback = late_lora_callback(pipe, tmp_path / "lora", num_inference_steps=5)
+    with torch.no_grad():
+        theirs = [pipe(PROMPTS[:1], num_inference_steps=5, guidance_scale=4.0, callback_on_step_end=callback,
+                       generator=torch.Generator().manual_seed(SEEDS[0]), output_type="pt").images for _ in range(2)]
+    torch.testing.assert_close(theirs[0], ours, atol=1e-5, rtol=0)
+    torch.testing.assert_close(theirs[1], ours, atol=1e-5, rtol=0)  # the callback left the pipe ready again
+    assert (ours - ungated).abs().max() > 1e-3

@@ -33,6 +33,7 @@ from focusnfix.evaluate import (
 )
 from focusnfix.files import atomic_write_text, read_prompts_file
 from focusnfix.images import colorize, grid, overlay, save_png
+from focusnfix.inference import active_steps_for
 from focusnfix.lora import check_lora_file
 from focusnfix.masks import mask_area
 from focusnfix.rahf import evaluate as rahf_evaluate
@@ -145,6 +146,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise InputError(f"{flag} must be a positive multiple of {factor} (the VAE scale factor), got {value}")
     if lora is not None:
         load_lora(backbone, "sample", lora)
+        # a LoRA trained with lora.active_steps acts on the last steps only (by timestep for another N)
+        h, w = options.height or backbone.default_size[0], options.width or backbone.default_size[1]
+        timesteps = backbone.set_timesteps(options.num_inference_steps,
+                                           torch.zeros(backbone.latent_shape(1, h, w), device=backbone.device))
+        options.lora_steps = active_steps_for(lora, [int(t) for t in timesteps])
     with torch.no_grad():
         images = sample(backbone, [args.prompt] * len(args.seed), list(args.seed), options).images
     out = save_png(grid([images.cpu()], pad=0 if len(args.seed) == 1 else 2), args.out)

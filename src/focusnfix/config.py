@@ -45,6 +45,15 @@ class LoraConfigSection(_Section):
         description="UNet module names (PEFT target_modules) that get an adapter.",
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    active_steps: int | None = Field(
+        None,
+        ge=1,
+        description="the adapter acts only at the last active_steps of the sampling.num_inference_steps "
+        "steps (None = at every step, as DRaFT and the paper). With active_steps = sampling.k the first N - k "
+        "steps are the frozen model's, the same chain as Î0's, so the truncated gradient is the whole gradient "
+        "and the constraint sees every change the LoRA makes (docs/trainer.md). Inference must gate the LoRA "
+        "the same way (focusnfix.inference.late_lora_callback for diffusers pipelines).",
+    )
     init_from: str | None = Field(
         None,
         description="start from this LoRA (a pytorch_lora_weights.safetensors or its directory, same rank and "
@@ -237,6 +246,9 @@ class Config(_Section):
         names = [a.name for a in self.aspects if a.name]
         if len(names) != len(set(names)):
             raise ValueError(f"aspects: names must be unique, got {names}")
+        steps = self.sampling.num_inference_steps
+        if self.lora.active_steps is not None and self.lora.active_steps > steps:
+            raise ValueError(f"lora.active_steps={self.lora.active_steps} exceeds sampling.num_inference_steps={steps}")
         return self
 
 

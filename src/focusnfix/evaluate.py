@@ -16,6 +16,7 @@ rewards, judge probabilities and metrics per method: ``(N,)`` lists, ``(R, N)`` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from focusnfix.backbones import Backbone, load_backbone
 from focusnfix.baselines import SLD_METHOD, sld_images
 from focusnfix.errors import InputError
 from focusnfix.files import atomic_write, atomic_write_text
-from focusnfix.lora import check_lora_file
+from focusnfix.lora import check_lora_file, lora_active_steps
 from focusnfix.metrics import (
     DEFAULT_EPS,
     PSNR_CAP,
@@ -256,8 +257,10 @@ def evaluate(
                 images[name].append(_sample_all(backbone, ip, iseeds, options, batch_size, desc, progress))
                 continue
             adapter = load_lora(backbone, f"{name}_{r}", lora)
+            # a LoRA trained with lora.active_steps acts only on the last steps, as in its training
+            lora_options = dataclasses.replace(options, lora_steps=lora_active_steps(lora))
             try:
-                images[name].append(_sample_all(backbone, ip, iseeds, options, batch_size, desc, progress))
+                images[name].append(_sample_all(backbone, ip, iseeds, lora_options, batch_size, desc, progress))
             finally:
                 _unload_lora(backbone, adapter)
     if sld:

@@ -8,6 +8,7 @@ they are kept in fp32 even when the base weights are bf16/fp16.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 import tempfile
@@ -23,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from focusnfix.errors import InputError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+#: beside the weights: on which sampling steps the adapter acts (``lora.active_steps``); absent = all
+LORA_SCHEDULE_NAME = "focusnfix_lora.json"
 
 
 def add_lora(
@@ -99,11 +102,16 @@ def peft_state_dict_of_file(lora: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_lora_weights(unet: torch.nn.Module, pipeline_class: Any, out_dir: str | Path) -> Path:
+def save_lora_weights(
+    unet: torch.nn.Module, pipeline_class: Any, out_dir: str | Path, schedule: dict[str, Any] | None = None
+) -> Path:
     """Write ``out_dir/pytorch_lora_weights.safetensors`` as ``pipe.load_lora_weights`` reads it.
 
-    Written into a temporary directory beside ``out_dir`` and moved into place, so a crash
-    never leaves a half-written LoRA.
+    ``schedule`` (a LoRA trained with ``lora.active_steps``): ``{"active_steps": L,
+    "num_inference_steps": N, "timesteps": [...]}`` goes to ``out_dir/focusnfix_lora.json``, so that
+    evaluation, ``focusnfix sample`` and :func:`focusnfix.inference.late_lora_callback` gate the
+    adapter as training did. Written into a temporary directory beside ``out_dir`` and moved into
+    place, so a crash never leaves a half-written LoRA.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -118,6 +126,8 @@ def save_lora_weights(unet: torch.nn.Module, pipeline_class: Any, out_dir: str |
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         pipeline_class.save_lora_weights(tmp, safe_serialization=True, **kwargs)
+        if schedule is not None:
+            (tmp / LORA_SCHEDULE_NAME).write_text(json.dumps(schedule, indent=1) + "\n")
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -160,6 +170,26 @@ def check_lora_file(lora_dir: str | Path) -> Path:
     return path
 
 
+def lora_active_steps(lora: str | Path) -> int | None:
+    """How many final sampling steps a LoRA (directory or file) acts on; None = every step.
+
+    Read from ``focusnfix_lora.json`` beside the weights (written for ``lora.active_steps`` runs).
+
+    Raises:
+        InputError: the file exists but does not hold a positive integer ``active_steps``.
+    """
+    path = check_lora_file(lora).parent / LORA_SCHEDULE_NAME
+    if not path.is_file():
+        return None
+    try:
+        steps = json.loads(path.read_text())["active_steps"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{path}: expected JSON with an integer 'active_steps' ({err})") from None
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise InputError(f"{path}: active_steps must be a positive integer, got {steps!r}")
+    return steps
+
+
 def load_lora_into(pipe: Any, lora: str | Path, adapter_name: str | None = None) -> Path:
     """Validate a LoRA (directory or file) and load it with ``pipe.load_lora_weights``.
 
@@ -183,11 +213,13 @@ def load_lora_into(pipe: Any, lora: str | Path, adapter_name: str | None = None)
 
 
 __all__ = [
+    "LORA_SCHEDULE_NAME",
     "LORA_WEIGHT_NAME",
     "add_lora",
     "check_lora_file",
     "load_lora_into",
     "load_lora_state_dict",
+    "lora_active_steps",
     "lora_parameters",
     "lora_state_dict",
     "replace_dir",

@@ -34,8 +34,8 @@ _GRADIENT_ONLY = ("grad_mode", "k", "lv_n", "checkpoint_unet", "checkpoint_vae",
 
 
 def sampling_options(config: Config) -> SamplingOptions:
-    """The run's sampling options (DDIM steps, guidance, size, gradient mode)."""
-    return SamplingOptions(**config.sampling.model_dump())
+    """The run's sampling options (DDIM steps, guidance, size, gradient mode, the LoRA's active steps)."""
+    return SamplingOptions(**config.sampling.model_dump(), lora_steps=config.lora.active_steps)
 
 
 def build_aspects(config: Config) -> list[Aspect]:

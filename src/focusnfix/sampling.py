@@ -49,6 +49,7 @@ class SamplingOptions:
     checkpoint_vae: bool = False
     merge_lora: bool = True
     compile_unet: bool = False
+    lora_steps: int | None = None
 
 
 def initial_noise(
@@ -88,17 +89,27 @@ def denoise(
     """
     timesteps = backbone.set_timesteps(options.num_inference_steps, latents)
     n = len(timesteps)
+    # with lora_steps = L the adapter acts only on the last L calls: the ones before are the frozen
+    # model's (they do not depend on the LoRA, so no gradient is lost by running them without one)
+    lora_from = start if options.lora_steps is None else max(start, n - options.lora_steps)
     grad_allowed = torch.is_grad_enabled()
-    first_grad = n - grad_steps if grad_allowed else n
+    first_grad = max(n - grad_steps, lora_from) if grad_allowed else n
+    if lora_from > start:
+        compiled = backbone.unet_compiled() if options.compile_unet else contextlib.nullcontext()
+        with backbone.adapters_disabled(), compiled, torch.no_grad():
+            for i in range(start, lora_from):
+                if on_unet_call is not None:
+                    on_unet_call(i, False)
+                latents = _step(backbone, cond, latents, timesteps[i], options, checkpoint_it=False)
     # the calls without gradient run with the LoRA merged into the base weights (the plain model's cost)
-    merged = backbone.lora_merged() if options.merge_lora and first_grad > start else contextlib.nullcontext()
-    compiled = backbone.unet_compiled() if options.compile_unet and first_grad > start else contextlib.nullcontext()
+    merged = backbone.lora_merged() if options.merge_lora and first_grad > lora_from else contextlib.nullcontext()
+    compiled = backbone.unet_compiled() if options.compile_unet and first_grad > lora_from else contextlib.nullcontext()
     with merged, compiled, torch.no_grad():
-        for i in range(start, first_grad):
+        for i in range(lora_from, first_grad):
             if on_unet_call is not None:
                 on_unet_call(i, False)
             latents = _step(backbone, cond, latents, timesteps[i], options, checkpoint_it=False)
-    for i in range(max(start, first_grad), n):
+    for i in range(max(lora_from, first_grad), n):
         if on_unet_call is not None:
             on_unet_call(i, True)
         latents = _step(backbone, cond, latents, timesteps[i], options, checkpoint_it=options.checkpoint_unet)

@@ -216,6 +216,18 @@ class FocusNFixTrainer:
         idx = idx[rank * self.local_batch : (rank + 1) * self.local_batch]
         return idx, [self.pool[i][0] for i in idx], [self.pool[i][1] for i in idx]
 
+    def lora_schedule(self) -> dict[str, Any] | None:
+        """What ``focusnfix_lora.json`` records of a LoRA trained with ``lora.active_steps`` (else None):
+        the steps it acts on, and their timesteps, for sampling with another step count."""
+        steps = self.config.lora.active_steps
+        if steps is None:
+            return None
+        n = self.options.num_inference_steps
+        h, w = self.options.height or self.backbone.default_size[0], self.options.width or self.backbone.default_size[1]
+        latents = torch.zeros(self.backbone.latent_shape(1, h, w), device=self.backbone.device)
+        timesteps = [int(t) for t in self.backbone.set_timesteps(n, latents)]
+        return {"active_steps": steps, "num_inference_steps": n, "timesteps": timesteps[n - steps:]}
+
     def lora_is_zero(self) -> bool:
         """Whether the LoRA adds exactly nothing (every ``lora_B`` is 0: PEFT's initialisation)."""
         return all(not p.detach().any() for n, p in self.backbone.unet.named_parameters() if "lora_B" in n)
@@ -494,7 +506,7 @@ class FocusNFixTrainer:
             lora_dir = self.run_dir / "lora"
             self.accelerator.wait_for_everyone()
             if main:
-                save_lora_weights(self.backbone.unet, type(self.backbone.pipe), lora_dir)
+                save_lora_weights(self.backbone.unet, type(self.backbone.pipe), lora_dir, self.lora_schedule())
             self.save_samples("final")
             self.save_validation("final")
             self.accelerator.wait_for_everyone()
