@@ -227,3 +227,46 @@ def test_init_from_an_existing_lora_and_resume_from_a_named_checkpoint(tiny_sd_d
     torch.testing.assert_close(lora_vector(again.backbone.unet), trained)  # the same last two steps again
     with pytest.raises(InputError, match="not a checkpoint"):
         make_trainer(tiny_sd_dir, tmp_path, name="first", steps=4).train(resume=str(tmp_path / "nowhere"))
+
+
+def test_lora_active_steps_train_from_the_cached_frozen_prefix(tiny_sd_dir, tmp_path):
+    """lora.active_steps = k: reference items hold the frozen prefix's latents; a step runs only
+    the last k UNet calls from them, gives the same loss and LoRA gradient as the whole chain, a
+    zero constraint at step 0, and the saved LoRA records its active steps."""
+    from focusnfix.lora import lora_active_steps
+
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "late"), steps=2)
+    cfg["lora"]["active_steps"] = 2
+    trainer = FocusNFixTrainer(config_from_dict(cfg), progress=False)
+    terms = trainer.loss_on(step=0, micro=0)  # step 0: from the zero LoRA's own sample
+    assert torch.equal(terms["constraint"], torch.zeros(2))
+    trainer.prefill_reference()
+    with torch.no_grad():
+        for p in lora_parameters(trainer.backbone.unet):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    _, prompts, seeds = trainer.local_batch_items(1, 0)
+    ref = trainer.cache.get(prompts, seeds)
+    assert ref.prefix_latents is not None and ref.prefix_latents.dtype == torch.float32
+    calls = []
+    handle = trainer.backbone.unet.register_forward_hook(lambda m, i, o: calls.append(1))
+    terms = trainer.loss_on(step=1, micro=0)
+    handle.remove()
+    assert len(calls) == 2  # the last k calls only (the tiny UNet is called once per step: CFG is batched)
+    terms["loss"].sum().backward()
+    cached = [p.grad.clone() for p in lora_parameters(trainer.backbone.unet)]
+    trainer.optimizer.zero_grad(set_to_none=True)
+    whole = sample(trainer.backbone, prompts, seeds, trainer.options)  # the frozen prefix recomputed
+    assert whole.prefix_latents is not None
+    torch.testing.assert_close(whole.prefix_latents, ref.prefix_latents, atol=1e-6, rtol=0)
+    reward, _ = trainer.total_reward(whole.images.float(), prompts)
+    from focusnfix.objective import focus_n_fix_loss
+
+    again = focus_n_fix_loss(reward, whole.images.float(), ref.images, ref.mask, 1.0, "frobenius",
+                             tolerance=ref.image_tolerance)
+    torch.testing.assert_close(again.loss, terms["loss"].detach(), atol=1e-5, rtol=1e-5)
+    again.loss.sum().backward()
+    for a, p in zip(cached, lora_parameters(trainer.backbone.unet), strict=True):
+        torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-4)
+    result = FocusNFixTrainer(config_from_dict({**cfg, "train": {**cfg["train"], "output_dir": str(tmp_path / "r2")}}),
+                              progress=False).train()
+    assert lora_active_steps(result.lora_dir) == 2

@@ -41,9 +41,11 @@ LATENT_RELATIVE_TOLERANCE = 2.0**-10
 # ---------------------------------------------------------------------------------------------
 # Compact storage of one item
 # ---------------------------------------------------------------------------------------------
-def encode_item(images: torch.Tensor, latents: torch.Tensor, heatmap: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def encode_item(images: torch.Tensor, latents: torch.Tensor, heatmap: torch.Tensor, mask: torch.Tensor,
+                prefix_latents: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One item -> compact tensors: uint8 image ``(3, H, W)`` and heatmap ``(1, H, W)``,
-    fp16 latents, and the mask as packed bits when it is binary (uint8 levels when soft)."""
+    fp16 latents, the mask as packed bits when it is binary (uint8 levels when soft), and the
+    frozen prefix's latents in float32 when given (the policy starts from them: exact)."""
     lat16 = latents.detach().to(torch.float16).cpu().contiguous()
     if not torch.isfinite(lat16).all():
         raise InputError("reference latents overflow float16; the model's latents are out of the usual range")
@@ -58,11 +60,14 @@ def encode_item(images: torch.Tensor, latents: torch.Tensor, heatmap: torch.Tens
         item["mask_bits"] = torch.from_numpy(np.packbits(m.numpy().astype(np.uint8).reshape(-1)))
     else:
         item["mask_u8"] = _to_u8(m)
+    if prefix_latents is not None:
+        item["prefix_latents"] = prefix_latents.detach().float().cpu().contiguous()
     return item
 
 
 def decode_item(item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`encode_item`: float32 ``image``, ``latents``, ``heatmap``, ``mask``."""
+    """Inverse of :func:`encode_item`: float32 ``image``, ``latents``, ``heatmap``, ``mask`` (and
+    ``prefix_latents`` where stored)."""
     shape = [int(x) for x in item["mask_shape"].tolist()]
     if "mask_bits" in item:
         n = int(np.prod(shape))
@@ -70,12 +75,15 @@ def decode_item(item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         mask = torch.from_numpy(bits.astype(np.float32)).reshape(shape)
     else:
         mask = item["mask_u8"].float() / 255
-    return {
+    out = {
         "images": item["image"].float() / 255,
         "latents": item["latents"].float(),
         "heatmap": item["heatmap"].float() / 255,
         "mask": mask,
     }
+    if "prefix_latents" in item:
+        out["prefix_latents"] = item["prefix_latents"]
+    return out
 
 
 def _to_u8(x: torch.Tensor) -> torch.Tensor:
@@ -226,7 +234,8 @@ class ReferenceCache:
         self.stats["computed"] += len(prompts)
         for j, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
             key = self.key(p, s)
-            item = encode_item(ref.images[j], ref.latents[j], ref.heatmap[j], ref.mask[j])
+            prefix = None if ref.prefix_latents is None else ref.prefix_latents[j]
+            item = encode_item(ref.images[j], ref.latents[j], ref.heatmap[j], ref.mask[j], prefix)
             if self.directory is not None:
                 atomic_write(self._path(key), lambda tmp, item=item: save_file(item, tmp))
             self._remember(key, item)
@@ -250,7 +259,8 @@ class ReferenceCache:
             item = self._lookup(self.key(p, s))
             assert item is not None
             items.append(decode_item(item))
-        stacked = {k: torch.stack([it[k] for it in items]).to(device) for k in ("images", "latents", "heatmap", "mask")}
+        keys = ["images", "latents", "heatmap", "mask"] + (["prefix_latents"] if "prefix_latents" in items[0] else [])
+        stacked = {k: torch.stack([it[k] for it in items]).to(device) for k in keys}
         tol = stacked["latents"].abs() * LATENT_RELATIVE_TOLERANCE + 1e-6
         return Reference(**stacked, image_tolerance=IMAGE_TOLERANCE, latent_tolerance=tol)
 

@@ -57,6 +57,8 @@ class Reference:
         mask: ``(B, 1, H, W)`` in [0, 1], 1 = may change: union of the localizing aspects' masks.
         image_tolerance: how far the true Î0 may lie from ``images`` per pixel (0 = exact).
         latent_tolerance: the same for ``latents``, per element (None = exact).
+        prefix_latents: with ``lora.active_steps``, the latents ``(B, C, h, w)`` after the frozen
+            prefix (the first N - L steps), exact: the policy's chain starts there; else None.
     """
 
     images: torch.Tensor
@@ -65,6 +67,7 @@ class Reference:
     mask: torch.Tensor
     image_tolerance: float = 0.0
     latent_tolerance: torch.Tensor | None = None
+    prefix_latents: torch.Tensor | None = None
 
 
 def build_mask(heatmaps: list[torch.Tensor], size: tuple[int, int], mask_cfg: MaskConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +112,8 @@ def compute_reference(
     """
     with torch.no_grad(), backbone.adapters_disabled():
         out = sample(backbone, prompts, seeds, options)
-    return reference_from_images(out.images, out.latents, aspects, localize, prompts, mask_cfg, gates)
+    return reference_from_images(out.images, out.latents, aspects, localize, prompts, mask_cfg, gates,
+                                 out.prefix_latents)
 
 
 def reference_from_images(
@@ -120,9 +124,11 @@ def reference_from_images(
     prompts: list[str],
     mask_cfg: MaskConfig,
     gates: list[float | str] | None = None,
+    prefix_latents: torch.Tensor | None = None,
 ) -> Reference:
     """The reference of already sampled frozen-model images ``(B, 3, H, W)`` in [0, 1] and their
-    latents: heatmaps, gates and masks exactly as :func:`compute_reference` makes them.
+    latents (and frozen-prefix latents, ``SampleOutput.prefix_latents``): heatmaps, gates and
+    masks exactly as :func:`compute_reference` makes them.
 
     The trainer uses it at step 0, where a zero LoRA's sample IS the frozen model's (bit for
     bit), to skip a second sampling pass.
@@ -145,7 +151,9 @@ def reference_from_images(
             mask = torch.where(clean.view(-1, 1, 1, 1).to(mask.device), torch.zeros_like(mask), mask)
         heatmaps.append(heat)
         masks.append(mask)
-    return Reference(images, latents.detach().float(), mask_ops.union(heatmaps), mask_ops.union(masks))
+    prefix = None if prefix_latents is None else prefix_latents.detach().float()
+    return Reference(images, latents.detach().float(), mask_ops.union(heatmaps), mask_ops.union(masks),
+                     prefix_latents=prefix)
 
 
 def _check_heatmap(hm: torch.Tensor, aspect: Aspect, batch: int) -> None:
@@ -239,7 +247,7 @@ def reference_fields(config: Config, backbone: Backbone, aspects: list[Aspect], 
                     "weights": hash_tensors(aspect.state_dict().items())[:16],
                 }
             )
-    return {
+    fields = {
         "format": CACHE_FORMAT,
         "model": model_identity(backbone),
         "sampling": sampling,
@@ -247,6 +255,9 @@ def reference_fields(config: Config, backbone: Backbone, aspects: list[Aspect], 
         "aspects": localizers,
         "mask": config.mask.model_dump(mode="json"),
     }
+    if config.lora.active_steps is not None:  # items then also hold the frozen prefix's latents
+        fields["prefix_steps"] = max(config.sampling.num_inference_steps - config.lora.active_steps, 0)
+    return fields
 
 
 def fingerprint(fields: dict[str, Any]) -> str:

@@ -75,9 +75,11 @@ def denoise(
     grad_steps: int,
     on_unet_call: Callable[[int, bool], None] | None = None,
     start: int = 0,
+    stop: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Run the DDIM chain from ``latents`` = x_T (or, with ``start`` > 0, = x at the chain's
-    ``start``-th timestep: image-to-image).
+    ``start``-th timestep: image-to-image), up to the end (or, with ``stop``, the latents before
+    the ``stop``-th timestep; gradient then follows ``grad_steps`` counted from the chain's end).
 
     Args:
         grad_steps: how many of the last UNet calls carry gradient (0 = none, N = all).
@@ -88,12 +90,15 @@ def denoise(
         ``(x0, t_last)``: the final latents and the last timestep (DRaFT-LV re-noises to it).
     """
     timesteps = backbone.set_timesteps(options.num_inference_steps, latents)
+    end = len(timesteps) if stop is None else stop
     n = len(timesteps)
     # with lora_steps = L the adapter acts only on the last L calls: the ones before are the frozen
     # model's (they do not depend on the LoRA, so no gradient is lost by running them without one)
     lora_from = start if options.lora_steps is None else max(start, n - options.lora_steps)
     grad_allowed = torch.is_grad_enabled()
     first_grad = max(n - grad_steps, lora_from) if grad_allowed else n
+    lora_from = min(lora_from, end)
+    first_grad = min(first_grad, end)
     if lora_from > start:
         compiled = backbone.unet_compiled() if options.compile_unet else contextlib.nullcontext()
         with backbone.adapters_disabled(), compiled, torch.no_grad():
@@ -109,11 +114,11 @@ def denoise(
             if on_unet_call is not None:
                 on_unet_call(i, False)
             latents = _step(backbone, cond, latents, timesteps[i], options, checkpoint_it=False)
-    for i in range(max(lora_from, first_grad), n):
+    for i in range(max(lora_from, first_grad), end):
         if on_unet_call is not None:
             on_unet_call(i, True)
         latents = _step(backbone, cond, latents, timesteps[i], options, checkpoint_it=options.checkpoint_unet)
-    return latents, int(timesteps[-1])
+    return latents, int(timesteps[end - 1])
 
 
 def _step(
@@ -147,11 +152,21 @@ class SampleOutput:
         images: ``(B, 3, H, W)`` in [0, 1], the main chain's images (what inference draws).
         latents: ``(B, C, h, w)`` their latents.
         extra_images: DRaFT-LV's re-noised images ``(n, B, 3, H, W)``, or None.
+        prefix_latents: with ``lora_steps = L``, the latents ``(B, C, h, w)`` after the first N - L
+            steps (the frozen model's, the same for the policy and Î0), else None.
     """
 
     images: torch.Tensor
     latents: torch.Tensor
     extra_images: torch.Tensor | None = None
+    prefix_latents: torch.Tensor | None = None
+
+
+def prefix_length(options: SamplingOptions) -> int | None:
+    """How many first steps are the frozen model's (``num_inference_steps - lora_steps``), or None."""
+    if options.lora_steps is None:
+        return None
+    return max(options.num_inference_steps - options.lora_steps, 0)
 
 
 def sample(
@@ -162,6 +177,7 @@ def sample(
     cond: Conditioning | None = None,
     generator: torch.Generator | None = None,
     on_unet_call: Callable[[int, bool], None] | None = None,
+    prefix_latents: torch.Tensor | None = None,
 ) -> SampleOutput:
     """Sample images for (prompt, seed) pairs with the backbone's current UNet.
 
@@ -172,6 +188,9 @@ def sample(
         prompts, seeds: B prompts and B seeds (x_T is drawn per seed).
         cond: precomputed conditioning of ``prompts`` (else encoded here).
         generator: RNG for DRaFT-LV re-noising (CPU generator).
+        prefix_latents: with ``options.lora_steps``, the frozen prefix's latents
+            (``SampleOutput.prefix_latents`` of the reference): the chain starts there and skips
+            the N - L frozen steps (the same result: those steps do not depend on the LoRA).
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -179,15 +198,28 @@ def sample(
     guidance = options.guidance_scale > 1.0
     if cond is None:
         cond = backbone.encode_prompts(prompts, options.negative_prompt, guidance)
-    x_t = initial_noise(backbone, seeds, height, width)
     n = options.num_inference_steps
     grad_steps = {"draft_k": min(options.k, n), "draft_lv": 1, "full": n}[options.grad_mode]
-    x0, t_last = denoise(backbone, cond, x_t, options, grad_steps, on_unet_call)
+    split = prefix_length(options)
+    if prefix_latents is not None:
+        if split is None:
+            raise ValueError("prefix_latents need options.lora_steps (the LoRA's active steps)")
+        prefix = prefix_latents.to(backbone.device, backbone.dtype)
+    elif split is not None:  # run the frozen prefix once and keep its latents for the reference cache
+        prefix, _ = denoise(backbone, cond, initial_noise(backbone, seeds, height, width), options, 0,
+                            on_unet_call, stop=split)
+    if split is not None:
+        x0, t_last = denoise(backbone, cond, prefix, options, grad_steps, on_unet_call, start=split)
+    else:
+        prefix = None
+        x0, t_last = denoise(backbone, cond, initial_noise(backbone, seeds, height, width), options, grad_steps,
+                             on_unet_call)
     images = decode(backbone, x0, options.checkpoint_vae)
     extra = None
     if options.grad_mode == "draft_lv" and options.lv_n > 0 and torch.is_grad_enabled():
         extra = _renoise_last_step(backbone, cond, x0, t_last, options, generator, on_unet_call)
-    return SampleOutput(images=images, latents=x0, extra_images=extra)
+    return SampleOutput(images=images, latents=x0, extra_images=extra,
+                        prefix_latents=None if prefix is None else prefix.detach())
 
 
 def _renoise_last_step(

@@ -278,13 +278,16 @@ class FocusNFixTrainer:
         ref = None if reuse else self.cache.get(prompts, seeds, self.accelerator.device)
         rank = self.accelerator.process_index
         generator = torch.Generator().manual_seed(hash((self.config.train.seed, step, micro, rank)) % 2**63)
+        # with lora.active_steps the policy starts from the reference's frozen prefix (its first N - L steps)
+        prefix = None if ref is None else ref.prefix_latents
         with self.accelerator.autocast():
-            out = sample(self.backbone, prompts, seeds, self.options, generator=generator)
+            out = sample(self.backbone, prompts, seeds, self.options, generator=generator, prefix_latents=prefix)
         if reuse:
             with torch.no_grad(), self.accelerator.autocast():
                 new = reference_from_images(
                     out.images[reuse], out.latents[reuse], self.aspects, self.localize, [prompts[i] for i in reuse],
                     self.config.mask, [a.gate for a in self.config.aspects],
+                    None if out.prefix_latents is None else out.prefix_latents[reuse],
                 )
             self.cache.add([prompts[i] for i in reuse], [seeds[i] for i in reuse], new)
             ref = self.cache.get(prompts, seeds, self.accelerator.device)
