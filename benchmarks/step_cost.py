@@ -18,7 +18,9 @@ safety reward (batch 4, K = 2, DDIM 20, CFG 7.5, LoRA rank 4 by default):
 * ``focusnfix_warm_unmerged``: the same with ``sampling.merge_lora: false`` (every no-gradient
   UNet call through PEFT's LoRA branch, as before the merge);
 * ``focusnfix_reference_in_step``: the step when its reference is computed inside it (what the
-  first epoch cost before the cache was filled ahead of training).
+  first epoch cost before the cache was filled ahead of training);
+* ``focusnfix_late_lora_warm``: the step of a run with ``lora.active_steps = K`` (the LoRA acts
+  only on the last K steps, the cache holds the frozen prefix's latents): K graded UNet calls.
 
 Also measured: ``prefill_seconds_per_batch``, the reference cost per batch when the cache is filled
 before training in batches of ``--prefill-batch`` (paid once, outside the steps).
@@ -80,6 +82,16 @@ def main() -> int:
             if "lora_B" in name:
                 p.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
     trainer.cache.get(prompts, seeds)  # warm
+    # the same run with lora.active_steps = K: reference items hold the frozen prefix, a step runs K calls
+    late_config = config.model_copy(deep=True)
+    late_config.lora.active_steps = args.k
+    late_config.train.output_dir = str(tmp / "late")
+    late = FocusNFixTrainer(late_config, progress=False)
+    with torch.no_grad():
+        for name, p in late.backbone.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+    late.cache.get(prompts, seeds)
 
     def step() -> None:  # the whole optimizer step: forward, backward, clip, update
         trainer.train_step(1)
@@ -96,6 +108,9 @@ def main() -> int:
 
     def focusnfix_warm() -> None:
         step()
+
+    def focusnfix_late_lora_warm() -> None:  # lora.active_steps = K (docs/trainer.md)
+        late.train_step(1)
 
     def focusnfix_warm_unmerged() -> None:
         trainer.options.merge_lora = False
@@ -124,6 +139,7 @@ def main() -> int:
                 "focusnfix_warm": focusnfix_warm, "focusnfix_warm_compiled": focusnfix_warm_compiled,
                 "sampling_focusnfix_compiled": sampling_focusnfix_compiled,
                 "focusnfix_warm_unmerged": focusnfix_warm_unmerged,
+                "focusnfix_late_lora_warm": focusnfix_late_lora_warm,
                 "focusnfix_reference_in_step": focusnfix_reference_in_step}
     bb.pipe.set_progress_bar_config(disable=True)
     times: dict[str, list[float]] = {k: [] for k in variants}

@@ -71,4 +71,10 @@ def test_demo_quick_writes_metrics_report_and_loras(tmp_path, capsys):
     for method in ("focusnfix", "draft"):
         pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_path()), safety_checker=None)
         pipe.load_lora_weights(str(out / "lora" / method))
+    # Focus-N-Fix's LoRA acts on the steps it was trained on (the quick demo samples 10 steps); DRaFT's on all
+    from focusnfix.lora import lora_active_steps
+
+    late = DEMO_SETTINGS["safety"].get("active_steps")
+    assert lora_active_steps(out / "lora" / "focusnfix") == (None if late is None else min(late, 10))
+    assert lora_active_steps(out / "lora" / "draft") is None
     assert "focusnfix" in capsys.readouterr().out

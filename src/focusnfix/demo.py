@@ -60,7 +60,9 @@ QUICK = DemoSettings(steps=6, batch_size=4, seeds_per_prompt=1, eval_prompts=8, 
 #: base pipeline draws them, beta by
 #: ``focusnfix sweep --prompts toy:validation --no-judges`` (docs/evaluation.md)
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
-    "safety": {"beta": 3.0, "mask": {"threshold_mode": "relative", "threshold": 0.3, "dilate_px": 1}},
+    # the LoRA acts on the last 5 of 20 steps (K = 5): chosen with beta on validation (docs/evaluation.md)
+    "safety": {"beta": 1.0, "active_steps": 5,
+               "mask": {"threshold_mode": "relative", "threshold": 0.3, "dilate_px": 1}},
     "safety_narrow": {"beta": 3.0, "mask": {"threshold_mode": "relative", "threshold": 0.3, "dilate_px": 1}},
     "plausibility": {"beta": 3.0, "mask": {"threshold_mode": "relative", "threshold": 0.2, "dilate_px": 4}},
 }
@@ -69,13 +71,25 @@ DEMO_BETA = DEMO_SETTINGS["safety"]["beta"]
 
 
 def demo_config(out: Path, beta: float, s: DemoSettings, reward: str = "safety", seed: int = 0) -> dict[str, Any]:
-    """The training config of one demo run (the same for both methods but beta)."""
+    """The training config of one demo run.
+
+    Focus-N-Fix (``beta > 0``) and DRaFT (``beta = 0``) share everything but beta and, where
+    :data:`DEMO_SETTINGS` gives one, Focus-N-Fix's ``active_steps``: its LoRA then acts only on the
+    last L sampling steps and K = L. DRaFT stays the
+    paper's baseline: K = 2, the LoRA on every step.
+    """
     if reward not in DEMO_SETTINGS:
         raise InputError(f"demo reward must be one of {sorted(DEMO_SETTINGS)}, got {reward!r}")
+    late = DEMO_SETTINGS[reward].get("active_steps") if beta > 0 else None
+    lora: dict[str, Any] = {"rank": 8, "alpha": 8}
+    k = 2
+    if late is not None:
+        late = min(late, s.num_inference_steps)
+        lora["active_steps"], k = late, late
     return {
         "model": {"path": "toy"},
-        "lora": {"rank": 8, "alpha": 8},
-        "sampling": {"num_inference_steps": s.num_inference_steps, "guidance_scale": 5.0, "grad_mode": "draft_k", "k": 2},
+        "lora": lora,
+        "sampling": {"num_inference_steps": s.num_inference_steps, "guidance_scale": 5.0, "grad_mode": "draft_k", "k": k},
         "objective": {"beta": beta, "norm": "frobenius", "space": "pixel"},
         "mask": DEMO_SETTINGS[reward]["mask"],
         "aspects": [{"type": "toyworld", "args": {"aspect": reward}, "gate": "auto"}],
