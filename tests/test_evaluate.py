@@ -329,3 +329,27 @@ def test_cli_eval_reads_each_runs_config(tiny_sd_dir, tmp_path, capsys):
     assert main(["eval", "--lora", f"a={runs['a']}", "--lora", f"c={runs['c']}", *common,
                  "--out", str(tmp_path / "e2")]) == 2
     assert "mask.dilate_px" in capsys.readouterr().err
+
+
+def test_a_late_lora_is_evaluated_on_the_steps_it_acts_on(tiny_sd_dir, tmp_path):
+    """A LoRA saved with focusnfix_lora.json (active_steps) is sampled gated in evaluation; the same
+    weights without the file act on every step; both beside each other in one evaluation."""
+    from focusnfix.lora import LORA_SCHEDULE_NAME
+    from focusnfix.sampling import sample
+
+    every = make_lora(tiny_sd_dir, tmp_path / "every", 0.3)
+    late = tmp_path / "late"
+    shutil.copytree(every, late)
+    (late / LORA_SCHEDULE_NAME).write_text(json.dumps({"active_steps": 2, "num_inference_steps": 4}))
+    evaluate(str(tiny_sd_dir), {"every": every, "late": late}, aspects(), "bright", None, PROMPTS[:1], SEEDS,
+             OPTIONS, MASK, tmp_path / "out", n_bootstrap=20)
+    data = np.load(tmp_path / "out" / "images.npz")
+    bb = load_backbone(str(tiny_sd_dir))
+    bb.pipe.load_lora_weights(str(every))
+    with torch.no_grad():
+        for name, steps in (("every", None), ("late", 2)):
+            want = sample(bb, PROMPTS[:1] * 2, SEEDS, SamplingOptions(num_inference_steps=4, guidance_scale=3.0,
+                                                                        lora_steps=steps)).images
+            got = torch.from_numpy(data[f"method__{name}"]).float() / 255
+            assert (got - want).abs().max() <= 0.5 / 255 + 1e-5
+    assert np.abs(data["method__every"].astype(int) - data["method__late"].astype(int)).max() > 2

@@ -247,3 +247,23 @@ def test_the_mask_gate_empties_the_mask_of_images_the_aspect_calls_clean(tiny_sd
     aspect.reward_threshold = cut  # "auto" takes the aspect's own threshold
     auto = compute_reference(backbone, [aspect], [True], prompts, seeds, opts, mask_cfg)
     assert torch.equal(auto.mask, gated.mask)
+
+
+def test_lora_active_steps_beyond_the_schedule_and_a_bad_schedule_file_are_one_line_errors(tiny_sd_dir, tmp_path):
+    from focusnfix.errors import ConfigError
+    from focusnfix.lora import LORA_SCHEDULE_NAME, lora_active_steps
+
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"lora\.active_steps=9 exceeds sampling\.num_inference_steps=4"):
+        config_from_dict(cfg, ["lora.active_steps=9"])
+    with pytest.raises(ConfigError, match=r"lora\.active_steps"):
+        config_from_dict(cfg, ["lora.active_steps=0"])
+    trainer = _trainer(base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=1))
+    lora_dir = trainer.train().lora_dir
+    assert lora_active_steps(lora_dir) is None  # every step: no schedule file written
+    (lora_dir / LORA_SCHEDULE_NAME).write_text('{"active_steps": "five"}')
+    with pytest.raises(InputError, match="active_steps must be a positive integer"):
+        lora_active_steps(lora_dir)
+    (lora_dir / LORA_SCHEDULE_NAME).write_text("not json")
+    with pytest.raises(InputError, match="expected JSON with an integer 'active_steps'"):
+        lora_active_steps(lora_dir)
