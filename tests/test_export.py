@@ -146,3 +146,33 @@ def test_a_saved_conv_lora_reads_back_into_the_adapter_exactly(tiny_sd_dir, tmp_
     load_lora_state_dict(fresh.unet, peft_state_dict_of_file(file))
     want, got = lora_state_dict(bb.unet), lora_state_dict(fresh.unet)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_late_lora_keeps_its_schedule_in_the_upload_card_and_kohya_metadata(tiny_sd_dir, tmp_path, capsys):
+    import json
+
+    import yaml
+    from safetensors import safe_open
+
+    from focusnfix.cli import main
+    from focusnfix.lora import LORA_SCHEDULE_NAME
+
+    from conftest import base_config
+
+    run = tmp_path / "run"
+    cfg = base_config(str(tiny_sd_dir), str(run))
+    cfg["lora"]["active_steps"] = 2
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    bb = load_backbone(str(tiny_sd_dir))
+    _random_lora(bb.unet, 4, 2.0)
+    save_lora_weights(bb.unet, type(bb.pipe), run / "lora", {"active_steps": 2, "num_inference_steps": 4})
+    out = tmp_path / "upload"
+    assert main(["push", str(run), "--repo-id", "me/late", "--dry-run", str(out)]) == 0
+    assert json.loads((out / LORA_SCHEDULE_NAME).read_text())["active_steps"] == 2
+    card = (out / "README.md").read_text()
+    assert "last 2 of 4 sampling steps" in card and "late_lora_callback" in card
+    assert main(["export", str(run), "--out", str(tmp_path / "k.safetensors")]) == 0
+    assert "act on the last 2 sampling steps only" in capsys.readouterr().err
+    with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
+        assert f.metadata()["focusnfix_active_steps"] == "2"

@@ -21,7 +21,7 @@ from focusnfix.aspects.registry import ASPECT_TYPES
 from focusnfix.backbones import load_backbone, resolve_model_path
 from focusnfix.config import Config, load_config, resolve_prompts
 from focusnfix.demo import run_demo
-from focusnfix.errors import InputError
+from focusnfix.errors import InputError, warn
 from focusnfix.evaluate import (
     aspects_from_config,
     check_same_setup,
@@ -34,7 +34,7 @@ from focusnfix.evaluate import (
 from focusnfix.files import atomic_write_text, read_prompts_file
 from focusnfix.images import colorize, grid, overlay, save_png
 from focusnfix.inference import active_steps_for
-from focusnfix.lora import check_lora_file
+from focusnfix.lora import check_lora_file, lora_active_steps
 from focusnfix.masks import mask_area
 from focusnfix.rahf import evaluate as rahf_evaluate
 from focusnfix.rahf.data import RichHFDataset, collate
@@ -335,6 +335,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export_kohya(args.run, args.out, alpha=args.alpha, dtype=torch.float16 if args.fp16 else None)
     print(f"wrote {out} (kohya format: lora_unet_* keys with their alpha)")
+    steps = lora_active_steps(args.run)
+    if steps is not None:
+        warn(f"this LoRA was trained to act on the last {steps} sampling steps only (lora.active_steps); "
+             "kohya-format loaders apply it on every step, which draws other images than training did")
     return 0
 
 

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from focusnfix.errors import InputError
 from focusnfix.files import atomic_write
-from focusnfix.lora import check_lora_file
+from focusnfix.lora import check_lora_file, lora_active_steps
 
 _PREFIX = "unet."
 # diffusers' converter renames attention projections only (to_q.lora_A -> to_q.lora.down); other
@@ -102,6 +102,9 @@ def export_kohya(path: str | Path, out: str | Path, alpha: float | None = None,
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(next(
         v.shape[0] for k, v in state.items() if k.endswith("lora_down.weight"))), "format": "pt",
         "focusnfix_source": str(check_lora_file(path).name)}
+    steps = lora_active_steps(path)
+    if steps is not None:  # kohya's loaders apply a LoRA on every step: keep the trained gating on record
+        meta["focusnfix_active_steps"] = str(steps)
     atomic_write(out, lambda tmp: save_file(state, tmp, metadata=meta), suffix=".safetensors")
     return out
 

@@ -19,7 +19,7 @@ from typing import Any
 from focusnfix.config import load_config
 from focusnfix.errors import InputError
 from focusnfix.files import atomic_write_text
-from focusnfix.lora import LORA_WEIGHT_NAME, check_lora_file
+from focusnfix.lora import LORA_SCHEDULE_NAME, LORA_WEIGHT_NAME, check_lora_file
 
 _SUMMARY_KEYS = ("removal_share", "new_defect_share", "hack_gap", "others_degraded_share", "outside_psnr",
                  "target_reward")
@@ -90,7 +90,24 @@ def model_card(run_dir: Path, repo_id: str, summary: dict[str, Any] | None) -> s
         f'pipe.load_lora_weights("{repo_id}")',
         "```",
         "",
-        "For ComfyUI / AUTOMATIC1111: `focusnfix export RUN --format kohya --out lora.safetensors`.",
+    ]
+    late = config.lora.active_steps
+    if late is not None:
+        lines += [
+            f"This LoRA acts only on the last {late} of {s.num_inference_steps} sampling steps (the steps before are "
+            "the base model's), as it was trained; `focusnfix_lora.json` records them. Sample it so:",
+            "",
+            "```python",
+            "from focusnfix.inference import late_lora_callback",
+            "",
+            f'callback = late_lora_callback(pipe, LORA_DIR, num_inference_steps={s.num_inference_steps})',
+            f"image = pipe(prompt, num_inference_steps={s.num_inference_steps}, callback_on_step_end=callback).images[0]",
+            "```",
+            "",
+        ]
+    lines += [
+        "For ComfyUI / AUTOMATIC1111: `focusnfix export RUN --format kohya --out lora.safetensors`"
+        + (" (those apply a LoRA on every step: not what this one was trained for)." if late is not None else "."),
         "",
     ]
     if (run_dir / "samples" / "final.png").is_file():
@@ -108,6 +125,8 @@ def upload_folder_for(run_dir: str | Path, repo_id: str, out: str | Path, eval_d
         raise InputError(f"--repo-id must look like USER/NAME, got {repo_id!r}")
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(lora, out / LORA_WEIGHT_NAME)
+    if (lora.parent / LORA_SCHEDULE_NAME).is_file():  # a LoRA that acts on its last steps only
+        shutil.copy2(lora.parent / LORA_SCHEDULE_NAME, out / LORA_SCHEDULE_NAME)
     if (run_dir / "samples" / "final.png").is_file():
         shutil.copy2(run_dir / "samples" / "final.png", out / "samples.png")
     summary = _summary(Path(eval_dir) if eval_dir else None)
