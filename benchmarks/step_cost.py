@@ -71,7 +71,7 @@ def main() -> int:
         f"model.path={args.model}", f"train.output_dir={tmp / 'run'}", f"train.batch_size={args.batch}",
         f"sampling.k={args.k}", f"sampling.num_inference_steps={args.steps}",
         f"sampling.guidance_scale={args.guidance}", f"lora.rank={args.rank}", f"lora.alpha={args.rank}",
-        "data.cache_on_disk=false",
+        "data.cache_on_disk=false", "lora.active_steps=null",  # the LoRA on every step (DRaFT's way)
     ])
     trainer = FocusNFixTrainer(config, progress=False)
     bb, opts = trainer.backbone, trainer.options

@@ -50,7 +50,7 @@ def measure_k(k: int, args: argparse.Namespace, reward_model, prompts_pool: list
     config = load_config(ROOT / "configs" / "toy_safety.yaml", [
         f"train.output_dir={tmp / 'run'}", f"train.batch_size={args.batch}", f"sampling.k={k}",
         f"sampling.num_inference_steps={args.steps}", "sampling.guidance_scale=7.5", "lora.rank=4",
-        "lora.alpha=4", "data.cache_on_disk=false",
+        "lora.alpha=4", "data.cache_on_disk=false", "lora.active_steps=null",  # the LoRA on every step, as trl's
     ])
     ours = FocusNFixTrainer(config, progress=False)
     _, prompts, seeds = ours.local_batch_items(1, 0)
