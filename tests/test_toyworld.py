@@ -249,17 +249,6 @@ def test_cli_registers_and_path(capsys):
     assert args.n == 8 and args.model is None
 
 
-def test_cli_build_only_needs_an_existing_build_and_a_known_stage(tmp_path):
-    from focusnfix.errors import InputError
-
-    parser = _parser()
-    with pytest.raises(InputError, match="--only needs an existing build"):
-        _run(parser.parse_args(["toyworld", "build", "--out", str(tmp_path), "--only", "reward_sdedit"]))
-    (tmp_path / "pipeline").mkdir()
-    with pytest.raises(InputError, match="unknown build stage"):
-        _run(parser.parse_args(["toyworld", "build", "--out", str(tmp_path), "--only", "nope"]))
-
-
 def test_cli_path_missing_model(tmp_path, capsys):
     parser = _parser()
     args = parser.parse_args(["toyworld", "path", "--model", str(tmp_path)])
