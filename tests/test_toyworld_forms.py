@@ -104,20 +104,3 @@ def test_pipeline_calibration_set_is_pairs_of_pipeline_outputs():
     assert set(data["masks"].unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="renders"):
         calibration_set("safety", n=8, source="samples")
-
-
-def test_recoloured_marks_take_any_hue_that_stands_out_from_the_background():
-    """A recoloured mark is any colour: half from the palette, half any hue (orange and yellow
-    included, what fine-tuned pipelines draw), always at least MIN_MARK_CONTRAST from the background."""
-    import colorsys
-
-    from focusnfix.toyworld.forms import _MARK_COLOURS, MIN_MARK_CONTRAST, _mark_colour
-
-    rng = np.random.default_rng(0)
-    for bg in (np.array([0.9, 0.9, 0.85], np.float32), np.array([0.8, 0.6, 0.2], np.float32)):
-        colours = np.stack([_mark_colour(rng, bg) for _ in range(400)])
-        assert (np.abs(colours - bg).max(axis=1) >= MIN_MARK_CONTRAST).all()
-        in_palette = (np.abs(colours[:, None] - _MARK_COLOURS[None]).max(axis=2) < 1e-6).any(axis=1)
-        assert 0.3 < in_palette.mean() < 0.7
-        hues = np.array([colorsys.rgb_to_hsv(*c)[0] for c in colours[~in_palette]])
-        assert ((hues > 0.05) & (hues < 0.17)).any()  # orange / yellow

@@ -185,9 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads per build process (default: the recipe's, 1)")
     p.add_argument("--device", default="cpu", help="torch device for training (default cpu)")
     p.add_argument("--stats", action="store_true", help="measure and write stats.json after building")
-    p.add_argument("--only", default=None,
-                   help="comma-separated stages that need the finished pipeline (reward_sdedit, judge_sdedit): "
-                        "rerun just these on the existing build in --out")
     p.set_defaults(func="cmd_toyworld_build")
     p = tw_sub.add_parser("path", help="print the packaged toy pipeline directory")
     p.add_argument("--model", default=None, help="a build directory instead of the packaged assets")

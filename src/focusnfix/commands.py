@@ -362,18 +362,6 @@ def cmd_toyworld_build(args: argparse.Namespace) -> int:
     if args.recipe_threads is not None:
         recipe.threads = args.recipe_threads
     recipe.device = args.device
-    if args.only:
-        from focusnfix.toyworld.build import run_pipeline_stages
-
-        if not (Path(args.out) / "pipeline").is_dir():
-            raise InputError(f"--only needs an existing build in --out; {args.out}/pipeline is not there")
-        try:
-            timings = run_pipeline_stages(Path(args.out), recipe, logging.getLogger("focusnfix").info,
-                                          [s.strip() for s in args.only.split(",") if s.strip()])
-        except ValueError as err:
-            raise InputError(f"--only: {err}") from None
-        print(json.dumps({"timings_s": {k: round(v, 1) for k, v in timings.items()}}, indent=2))
-        return 0
     record = build(args.out, recipe)
     if args.stats:
         stats = compute_stats(args.out, n=64 if args.quick else 192)

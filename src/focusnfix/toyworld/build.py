@@ -36,12 +36,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from focusnfix.toyworld import generator as gen
 from focusnfix.toyworld import models as M
-from focusnfix.toyworld.build_models import (
-    models_worker,
-    train_models,
-    train_sample_like_safety_judge,
-    train_sample_like_safety_reward,
-)
+from focusnfix.toyworld.build_models import models_worker, train_models, train_sample_like_safety_judge
 from focusnfix.toyworld.recipe import Recipe, cosine_lr, save_module, seed_all
 from focusnfix.toyworld.tokenizer import load_tokenizer, write_tokenizer
 
@@ -173,29 +168,6 @@ def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer_dir: Path, v_pre
 # ----------------------------------------------------------------------------------------------
 # the whole build
 # ----------------------------------------------------------------------------------------------
-#: build stages that need the finished pipeline (its image-to-image makes sample-like training data)
-PIPELINE_STAGES: dict[str, Callable[[Path, Recipe, Callable[[str], None]], None]] = {
-    "reward_sdedit": train_sample_like_safety_reward,
-    "judge_sdedit": train_sample_like_safety_judge,
-}
-
-
-def run_pipeline_stages(out: Path, recipe: Recipe, progress: Callable[[str], None],
-                        stages: list[str] | None = None) -> dict[str, float]:
-    """Run the :data:`PIPELINE_STAGES` (all, or ``stages``, in order) on the build in ``out``;
-    returns their timings. ``focusnfix toyworld build --only STAGE`` runs one on an existing build."""
-    names = list(PIPELINE_STAGES) if stages is None else stages
-    unknown = [n for n in names if n not in PIPELINE_STAGES]
-    if unknown:
-        raise ValueError(f"unknown build stage(s) {unknown}; expected some of {list(PIPELINE_STAGES)}")
-    timings = {}
-    for name in names:
-        t = time.time()
-        PIPELINE_STAGES[name](out, recipe, progress)
-        timings[name] = time.time() - t
-    return timings
-
-
 def build(out_dir: str | Path, recipe: Recipe | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """Train the whole toy world into ``out_dir``; return the build record (also in build.json)."""
     recipe = recipe or Recipe()
@@ -247,7 +219,9 @@ def build(out_dir: str | Path, recipe: Recipe | None = None, progress: Callable[
             timings.update(json.loads((out / "_models_timings.json").read_text()))
             (out / "_models_timings.json").unlink()
             (out / "_vae.safetensors").unlink()
-        timings.update(run_pipeline_stages(out, recipe, progress))
+        t = time.time()  # needs the finished pipeline: its image-to-image makes sample-like judge data
+        train_sample_like_safety_judge(out, recipe, progress)
+        timings["judge_sdedit"] = time.time() - t
 
         timings["total"] = time.time() - t_all
         shutil.rmtree(tok_dir, ignore_errors=True)
@@ -260,5 +234,4 @@ def build(out_dir: str | Path, recipe: Recipe | None = None, progress: Callable[
         torch.set_num_threads(old_threads)
 
 
-__all__ = ["PIPELINE_STAGES", "Recipe", "build", "encode_images", "run_pipeline_stages", "save_pipeline", "train_unet",
-           "train_vae"]
+__all__ = ["Recipe", "build", "encode_images", "save_pipeline", "train_unet", "train_vae"]

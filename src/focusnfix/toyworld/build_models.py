@@ -156,27 +156,16 @@ def train_safety(vae, recipe: Recipe, progress) -> M.SafetyClassifier:
     return _fit(model, loss_fn, len(data), recipe, recipe.aspect_steps, recipe.seed + 11, "safety", progress)
 
 
-def train_safety_robust(vae, recipe: Recipe, progress, sample_like_data: dict | None = None) -> M.SafetyClassifier:
+def train_safety_robust(vae, recipe: Recipe, progress) -> M.SafetyClassifier:
     """The demo's safety reward: the same classifier as the narrow one, trained on every defect form
-    (:mod:`focusnfix.toyworld.forms`), so lightening or recolouring a mark no longer raises it.
-
-    ``sample_like_data`` (:func:`focusnfix.toyworld.sdedit.sdedit_forms_dataset`): pipeline-made
-    images of every form with their labels, drawn in half of the batches (as the safety judge is
-    trained, from other scenes and noise)."""
+    (:mod:`focusnfix.toyworld.forms`), so lightening or recolouring a mark no longer raises it."""
     data = forms_dataset(recipe.forms_images, recipe.seed * 1000 + 41, "safety", "train")
     recon = reconstruct(vae, data["images"])
     labels = data["labels"]
     seed_all(recipe.seed + 41)
     model = M.SafetyClassifier()
-    extra = sample_like_data
 
     def loss_fn(idx, g):
-        if extra is not None and float(torch.rand(1, generator=g)) < 0.5:
-            j = torch.randint(0, len(extra["labels"]), (len(idx),), generator=g)
-            x = extra["images"][j]
-            x = (x + 0.02 * torch.rand(1, generator=g) * torch.randn(x.shape, generator=g)).clamp(0, 1)
-            return F.binary_cross_entropy_with_logits(model.logit(x.to(recipe.device)),
-                                                      extra["labels"][j].to(recipe.device))
         x = _mix_blur(data["images"], recon, idx, g, recipe.device)
         return F.binary_cross_entropy_with_logits(model.logit(x), labels[idx].to(recipe.device))
 
@@ -228,25 +217,6 @@ def train_sample_like_safety_judge(out: Path, recipe: Recipe, progress) -> None:
     extra = sdedit_forms_dataset(backbone, recipe.sdedit_images, recipe.seed * 1000 + 661, "safety", progress=progress)
     model = train_localizing_judge("safety", backbone.vae, recipe, progress, sample_like_data=extra)
     save_module(model, out / "judges" / "safety.safetensors")
-
-
-def train_sample_like_safety_reward(out: Path, recipe: Recipe, progress) -> None:
-    """Retrain the robust safety reward ``aspects/safety.safetensors`` with pipeline-made images of
-    every form in half of its batches (its own scenes and noise, not the judge's), and choose its
-    saliency again. Trained on renders alone it called most marks that the pipeline draws
-    recoloured (orange, yellow) clean, so fine-tuning learned to recolour (docs/evaluation.md)."""
-    torch.set_num_threads(recipe.threads)
-    backbone = load_backbone(str(out / "pipeline"))
-    backbone.to(recipe.device)
-    extra = sdedit_forms_dataset(backbone, recipe.sdedit_images, recipe.seed * 1000 + 671, "safety", progress=progress)
-    robust = train_safety_robust(backbone.vae, recipe, progress, sample_like_data=extra)
-    save_module(robust, out / "aspects" / "safety.safetensors")
-    saliency, candidates = choose_saliency(robust, recipe, forms=True)
-    progress(f"safety saliency: {saliency} from {candidates}")
-    path = out / "aspects" / "config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
-    config["safety"] = {"saliency": saliency, "candidates": candidates, "sample_like": True}
-    path.write_text(json.dumps(config, indent=2))
 
 
 def _heat_target(mask: torch.Tensor) -> torch.Tensor:

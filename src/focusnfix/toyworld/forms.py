@@ -21,8 +21,6 @@ the background restored.
 
 from __future__ import annotations
 
-import colorsys
-
 import numpy as np
 import torch
 
@@ -40,26 +38,10 @@ FORMS: dict[str, tuple[str, ...]] = {
 #: the form the base pipeline's training data uses (:func:`focusnfix.toyworld.generator.render`)
 BASE_FORM = {"safety": "dark", "plausibility": "speckled", "alignment": "confused"}
 
-# colours a recoloured mark may take (purple, brown, olive, green, pink, teal, grey, navy), half of
-# the time; the other half any hue (fine-tuned pipelines recolour marks orange and yellow, measured)
+# colours a recoloured mark may take (purple, brown, olive, green, pink, teal, grey, navy)
 _MARK_COLOURS = np.array(
     [(0.55, 0.2, 0.6), (0.5, 0.32, 0.16), (0.5, 0.5, 0.12), (0.2, 0.6, 0.25), (0.95, 0.55, 0.7),
      (0.1, 0.55, 0.55), (0.5, 0.5, 0.5), (0.12, 0.15, 0.45)], dtype=np.float32)
-#: a recoloured mark differs from the background by at least this in some channel
-MIN_MARK_CONTRAST = 0.25
-
-
-def _mark_colour(rng: np.random.Generator, bg: np.ndarray) -> np.ndarray:
-    """A colour ``(3,)`` for a recoloured mark: a palette colour or any hue (saturation 0.4-1,
-    value 0.45-1), drawn again until it stands out from the background ``bg``."""
-    while True:
-        if rng.random() < 0.5:
-            colour = _MARK_COLOURS[rng.integers(len(_MARK_COLOURS))]
-        else:
-            colour = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.4, 1.0), rng.uniform(0.45, 1.0)),
-                              dtype=np.float32)
-        if np.abs(colour - bg).max() >= MIN_MARK_CONTRAST:
-            return colour
 
 
 def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -136,7 +118,10 @@ def render_form(scene: gen.Scene, aspect: str, form: str, seed: int) -> tuple[np
             t = rng.uniform(0.35, 0.65)
             image[:, mark] = ((1 - t) * dark + t * bg[:, None])
         elif form == "recoloured":
-            image[:, mark] = _mark_colour(rng, bg)[:, None]
+            colour = _MARK_COLOURS[rng.integers(len(_MARK_COLOURS))]
+            if np.abs(colour - bg).max() < 0.2:
+                colour = _MARK_COLOURS[(rng.integers(len(_MARK_COLOURS)) + 3) % len(_MARK_COLOURS)]
+            image[:, mark] = colour[:, None]
         elif form == "faded":  # a translucent dark mark
             a = rng.uniform(0.3, 0.6)
             image[:, mark] = a * dark + (1 - a) * clean[:, mark]
@@ -151,7 +136,7 @@ def render_form(scene: gen.Scene, aspect: str, form: str, seed: int) -> tuple[np
             if spot is None:
                 return clean, np.zeros_like(obj)
             blob = _blob(rng, spot[0], spot[1], size) & ~obj
-            colour = dark[:, 0] if rng.random() < 0.5 else _mark_colour(rng, bg)
+            colour = dark[:, 0] if rng.random() < 0.5 else _MARK_COLOURS[rng.integers(len(_MARK_COLOURS))]
             image[:, blob] = colour[:, None]
         elif form == "bump":  # merged into the object: a blob of the object's colour on its border
             ys, xs = np.nonzero(dilate_4n(obj, 1) & ~obj)
