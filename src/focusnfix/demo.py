@@ -63,7 +63,9 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     # the LoRA acts on the last 5 of 20 steps (K = 5): chosen with beta on validation (docs/evaluation.md)
     "safety": {"beta": 1.0, "active_steps": 5,
                "mask": {"threshold_mode": "relative", "threshold": 0.3, "dilate_px": 1}},
-    "safety_narrow": {"beta": 3.0, "mask": {"threshold_mode": "relative", "threshold": 0.3, "dilate_px": 1}},
+    # the reward-hacking experiment: the safety demo's settings, only the reward differs
+    "safety_narrow": {"beta": 1.0, "active_steps": 5,
+                      "mask": {"threshold_mode": "relative", "threshold": 0.3, "dilate_px": 1}},
     "plausibility": {"beta": 3.0, "mask": {"threshold_mode": "relative", "threshold": 0.2, "dilate_px": 4}},
 }
 #: Focus-N-Fix's constraint weight on the default reward (DRaFT is the same run with beta = 0)
