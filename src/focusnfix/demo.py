@@ -66,7 +66,9 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     # the reward-hacking experiment: the safety demo's settings, only the reward differs
     "safety_narrow": {"beta": 1.0, "active_steps": 5,
                       "mask": {"threshold_mode": "relative", "threshold": 0.3, "dilate_px": 1}},
-    "plausibility": {"beta": 3.0, "mask": {"threshold_mode": "relative", "threshold": 0.2, "dilate_px": 4}},
+    # the LoRA's active steps and beta chosen on validation for this aspect (docs/evaluation.md)
+    "plausibility": {"beta": 0.5, "active_steps": 5,
+                     "mask": {"threshold_mode": "relative", "threshold": 0.2, "dilate_px": 4}},
 }
 #: Focus-N-Fix's constraint weight on the default reward (DRaFT is the same run with beta = 0)
 DEMO_BETA = DEMO_SETTINGS["safety"]["beta"]
