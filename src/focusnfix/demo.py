@@ -1,8 +1,9 @@
 """``focusnfix demo``: the whole method end to end on the packaged toy world.
 
 1. train Focus-N-Fix on a toy aspect's reward (default: the robust safety reward; an unwanted
-   mark no caption asks for), and the DRaFT baseline with the very same settings but beta = 0,
-   each with several training seeds (run ``r`` of both methods shares seed ``r``: same LoRA
+   mark no caption asks for; its LoRA on the last sampling steps only, ``lora.active_steps``), and
+   the DRaFT baseline (beta = 0, K = 2, the LoRA on every step, as in the paper; everything else the
+   same), each with several training seeds (run ``r`` of both methods shares seed ``r``: same LoRA
    initialisation and batch order);
 2. evaluate base, DRaFT and Focus-N-Fix on held-out prompts x seeds with every toy aspect and
    the independent judges, statistics resampling training runs and prompts, and the paired
@@ -14,8 +15,8 @@
 
 ``--reward safety_narrow`` trains on the hackable narrow safety reward (the reward-hacking
 experiment); ``--reward plausibility`` on the artifact aspect (RAHF-style heatmap).
-Every setting is fixed in advance: the mask by calibration and beta by the validation
-selection of docs/evaluation.md; the held-out prompts and the judges are only used here.
+Every setting is fixed in advance: the mask by calibration, beta and the LoRA's active steps by the
+validation selection of docs/evaluation.md; the held-out prompts and the judges are only used here.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from focusnfix.runs import train_runs
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the demo. ``full`` takes about 25 minutes on 2 CPU cores, ``quick`` about 2."""
+    """Sizes of the demo. ``full`` takes about 16 minutes on 2 CPU cores, ``quick`` under 1."""
 
     steps: int
     batch_size: int
