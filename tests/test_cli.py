@@ -117,6 +117,38 @@ def test_train_then_sample_matches_diffusers_with_the_lora(tiny_sd_dir, tmp_path
     assert np.abs(np.asarray(Image.open(two)).astype(int) - (theirs2 * 255 + 0.5).astype(int)).max() <= 1
 
 
+def test_sample_gates_a_late_lora_as_trained_and_matches_diffusers_with_the_callback(tiny_sd_dir, tmp_path):
+    """A LoRA that acts on the last 2 of 4 steps: `focusnfix sample` draws what diffusers draws with
+    late_lora_callback (4 steps, as trained, and 8 steps, gated by timestep), not the ungated image."""
+    from focusnfix.backbones import load_backbone
+    from focusnfix.inference import late_lora_callback
+    from focusnfix.lora import add_lora, save_lora_weights
+
+    bb = load_backbone(str(tiny_sd_dir))
+    g = torch.Generator().manual_seed(0)
+    for p in add_lora(bb.unet, 4):
+        p.data = torch.randn(p.shape, generator=g) * 0.3
+    bb.scheduler.set_timesteps(4)
+    trained = [int(t) for t in bb.scheduler.timesteps][2:]
+    lora = save_lora_weights(bb.unet, type(bb.pipe), tmp_path / "lora",
+                             {"active_steps": 2, "num_inference_steps": 4, "timesteps": trained}).parent
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir), safety_checker=None)
+    pipe.load_lora_weights(str(lora))
+    for steps in (4, 8):
+        out = tmp_path / f"s{steps}.png"
+        assert main(["sample", "--model", str(tiny_sd_dir), "--lora", str(lora), "--prompt", "a red circle",
+                     "--seed", "11", "--steps", str(steps), "--guidance", "3", "--out", str(out)]) == 0
+        ours = np.asarray(Image.open(out)).astype(int)
+        callback = late_lora_callback(pipe, lora, num_inference_steps=steps)
+        theirs = pipe("a red circle", num_inference_steps=steps, guidance_scale=3.0, callback_on_step_end=callback,
+                      generator=torch.Generator().manual_seed(11), output_type="np").images[0]
+        assert np.abs(ours - (theirs * 255 + 0.5).astype(int)).max() <= 1
+        pipe.enable_lora()  # the callback leaves it off between calls
+        ungated = pipe("a red circle", num_inference_steps=steps, guidance_scale=3.0,
+                       generator=torch.Generator().manual_seed(11), output_type="np").images[0]
+        assert np.abs(ours - (ungated * 255 + 0.5).astype(int)).max() > 2
+
+
 def test_sample_without_a_run_config_says_which_defaults_it_used(tiny_sd_dir, tmp_path, capsys):
     assert main(["sample", "--model", str(tiny_sd_dir), "--prompt", "a", "--steps", "2", "--out",
                  str(tmp_path / "x.png")]) == 0
