@@ -1,5 +1,8 @@
 """Toy world v2: every form of a defect, exact masks, the fixed scene, localizing judges, the audit set."""
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -104,3 +107,60 @@ def test_pipeline_calibration_set_is_pairs_of_pipeline_outputs():
     assert set(data["masks"].unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="renders"):
         calibration_set("safety", n=8, source="samples")
+
+
+def test_a_new_audit_batch_is_sampled_blind_labelled_and_appended(tmp_path):
+    import shutil
+
+    from focusnfix.cli import main
+    from focusnfix.config import config_from_dict
+    from focusnfix.demo import QUICK, demo_config
+    from focusnfix.errors import InputError
+    from focusnfix.runs import train_runs
+    from focusnfix.toyworld.audit import read_labels
+
+    settings = dataclasses.replace(QUICK, steps=1, batch_size=2, num_inference_steps=4)
+    run = tmp_path / "run"
+    train_runs([config_from_dict(demo_config(run, 1.0, settings, "safety"))])
+    batch = tmp_path / "batch"
+    assert main(["toyworld", "audit-sheets", "--run", f"focusnfix/safety={run}", "--run", f"copy/safety={run}",
+                 "--n-prompts", "2", "--seeds", "7", "--out", str(batch)]) == 0
+    key = json.loads((batch / "key.json").read_text())
+    assert len(key["items"]) == 4 and {it["source"] for it in key["items"]} == {"focusnfix/safety", "copy/safety"}
+    with np.load(batch / "images.npz") as data:
+        images = data["images"]
+    # the same run sampled twice under two names gives the same image for the same (prompt, seed)
+    by = {(it["source"], it["prompt"]): images[i] for i, it in enumerate(key["items"])}
+    for it in key["items"]:
+        assert np.array_equal(by[("focusnfix/safety", it["prompt"])], by[("copy/safety", it["prompt"])])
+    sheets = sorted((batch / "sheets").glob("*.png"))
+    assert len(sheets) == 1
+    # the labels template must be filled in completely with 0 / 1
+    with pytest.raises(InputError, match="expected 'id safety"):
+        read_labels(batch / "labels.txt", 4)
+    (batch / "labels.txt").write_text("0 1 0 0\n1 0 0 1\n2 1 1 0\n")
+    with pytest.raises(InputError, match="1 of 4 images unlabelled"):
+        read_labels(batch / "labels.txt", 4)
+    (batch / "labels.txt").write_text("# a comment\n0 1 0 0\n1 0 0 1\n2 1 1 0\n3 0 0 0\n")
+    root = tmp_path / "assets"
+    shutil.copytree(tw.assets_path() / "audit", root / "audit")
+    n_before = len(load_audit(root)[1]["items"])
+    assert main(["toyworld", "audit-add", "--batch", str(batch), "--labels", str(batch / "labels.txt"),
+                 "--model", str(root)]) == 0
+    images_after, doc = load_audit(root)
+    new = doc["items"][n_before:]
+    assert len(new) == 4 and images_after.shape[0] == n_before + 4
+    assert [it["labels"]["safety"] for it in new] == [1, 0, 1, 0] and len({it["batch"] for it in new}) == 1
+    assert new[0]["batch"] == max(it["batch"] for it in doc["items"][:n_before]) + 1
+    assert [it["source"] for it in new] == [it["source"] for it in key["items"]]
+    assert torch.equal(images_after[n_before:], torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+
+
+def test_form_weights_draw_some_forms_more_often():
+    plain = forms_dataset(64, 5, "safety")
+    assert torch.equal(plain["images"], forms_dataset(64, 5, "safety", weights=None)["images"])
+    heavy = forms_dataset(64, 5, "safety", weights={"bump": 1000.0})
+    drawn = heavy["forms"][heavy["forms"] >= 0]
+    assert len(drawn) > 10 and float((drawn == FORMS["safety"].index("bump")).float().mean()) > 0.9
+    with pytest.raises(ValueError, match="form weights"):
+        forms_dataset(8, 5, "safety", weights={"sparkle": 2.0})

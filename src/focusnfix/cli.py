@@ -2,7 +2,7 @@
 
     focusnfix [--threads N] train | sample | mask | demo | eval | votes | diagnose | report | rate | sweep | export
                             | push
-    focusnfix [--threads N] toyworld build | path | stats | calibrate | ceiling
+    focusnfix [--threads N] toyworld build | path | stats | calibrate | ceiling | audit-sheets | audit-add
     focusnfix [--threads N] rahf train | eval
 
 The handlers live in :mod:`focusnfix.commands` (named here, imported once a command runs). Every command exits with 0 on success, 2 on bad
@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads per build process (default: the recipe's, 1)")
     p.add_argument("--device", default="cpu", help="torch device for training (default cpu)")
     p.add_argument("--stats", action="store_true", help="measure and write stats.json after building")
+    p.add_argument("--only", default=None, metavar="STAGES",
+                   help="retrain only these stages of the finished build in --out, from its own VAE and "
+                        "pipeline: safety_reward, judges (comma-separated)")
     p.set_defaults(func="cmd_toyworld_build")
     p = tw_sub.add_parser("path", help="print the packaged toy pipeline directory")
     p.add_argument("--model", default=None, help="a build directory instead of the packaged assets")
@@ -211,6 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=256, help="training-caption scenes drawn with the defect")
     p.add_argument("--dilate", default="3,5,8", help="mask dilations in pixels, comma-separated")
     p.set_defaults(func="cmd_toyworld_ceiling")
+    p = tw_sub.add_parser("audit-sheets", help="sample a new audit batch from trained runs: shuffled images, "
+                                               "labelling sheets, a labels template (docs/toyworld.md)")
+    p.add_argument("--run", action="append", required=True, metavar="SOURCE=RUN_DIR",
+                   help="a training run and the source name it is recorded under (repeatable)")
+    p.add_argument("--prompts", default="toy:heldout", help="prompts: toy:heldout or a file (default toy:heldout)")
+    p.add_argument("--n-prompts", type=int, default=15, help="the first N prompts (default 15)")
+    p.add_argument("--seeds", default="50000,50001", help="sampling seeds, comma-separated")
+    p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the blind order")
+    p.add_argument("--out", required=True, help="batch directory")
+    p.set_defaults(func="cmd_toyworld_audit_sheets")
+    p = tw_sub.add_parser("audit-add", help="append a labelled audit batch to the audit set")
+    p.add_argument("--batch", required=True, help="a directory made by audit-sheets")
+    p.add_argument("--labels", required=True, help="its filled-in labels file")
+    p.add_argument("--model", default=None, help="a build directory instead of the packaged assets")
+    p.set_defaults(func="cmd_toyworld_audit_add")
 
     rahf = sub.add_parser("rahf", help="train / evaluate a RAHF-style heatmap and score model on RichHF-18K")
     rahf_sub = rahf.add_subparsers(dest="rahf_command", required=True)

@@ -255,7 +255,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         target = names[0]
     else:
         aspects, target, judges = aspects_from_config(config)
-    setup = evaluation_setup(config, aspects)
+    setup = evaluation_setup(config)
     options = setup["options"]
     if args.steps is not None:
         options.num_inference_steps = args.steps
@@ -362,7 +362,15 @@ def cmd_toyworld_build(args: argparse.Namespace) -> int:
     if args.recipe_threads is not None:
         recipe.threads = args.recipe_threads
     recipe.device = args.device
-    record = build(args.out, recipe)
+    if args.only:
+        from focusnfix.toyworld.build import REBUILD_STAGES, rebuild
+
+        stages = tuple(x.strip() for x in args.only.split(",") if x.strip())
+        if not stages or set(stages) - set(REBUILD_STAGES):
+            raise InputError(f"--only takes some of {', '.join(REBUILD_STAGES)} (comma-separated), got {args.only!r}")
+        record = rebuild(args.out, stages, recipe)
+    else:
+        record = build(args.out, recipe)
     if args.stats:
         stats = compute_stats(args.out, n=64 if args.quick else 192)
         atomic_write_text(Path(args.out) / "stats.json", json.dumps(stats, indent=2))
@@ -443,6 +451,34 @@ def cmd_toyworld_ceiling(args: argparse.Namespace) -> int:
     if not dilations or min(dilations) < 0:
         raise InputError(f"--dilate needs one or more dilations >= 0, got {args.dilate!r}")
     print(json.dumps(perfect_fix_ceiling(args.aspect, n=args.n, dilations=dilations), indent=2))
+    return 0
+
+
+def cmd_toyworld_audit_sheets(args: argparse.Namespace) -> int:
+    from focusnfix.toyworld.audit import sample_batch, write_batch
+
+    runs = name_path_pairs(args.run, "--run")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    prompts = read_prompts(args.prompts)[: args.n_prompts]
+    if not seeds or not prompts:
+        raise InputError("--seeds and --prompts must give at least one seed and one prompt")
+    images, items = sample_batch(runs, prompts, seeds, shuffle_seed=args.shuffle_seed)
+    note = (f"{len(items)} images, {len(prompts)} prompts of {args.prompts} x seeds {args.seeds} from each of "
+            f"{', '.join(runs)}; shuffled (seed {args.shuffle_seed}) and labelled blind on sheets by audit.make_sheets.")
+    sheets = write_batch(args.out, images, items, note)
+    print(f"{len(items)} images on {len(sheets)} sheets in {Path(args.out) / 'sheets'}; label them in "
+          f"{Path(args.out) / 'labels.txt'} without opening key.json, then: focusnfix toyworld audit-add")
+    return 0
+
+
+def cmd_toyworld_audit_add(args: argparse.Namespace) -> int:
+    from focusnfix.toyworld.audit import add_batch
+
+    doc = add_batch(args.batch, args.labels, root=args.model)
+    print(f"audit set: {len(doc['items'])} images in {max(it['batch'] for it in doc['items'])} batches")
     return 0
 
 

@@ -10,9 +10,13 @@ audit set shows whether it sees what fine-tuned models actually draw. It is stor
   ``source`` naming the run (``draft/safety_narrow``, ``focusnfix/safety``, ...). Batch 3 was
   labelled before any judge was run on it: its kappa is the unbiased one.
 
-:func:`make_sheets` draws the labelling sheets (numbered images at 4x with their captions) and
-:func:`judge_agreement` measures each judge's Cohen's kappa against the labels. The procedure the
-labels follow is :data:`PROCEDURE` (also in docs/toyworld.md).
+A new batch is made in three steps (``focusnfix toyworld audit-sheets`` / ``audit-add``):
+:func:`sample_batch` samples held-out prompts from trained runs (each LoRA as it was trained, its
+active steps included) and shuffles them; :func:`write_batch` stores the images, the labelling
+sheets (:func:`make_sheets`: numbered images at 4x with their captions, nothing else) and, apart,
+the key naming each image's source; a person labels the sheets blind by :data:`PROCEDURE` (also in
+docs/toyworld.md) into a text file, and :func:`add_batch` merges it into the audit set.
+:func:`judge_agreement` measures each judge's Cohen's kappa against the labels.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from focusnfix.errors import InputError
 from focusnfix.toyworld import ASPECTS, assets_path, load_judge
 
 PROCEDURE = (
@@ -119,4 +124,106 @@ def judge_agreement(root: str | Path | None = None, threshold: float = 0.5) -> d
     return out
 
 
-__all__ = ["PROCEDURE", "cohen_kappa", "judge_agreement", "load_audit", "make_sheets"]
+@torch.no_grad()
+def sample_batch(runs: dict[str, str | Path], prompts: list[str], seeds: list[int], shuffle_seed: int,
+                 batch_size: int = 16) -> tuple[torch.Tensor, list[dict]]:
+    """Images of every run for every (prompt, seed), shuffled: ``(images (N, 3, 64, 64) in [0, 1], items)``.
+
+    Args:
+        runs: source name (``draft/safety``, ...) -> training run directory; each run is sampled
+            with its own config's sampling options and its LoRA's trained active steps.
+        prompts, seeds: every prompt with every seed, per run.
+        shuffle_seed: the order of the batch (labelling is blind to the source).
+
+    Returns:
+        items ``{"source", "prompt", "seed"}`` in the shuffled order.
+    """
+    import dataclasses
+
+    from focusnfix.evaluate import evaluation_setup, load_lora, resolve_backbone, run_config
+    from focusnfix.lora import lora_active_steps
+    from focusnfix.sampling import sample
+
+    images, items, backbone = [], [], None
+    for source, run_dir in runs.items():
+        config = run_config(run_dir)
+        if config is None:
+            raise InputError(f"audit run {source}={run_dir}: not a training run directory (config.yaml and lora/)")
+        backbone = backbone or resolve_backbone(config.model.path)
+        lora = Path(run_dir) / "lora"
+        options = dataclasses.replace(evaluation_setup(config)["options"], lora_steps=lora_active_steps(lora))
+        adapter = load_lora(backbone, source, lora)
+        pairs = [(p, s) for p in prompts for s in seeds]
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i : i + batch_size]
+            out = sample(backbone, [p for p, _ in chunk], [s for _, s in chunk], options)
+            images.append(out.images.float().cpu())
+        backbone.pipe.delete_adapters([adapter])
+        items += [{"source": source, "prompt": p, "seed": s} for p, s in pairs]
+    order = np.random.default_rng(shuffle_seed).permutation(len(items))
+    return torch.cat(images)[torch.from_numpy(order)], [items[i] for i in order]
+
+
+def write_batch(out_dir: str | Path, images: torch.Tensor, items: list[dict], note: str) -> list[Path]:
+    """Store a batch to label: ``images.npz``, ``sheets/`` (numbers and captions only), ``key.json``
+    (the sources: not to be opened before labelling) and ``labels.txt``, a template with one line
+    ``id safety plausibility alignment`` per image for the labeller to fill in with 0 or 1."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out_dir / "images.npz",
+                        images=(images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy())
+    (out_dir / "key.json").write_text(json.dumps({"note": note, "items": items}, indent=1))
+    lines = ["# id safety plausibility alignment (0 or 1 each; procedure: focusnfix.toyworld.audit.PROCEDURE)"]
+    lines += [f"{i} _ _ _" for i in range(len(items))]
+    (out_dir / "labels.txt").write_text("\n".join(lines) + "\n")
+    return make_sheets(images, [it["prompt"] for it in items], out_dir / "sheets")
+
+
+def read_labels(path: str | Path, n: int) -> list[dict[str, int]]:
+    """The labels file of a batch of ``n`` images: one ``id safety plausibility alignment`` line per image."""
+    labels: dict[int, dict[str, int]] = {}
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = line.split()
+        if len(fields) != 1 + len(ASPECTS) or not all(f in ("0", "1") for f in fields[1:]) or not fields[0].isdigit():
+            raise InputError(f"{path}:{lineno}: expected 'id safety plausibility alignment' with 0 or 1 each, "
+                             f"got {line!r}")
+        i = int(fields[0])
+        if i >= n or i in labels:
+            raise InputError(f"{path}:{lineno}: image id {i} is {'a repeat' if i in labels else f'not under {n}'}")
+        labels[i] = {a: int(v) for a, v in zip(ASPECTS, fields[1:], strict=True)}
+    if len(labels) != n:
+        missing = sorted(set(range(n)) - set(labels))
+        raise InputError(f"{path}: {len(missing)} of {n} images unlabelled (first: {missing[:5]})")
+    return [labels[i] for i in range(n)]
+
+
+def add_batch(batch_dir: str | Path, labels_file: str | Path, root: str | Path | None = None) -> dict:
+    """Append a labelled batch to the audit set under ``root`` (default: the packaged assets);
+    returns the new labels document. The batch number is one more than the set's last."""
+    batch_dir = Path(batch_dir)
+    key = json.loads((batch_dir / "key.json").read_text())
+    with np.load(batch_dir / "images.npz") as data:
+        new_images = data["images"]
+    labels = read_labels(labels_file, len(key["items"]))
+    base = Path(root) if root is not None else assets_path()
+    with np.load(base / "audit" / "images.npz") as data:
+        images = data["images"]
+    doc = json.loads((base / "audit" / "labels.json").read_text())
+    if new_images.shape[1:] != images.shape[1:]:
+        raise InputError(f"batch images are {new_images.shape[1:]}, the audit set's {images.shape[1:]}")
+    batch = max(it.get("batch", 1) for it in doc["items"]) + 1
+    start = len(doc["items"])
+    for j, (it, lab) in enumerate(zip(key["items"], labels, strict=True)):
+        doc["items"].append({"id": start + j, "source": it["source"], "prompt": it["prompt"], "seed": it["seed"],
+                             "labels": lab, "batch": batch})
+    doc["made_by"] = doc["made_by"].rstrip() + f" Batch {batch}: {key['note']}"
+    np.savez_compressed(base / "audit" / "images.npz", images=np.concatenate([images, new_images]))
+    (base / "audit" / "labels.json").write_text(json.dumps(doc, indent=1))
+    return doc
+
+
+__all__ = ["PROCEDURE", "add_batch", "cohen_kappa", "judge_agreement", "load_audit", "make_sheets", "read_labels",
+           "sample_batch", "write_batch"]

@@ -234,4 +234,63 @@ def build(out_dir: str | Path, recipe: Recipe | None = None, progress: Callable[
         torch.set_num_threads(old_threads)
 
 
-__all__ = ["Recipe", "build", "encode_images", "save_pipeline", "train_unet", "train_vae"]
+#: the stages :func:`rebuild` can run alone on a finished build
+REBUILD_STAGES = ("safety_reward", "judges")
+
+
+def rebuild(out_dir: str | Path, stages: tuple[str, ...], recipe: Recipe | None = None,
+            progress: Callable[[str], None] | None = None) -> dict:
+    """Retrain only some stages of a finished build in ``out_dir`` (after a change to their recipe).
+
+    * ``safety_reward``: the robust safety reward (``aspects/safety.safetensors``) and its saliency
+      choice (``aspects/config.json``);
+    * ``judges``: the localizing safety and plausibility judges (``judges/``).
+
+    These stages read nothing but the generator, the VAE and (the safety judge's SDEdit stage) the
+    finished pipeline, all of which the build directory holds, so this writes what a full build with
+    ``recipe`` would write (``tests/test_toyworld.py`` checks it bit for bit on a tiny build).
+    ``build.json`` gets the new recipe and each stage's timing as ``rebuilt_<stage>``.
+    """
+    from focusnfix.backbones import load_backbone
+    from focusnfix.toyworld.build_models import choose_saliency, train_localizing_judge, train_safety_robust
+
+    unknown = set(stages) - set(REBUILD_STAGES)
+    if unknown or not stages:
+        raise ValueError(f"stages to rebuild must be some of {REBUILD_STAGES}, got {stages}")
+    recipe = recipe or Recipe()
+    progress = progress or log.info
+    out = Path(out_dir)
+    record_file = out / "build.json"
+    if not record_file.is_file() or not (out / "pipeline").is_dir():
+        raise FileNotFoundError(f"{out} is not a finished toy world build (build.json and pipeline/ expected)")
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)
+    record = json.loads(record_file.read_text())
+    try:
+        vae = load_backbone(str(out / "pipeline")).vae.to(recipe.device)
+        for stage in REBUILD_STAGES:  # in build order
+            if stage not in stages:
+                continue
+            t = time.time()
+            if stage == "safety_reward":
+                robust = train_safety_robust(vae, recipe, progress)
+                save_module(robust, out / "aspects" / "safety.safetensors")
+                saliency, candidates = choose_saliency(robust, recipe, forms=True)
+                path = out / "aspects" / "config.json"
+                config = json.loads(path.read_text())
+                config["safety"] = {"saliency": saliency, "candidates": candidates}
+                path.write_text(json.dumps(config, indent=2))
+            else:
+                save_module(train_localizing_judge("plausibility", vae, recipe, progress),
+                            out / "judges" / "plausibility.safetensors")
+                train_sample_like_safety_judge(out, recipe, progress)
+            record["timings_s"][f"rebuilt_{stage}"] = round(time.time() - t, 1)
+            progress(f"{stage} rebuilt in {time.time() - t:.0f}s")
+        record["recipe"] = asdict(recipe)
+        record_file.write_text(json.dumps(record, indent=2))
+        return record
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+__all__ = ["Recipe", "build", "encode_images", "REBUILD_STAGES", "rebuild", "save_pipeline", "train_unet", "train_vae"]

@@ -200,9 +200,13 @@ def render_form(scene: gen.Scene, aspect: str, form: str, seed: int) -> tuple[np
 
 
 def forms_dataset(
-    n: int, seed: int, aspect: str, split: str = "train", p_defect: float = 0.5, forms: tuple[str, ...] | None = None
+    n: int, seed: int, aspect: str, split: str = "train", p_defect: float = 0.5, forms: tuple[str, ...] | None = None,
+    weights: dict[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``n`` scenes, about ``p_defect`` of them with ``aspect``'s defect in a random form.
+
+    ``weights``: form -> relative frequency among the defective scenes (forms not named: 1); None
+    draws every form equally (and the same scenes as before weights existed).
 
     The other aspects' defects appear at the generator's default rates, so a model trained on this
     learns to ignore them. Returns a dict of ``images (N, 3, 64, 64)`` in [0, 1], ``masks (N, 1, 64,
@@ -211,6 +215,12 @@ def forms_dataset(
     caption asks for it), plus ``captions`` and ``scenes`` (lists).
     """
     forms = forms or FORMS[aspect]
+    if weights is not None:
+        unknown = set(weights) - set(forms)
+        if unknown or min(weights.values(), default=1.0) <= 0:
+            raise ValueError(f"form weights must be > 0 and name forms of {forms}, got {weights}")
+        w = np.array([weights.get(f, 1.0) for f in forms], dtype=np.float64)
+        w /= w.sum()
     rates = dict(gen.DEFAULT_RATES)
     rates[aspect] = 1.0  # every scene gets base geometry for this aspect; clean ones are re-rendered
     scenes = gen.generate(n, seed, split, rates)
@@ -221,7 +231,7 @@ def forms_dataset(
     for i, scene in enumerate(scenes.scenes):
         scene.defects[aspect] = True
         if rng.random() < p_defect:
-            k = int(rng.integers(len(forms)))
+            k = int(rng.integers(len(forms))) if weights is None else int(rng.choice(len(forms), p=w))
             img, m = render_form(scene, aspect, forms[k], int(rng.integers(1 << 31)))
             if m.any():
                 images[i], masks[i, 0], form_idx[i] = img, m, k
