@@ -216,6 +216,35 @@ def test_safety_reward_lower_with_mark():
     assert heatmap_quality(h, s.masks["safety"][keep])["auc"] > 0.9
 
 
+def test_a_calibrated_localizer_replaces_the_packaged_one():
+    from focusnfix.aspects.registry import build_aspect
+    from focusnfix.errors import InputError
+
+    s = generate(8, seed=11, split="heldout", defect_rates={"safety": 1.0, "plausibility": 0.0, "alignment": 0.0})
+    packaged, gradcam = load_aspect("safety"), load_aspect("safety", localizer="gradcam")
+    with torch.no_grad():  # the same reward, another heatmap
+        assert torch.equal(packaged.reward(s.images, s.captions), gradcam.reward(s.images, s.captions))
+    assert gradcam.method == "gradcam"
+    with pytest.raises(ValueError, match="localizer"):
+        load_aspect("plausibility", localizer="gradcam")
+    with pytest.raises(InputError, match="localizer"):
+        build_aspect("toyworld", {"aspect": "safety", "localizer": "lime"})
+
+
+def test_the_adversarial_attack_changes_only_its_region_and_lowers_the_unsafe_logit():
+    from focusnfix.toyworld.build_models import attack_in_region
+
+    s = generate(8, seed=11, split="heldout", defect_rates={"safety": 1.0, "plausibility": 0.0, "alignment": 0.0})
+    keep = [i for i, sc in enumerate(s.scenes) if sc.defects["safety"]]
+    x, region = s.images[keep], s.masks["safety"][keep].float()
+    clf = load_aspect("safety_narrow").reward_model  # the hackable reward: the attack fools it
+    delta = attack_in_region(clf, x, region, steps=5, step_size=0.05)
+    assert torch.equal(delta * (1 - region), torch.zeros_like(delta))
+    assert float((x + delta).min()) >= 0.0 and float((x + delta).max()) <= 1.0
+    with torch.no_grad():
+        assert bool((clf.logit(x + delta) < clf.logit(x)).all())
+
+
 def test_native_heatmaps_find_defects():
     for name in ("plausibility", "alignment"):
         s = generate(16, seed=12, split="heldout", defect_rates={name: 1.0})
@@ -264,7 +293,8 @@ def test_recipe_tiny_build_loads(tmp_path):
 
     recipe = Recipe(n_train=64, vae_images=32, vae_steps=2, vae_batch=4, unet_steps=2, unet_v_steps=2, unet_batch=4,
                     aspect_images=32, aspect_steps=2, judge_images=32, judge_steps=2, model_batch=4,
-                    forms_images=32, forms_steps=2, sdedit_images=8)
+                    forms_images=32, forms_steps=2, judge_forms_steps=2, sdedit_images=8,
+                    reward_attack_steps=2)
     record = build(tmp_path, recipe, progress=lambda _msg: None)
     assert (tmp_path / "build.json").is_file() and record["timings_s"]["total"] > 0
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_path(tmp_path), safety_checker=None)
@@ -278,3 +308,22 @@ def test_recipe_tiny_build_loads(tmp_path):
         assert isinstance(load_aspect(name, root=tmp_path), Aspect)
         assert isinstance(load_judge(name, root=tmp_path), Judge)
     assert load_judge("safety", root=tmp_path).defect_heatmap(img, ["a"]).shape == (1, 1, 32, 32)
+    # retraining the reward and judges alone from the build's VAE and pipeline gives the full build's, bit for bit
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from focusnfix.toyworld.build import rebuild
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path, copy, ignore=shutil.ignore_patterns("copy"))
+    for f in [copy / "aspects" / "safety.safetensors", copy / "judges" / "safety.safetensors",
+              copy / "judges" / "plausibility.safetensors"]:
+        f.unlink()
+    rebuild(copy, ("safety_reward", "judges"), recipe, progress=lambda _msg: None)
+    for name in ("aspects/safety", "judges/safety", "judges/plausibility"):
+        a, b = load_file(tmp_path / f"{name}.safetensors"), load_file(copy / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert (json.loads((tmp_path / "aspects" / "config.json").read_text())["safety"]
+            == json.loads((copy / "aspects" / "config.json").read_text())["safety"])
+    assert {"rebuilt_safety_reward", "rebuilt_judges"} <= set(json.loads((copy / "build.json").read_text())["timings_s"])

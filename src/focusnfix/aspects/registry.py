@@ -2,7 +2,8 @@
 
 Built-in types:
 
-* ``toyworld``: the toy world's aspect models; ``args: {aspect: safety|safety_narrow|plausibility|alignment}``.
+* ``toyworld``: the toy world's aspect models; ``args: {aspect: safety|safety_narrow|plausibility|alignment}``,
+  optionally ``localizer: gradcam|smoothgrad|input_gradient`` for the safety rewards (else the packaged one).
 * ``mask_files``: user-given masks (:class:`MaskFileAspect`); ``args: {path: ...}``.
 * ``python``: any factory returning an :class:`Aspect`; ``args: {target: "pkg.mod:fn", kwargs: {...}}``.
 * ``saliency``: a scalar reward module from a factory, localized by saliency;
@@ -70,10 +71,13 @@ def build_aspect(type_name: str, args: dict[str, Any], name: str | None = None) 
     return aspect
 
 
-def _toyworld(aspect: str) -> Aspect:
+def _toyworld(aspect: str, localizer: str | None = None) -> Aspect:
     if aspect not in toyworld.ASPECT_MODELS:
         raise InputError(f"toyworld aspect must be one of {list(toyworld.ASPECT_MODELS)}, got {aspect!r}")
-    return toyworld.load_aspect(aspect)
+    try:
+        return toyworld.load_aspect(aspect, localizer=localizer)
+    except ValueError as err:
+        raise InputError(f"toyworld aspect {aspect!r}: {err}") from err
 
 
 def _python(target: str, kwargs: dict[str, Any] | None = None) -> Aspect:

@@ -31,7 +31,7 @@ from focusnfix.toyworld.generator import (
     prompts,
 )
 
-__all__ = ["ASPECTS", "ASPECT_MODELS", "Scene", "Scenes", "assets_path", "generate", "load_aspect", "load_attribute_reader", "load_judge",
+__all__ = ["ASPECTS", "ASPECT_MODELS", "SALIENCY_LOCALIZERS", "Scene", "Scenes", "assets_path", "generate", "load_aspect", "load_attribute_reader", "load_judge",
            "parse_caption", "pipeline_path", "prompts", "PROMPT_SPLITS"]
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
@@ -73,7 +73,17 @@ def _load(module: torch.nn.Module, path: Path, device) -> torch.nn.Module:
     return M.freeze(module.to(device))
 
 
-def load_aspect(name: str, device: str | torch.device = "cpu", root: str | Path | None = None) -> Aspect:
+#: alternative localizers of the scalar safety rewards (name -> SaliencyAspect options); the build
+#: packages the one with the best heatmap AUC on renders, ``toyworld calibrate`` measures them all
+SALIENCY_LOCALIZERS: dict[str, dict] = {
+    "gradcam": {"method": "gradcam", "layer": "features.3", "blur_sigma": 1.0},
+    "smoothgrad": {"method": "smoothgrad", "blur_sigma": 2.0},
+    "input_gradient": {"method": "input_gradient", "blur_sigma": 1.5},
+}
+
+
+def load_aspect(name: str, device: str | torch.device = "cpu", root: str | Path | None = None,
+                localizer: str | None = None) -> Aspect:
     """The packaged training-time aspect model ``name`` (eval mode, frozen parameters).
 
     ``safety`` is a scalar classifier wrapped in :class:`~focusnfix.aspects.saliency.SaliencyAspect`
@@ -81,12 +91,19 @@ def load_aspect(name: str, device: str | torch.device = "cpu", root: str | Path 
     faded, blurred, detached, merged, partial); ``safety_narrow`` is the same classifier trained on
     dark marks only, the hackable reward of the reward-hacking experiment; ``plausibility`` and
     ``alignment`` are RAHF-like models with a native heatmap (reward ``log p_good``).
+
+    ``localizer``: for the safety rewards, one of :data:`SALIENCY_LOCALIZERS` instead of the
+    packaged saliency method (the one ``focusnfix toyworld calibrate`` chose, say).
     """
     _check(name, ASPECT_MODELS)
     base = _root(root) / "aspects"
+    if localizer is not None and (name not in ("safety", "safety_narrow") or localizer not in SALIENCY_LOCALIZERS):
+        raise ValueError(f"localizer {localizer!r}: only the safety rewards take one, one of "
+                         f"{sorted(SALIENCY_LOCALIZERS)} (or none: the packaged one)")
     if name in ("safety", "safety_narrow"):
         clf = _load(M.SafetyClassifier(), base / f"{name}.safetensors", device)
         cfg = json.loads((base / "config.json").read_text())[name]["saliency"]
+        cfg = {"layer": None, **SALIENCY_LOCALIZERS[localizer]} if localizer else cfg
         aspect: Aspect = SaliencyAspect(name, clf, method=cfg["method"], layer=cfg["layer"],
                                         blur_sigma=cfg["blur_sigma"])
     else:

@@ -156,18 +156,63 @@ def train_safety(vae, recipe: Recipe, progress) -> M.SafetyClassifier:
     return _fit(model, loss_fn, len(data), recipe, recipe.aspect_steps, recipe.seed + 11, "safety", progress)
 
 
+def attack_in_region(model: M.SafetyClassifier, x: torch.Tensor, region: torch.Tensor, steps: int,
+                     step_size: float) -> torch.Tensor:
+    """What a fine-tune that exploits the reward paints: signed-gradient steps that lower the unsafe
+    logit, changing only ``region`` (``(B, 1, H, W)`` in {0, 1}) of ``x (B, 3, H, W)`` in [0, 1].
+    Returns the change ``delta (B, 3, H, W)`` (zero outside the region)."""
+    delta = torch.zeros_like(x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        logit = model.logit((x + delta * region).clamp(0, 1))
+        (grad,) = torch.autograd.grad(logit.sum(), delta)
+        delta = ((x + (delta - step_size * grad.sign()) * region).clamp(0, 1) - x).detach()
+    return delta * region
+
+
 def train_safety_robust(vae, recipe: Recipe, progress) -> M.SafetyClassifier:
     """The demo's safety reward: the same classifier as the narrow one, trained on every defect form
-    (:mod:`focusnfix.toyworld.forms`), so lightening or recolouring a mark no longer raises it."""
+    (:mod:`focusnfix.toyworld.forms`), so lightening or recolouring a mark no longer raises it.
+
+    With ``recipe.reward_attack_steps > 0`` it is also trained adversarially, as robust classifiers
+    are (Madry et al., ICLR 2018): in every batch, half of the defective images get
+    :func:`attack_in_region` applied inside their defect (dilated by 2 px), the change a reward-hacking
+    fine-tune would make; the result keeps its defect label unless the change is within
+    ``recipe.reward_attack_fix_tol`` (mean absolute, per pixel of the defect) of the generator's
+    own fix (the scene with the mark gone). So the only way left to raise the reward in the region is
+    to restore the background, and the reward's gradient points there.
+    """
     data = forms_dataset(recipe.forms_images, recipe.seed * 1000 + 41, "safety", "train")
     recon = reconstruct(vae, data["images"])
     labels = data["labels"]
     seed_all(recipe.seed + 41)
     model = M.SafetyClassifier()
+    attack = recipe.reward_attack_steps > 0
+    if attack:
+        from focusnfix.ops import dilate_4n  # noqa: PLC0415
+        from focusnfix.toyworld.forms import render_fixed  # noqa: PLC0415
+
+        fix = torch.stack([torch.from_numpy(render_fixed(sc, "safety")) for sc in data["scenes"]]) - data["images"]
+        regions = torch.from_numpy(dilate_4n(data["masks"][:, 0].numpy() > 0, 2)).unsqueeze(1).float()
 
     def loss_fn(idx, g):
-        x = _mix_blur(data["images"], recon, idx, g, recipe.device)
-        return F.binary_cross_entropy_with_logits(model.logit(x), labels[idx].to(recipe.device))
+        dev = recipe.device
+        x = _mix_blur(data["images"], recon, idx, g, dev)
+        y = labels[idx].to(dev)
+        loss = F.binary_cross_entropy_with_logits(model.logit(x), y)
+        if not attack:
+            return loss
+        sel = torch.nonzero((y > 0).cpu() & (torch.rand(len(idx), generator=g) < 0.5)).squeeze(1)
+        if len(sel) == 0:
+            return loss
+        j = idx[sel]
+        region = regions[j].to(dev)
+        delta = attack_in_region(model, x[sel], region, recipe.reward_attack_steps, recipe.reward_attack_step_size)
+        # distance of the attack's change to the true fix, over the defect's pixels
+        mask = data["masks"][j].to(dev)
+        dist = ((delta - fix[j].to(dev)).abs().mean(1, keepdim=True) * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
+        y_adv = (dist > recipe.reward_attack_fix_tol).float()
+        return loss + F.binary_cross_entropy_with_logits(model.logit((x[sel] + delta).clamp(0, 1)), y_adv)
 
     return _fit(model, loss_fn, len(labels), recipe, recipe.forms_steps, recipe.seed + 41, "safety-robust", progress)
 
@@ -179,7 +224,8 @@ def train_localizing_judge(aspect: str, vae, recipe: Recipe, progress,
     ``sample_like_data`` (:func:`focusnfix.toyworld.sdedit.sdedit_forms_dataset`): pipeline-made
     images with their labels and masks, drawn in half of the batches."""
     offset = {"safety": 51, "plausibility": 52}[aspect]
-    data = forms_dataset(recipe.forms_images, recipe.seed * 1000 + 600 + offset, aspect, "train")
+    data = forms_dataset(recipe.forms_images, recipe.seed * 1000 + 600 + offset, aspect, "train",
+                         weights=recipe.judge_form_weights.get(aspect))
     recon = reconstruct(vae, data["images"])
     seed_all(recipe.seed + 600 + offset)
     masks = F.max_pool2d(data["masks"], 2)  # (N, 1, 32, 32): any defect pixel
@@ -202,7 +248,7 @@ def train_localizing_judge(aspect: str, vae, recipe: Recipe, progress,
         return (F.binary_cross_entropy_with_logits(heat, y_heat.to(dev), pos_weight=torch.tensor(5.0, device=dev))
                 + F.binary_cross_entropy_with_logits(presence, y.to(dev)))
 
-    return _fit(model, loss_fn, len(labels), recipe, recipe.forms_steps, recipe.seed + 600 + offset,
+    return _fit(model, loss_fn, len(labels), recipe, recipe.judge_forms_steps, recipe.seed + 600 + offset,
                 f"judge-{aspect}", progress)
 
 
@@ -374,7 +420,7 @@ def models_worker(out: str, recipe: dict, vae_file: str) -> None:
     (Path(out) / "_models_timings.json").write_text(json.dumps(timings))
 
 
-__all__ = ["SALIENCY_CANDIDATES", "choose_saliency", "models_worker", "reconstruct", "train_judge",
+__all__ = ["SALIENCY_CANDIDATES", "attack_in_region", "choose_saliency", "models_worker", "reconstruct", "train_judge",
            "train_localizing_judge", "train_models", "train_rahf", "train_safety", "train_safety_robust",
            "train_sample_like_safety_judge",
            "train_v2_models"]

@@ -19,15 +19,8 @@ import torch
 from focusnfix import calibration
 from focusnfix.aspects import Aspect
 from focusnfix.aspects.saliency import SaliencyAspect
+from focusnfix.toyworld import SALIENCY_LOCALIZERS
 from focusnfix.toyworld.forms import BASE_FORM, forms_dataset
-
-#: alternative localizers of the scalar safety rewards (name -> SaliencyAspect options)
-SALIENCY_LOCALIZERS: dict[str, dict[str, Any]] = {
-    "gradcam": {"method": "gradcam", "layer": "features.3", "blur_sigma": 1.0},
-    "smoothgrad": {"method": "smoothgrad", "blur_sigma": 2.0},
-    "input_gradient": {"method": "input_gradient", "blur_sigma": 1.5},
-}
-
 
 #: where calibration images come from (see :func:`calibration_set`)
 SOURCES = ("renders", "pipeline")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +40,18 @@ class Recipe:
     judge_steps: int = 500
     forms_images: int = 8000  # toy world v2: robust safety reward and localizing judges (every defect form)
     forms_steps: int = 900
+    # the robust safety reward's adversarial training (build_models.train_safety_robust): signed-gradient
+    # steps inside each defect per attacked image (0 = none), their size, and how close to the true fix
+    # an attacked image must come to count as fixed
+    reward_attack_steps: int = 4
+    reward_attack_step_size: float = 0.08
+    reward_attack_fix_tol: float = 0.1
+    # the localizing judges: steps, and how often each form is drawn among defective scenes (form ->
+    # weight, forms not named: 1; empty = every form alike, the shipped judges). Tried and not shipped:
+    # 1350 steps with safety bump x3, plausibility blotched x3 and faded x2 raised those forms' AUC a
+    # little but lowered the safety judge's audit agreement (docs/toyworld.md)
+    judge_forms_steps: int = 900
+    judge_form_weights: dict[str, dict[str, float]] = field(default_factory=dict)
     sdedit_images: int = 2400  # defect renders (and their fixed twins) sent through the pipeline for the safety judge
     model_batch: int = 48
     model_lr: float = 2e-3
@@ -51,7 +63,7 @@ class Recipe:
     def quick(cls, seed: int = 0) -> Recipe:
         return cls(seed=seed, n_train=2000, vae_images=1000, vae_steps=150, unet_steps=150, unet_v_steps=100, unet_batch=32,
                    aspect_images=800, aspect_steps=60, judge_images=800, judge_steps=50, forms_images=800,
-                   forms_steps=60, sdedit_images=64)
+                   forms_steps=60, judge_forms_steps=60, sdedit_images=64)
 
 
 def seed_all(seed: int) -> None:
