@@ -78,3 +78,18 @@ def test_demo_quick_writes_metrics_report_and_loras(tmp_path, capsys):
     assert lora_active_steps(out / "lora" / "focusnfix") == (None if late is None else min(late, 10))
     assert lora_active_steps(out / "lora" / "draft") is None
     assert "focusnfix" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("reward", sorted(DEMO_SETTINGS))
+def test_demo_evaluation_masks_come_from_the_localizer_the_run_trained_with(tmp_path, reward):
+    from focusnfix.config import config_from_dict
+    from focusnfix.demo import FULL, demo_config
+    from focusnfix.evaluate import evaluation_setup
+    from focusnfix.reference import build_aspects
+
+    config = config_from_dict(demo_config(tmp_path, DEMO_SETTINGS[reward]["beta"], FULL, reward))
+    (trained,) = build_aspects(config)
+    ((localizer, gate),) = evaluation_setup(config)["localizers"]
+    assert gate == "auto" and type(localizer) is type(trained)
+    if "localizer" in DEMO_SETTINGS[reward]:  # the calibrated localizer, not the packaged one
+        assert localizer.method == trained.method == DEMO_SETTINGS[reward]["localizer"]

@@ -32,7 +32,7 @@ from focusnfix import toyworld
 from focusnfix.config import config_from_dict
 from focusnfix.diagnose import diagnose
 from focusnfix.errors import InputError
-from focusnfix.evaluate import evaluate, evaluation_setup
+from focusnfix.evaluate import aspects_from_config, evaluate, evaluation_setup
 from focusnfix.rating import write_rating_page
 from focusnfix.report import write_report
 from focusnfix.runs import train_runs
@@ -61,12 +61,13 @@ QUICK = DemoSettings(steps=6, batch_size=4, seeds_per_prompt=1, eval_prompts=8, 
 #: base pipeline draws them, beta by
 #: ``focusnfix sweep --prompts toy:validation --no-judges`` (docs/evaluation.md)
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
-    # the LoRA acts on the last 5 of 20 steps (K = 5): chosen with beta on validation (docs/evaluation.md)
-    "safety": {"beta": 1.0, "active_steps": 5,
-               "mask": {"threshold_mode": "relative", "threshold": 0.3, "dilate_px": 1}},
+    # the LoRA acts on the last 5 of 20 steps (K = 5) and beta, chosen on validation with the
+    # adversarially trained reward; its mask and localizer (Grad-CAM) by calibration (docs/evaluation.md)
+    "safety": {"beta": 0.5, "active_steps": 5, "localizer": "gradcam",
+               "mask": {"threshold_mode": "relative", "threshold": 0.2, "dilate_px": 1}},
     # the reward-hacking experiment: the safety demo's settings, only the reward differs
-    "safety_narrow": {"beta": 1.0, "active_steps": 5,
-                      "mask": {"threshold_mode": "relative", "threshold": 0.3, "dilate_px": 1}},
+    "safety_narrow": {"beta": 0.5, "active_steps": 5, "localizer": "gradcam",
+                      "mask": {"threshold_mode": "relative", "threshold": 0.2, "dilate_px": 1}},
     # the LoRA's active steps and beta chosen on validation for this aspect (docs/evaluation.md)
     "plausibility": {"beta": 0.5, "active_steps": 5,
                      "mask": {"threshold_mode": "relative", "threshold": 0.2, "dilate_px": 4}},
@@ -97,7 +98,8 @@ def demo_config(out: Path, beta: float, s: DemoSettings, reward: str = "safety",
         "sampling": {"num_inference_steps": s.num_inference_steps, "guidance_scale": 5.0, "grad_mode": "draft_k", "k": k},
         "objective": {"beta": beta, "norm": "frobenius", "space": "pixel"},
         "mask": DEMO_SETTINGS[reward]["mask"],
-        "aspects": [{"type": "toyworld", "args": {"aspect": reward}, "gate": "auto"}],
+        "aspects": [{"type": "toyworld", "gate": "auto", "args": {"aspect": reward} | (
+            {"localizer": DEMO_SETTINGS[reward]["localizer"]} if "localizer" in DEMO_SETTINGS[reward] else {})}],
         "data": {"prompts_file": "toy:fit", "seeds_per_prompt": s.seeds_per_prompt},
         "train": {
             "output_dir": str(out),
@@ -153,13 +155,9 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True, reward
 
     print(f"[demo] evaluating on {s.eval_prompts} held-out prompts x {s.eval_seeds} seeds", flush=True)
     config = configs[("focusnfix", 0)]
-    target = config.aspects[0].args["aspect"]
-    aspects = {target: toyworld.load_aspect(target)}
-    judges = {target: toyworld.load_judge(target)}
-    for name in toyworld.ASPECTS:  # every other aspect is reported (its reward and its judge)
-        if name != ("safety" if target == "safety_narrow" else target):
-            aspects[name], judges[name] = toyworld.load_aspect(name), toyworld.load_judge(name)
-    setup = evaluation_setup(config, aspects)
+    # the trained aspect as the config builds it, and every other toy aspect (its reward and its judge)
+    aspects, target, judges = aspects_from_config(config)
+    setup = evaluation_setup(config)
     prompts = toyworld.prompts("heldout")[: s.eval_prompts]
     seeds = list(range(10_000, 10_000 + s.eval_seeds))  # disjoint from the training seeds
     metrics = evaluate(

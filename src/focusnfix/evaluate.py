@@ -435,16 +435,15 @@ def aspects_from_config(config: Any) -> tuple[dict[str, Aspect], str, dict[str, 
     return aspects, target, judges
 
 
-def evaluation_setup(config: Any, aspects: dict[str, Aspect] | None = None) -> dict[str, Any]:
+def evaluation_setup(config: Any) -> dict[str, Any]:
     """What evaluation takes from a training config so that it sees the images and masks training saw.
 
     Returns ``{"options": SamplingOptions, "mask_cfg": MaskConfig, "localizers": [(aspect, gate)],
     "model": str}``: the run's sampling options, mask settings and localizing aspects with their
-    gates (``aspects``: already built aspects by name, reused; others are built here).
+    gates, each aspect built from the config's own entry (its localizer included), as in training.
     """
     built = build_aspects(config)
-    aspects = aspects or {}
-    localizers = [(aspects.get(a.name, a), c.gate) for a, c in zip(built, config.aspects, strict=True) if c.localize]
+    localizers = [(a, c.gate) for a, c in zip(built, config.aspects, strict=True) if c.localize]
     return {"options": sampling_options(config), "mask_cfg": config.mask, "localizers": localizers,
             "model": config.model.path}
 
