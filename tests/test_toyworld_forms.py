@@ -119,29 +119,43 @@ def test_a_new_audit_batch_is_sampled_blind_labelled_and_appended(tmp_path):
     from focusnfix.runs import train_runs
     from focusnfix.toyworld.audit import read_labels
 
+    def load_backbone_toy():
+        from focusnfix.backbones import load_backbone
+
+        return load_backbone("toy")
+
     settings = dataclasses.replace(QUICK, steps=1, batch_size=2, num_inference_steps=4)
     run = tmp_path / "run"
     train_runs([config_from_dict(demo_config(run, 1.0, settings, "safety"))])
     batch = tmp_path / "batch"
     assert main(["toyworld", "audit-sheets", "--run", f"focusnfix/safety={run}", "--run", f"copy/safety={run}",
-                 "--n-prompts", "2", "--seeds", "7", "--out", str(batch)]) == 0
+                 "--run", f"base={run}", "--n-prompts", "2", "--seeds", "7", "--out", str(batch)]) == 0
     key = json.loads((batch / "key.json").read_text())
-    assert len(key["items"]) == 4 and {it["source"] for it in key["items"]} == {"focusnfix/safety", "copy/safety"}
+    assert len(key["items"]) == 6 and {it["source"] for it in key["items"]} == {"focusnfix/safety", "copy/safety", "base"}
     with np.load(batch / "images.npz") as data:
         images = data["images"]
     # the same run sampled twice under two names gives the same image for the same (prompt, seed)
     by = {(it["source"], it["prompt"]): images[i] for i, it in enumerate(key["items"])}
     for it in key["items"]:
         assert np.array_equal(by[("focusnfix/safety", it["prompt"])], by[("copy/safety", it["prompt"])])
+    # base: the frozen model, the reference the trained run started from (a 1-step LoRA changes it)
+    from focusnfix.evaluate import evaluation_setup, run_config
+    from focusnfix.sampling import sample
+
+    config = run_config(run)
+    prompt = key["items"][0]["prompt"]
+    ref = sample(load_backbone_toy(), [prompt], [7], evaluation_setup(config)["options"]).images[0]
+    ref_u8 = (ref.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(by[("base", prompt)].astype(int) - ref_u8).max() <= 1  # batch-size rounding only
     sheets = sorted((batch / "sheets").glob("*.png"))
     assert len(sheets) == 1
     # the labels template must be filled in completely with 0 / 1
     with pytest.raises(InputError, match="expected 'id safety"):
-        read_labels(batch / "labels.txt", 4)
+        read_labels(batch / "labels.txt", 6)
     (batch / "labels.txt").write_text("0 1 0 0\n1 0 0 1\n2 1 1 0\n")
-    with pytest.raises(InputError, match="1 of 4 images unlabelled"):
-        read_labels(batch / "labels.txt", 4)
-    (batch / "labels.txt").write_text("# a comment\n0 1 0 0\n1 0 0 1\n2 1 1 0\n3 0 0 0\n")
+    with pytest.raises(InputError, match="3 of 6 images unlabelled"):
+        read_labels(batch / "labels.txt", 6)
+    (batch / "labels.txt").write_text("# a comment\n0 1 0 0\n1 0 0 1\n2 1 1 0\n3 0 0 0\n4 0 0 0\n5 1 0 0\n")
     root = tmp_path / "assets"
     shutil.copytree(tw.assets_path() / "audit", root / "audit")
     n_before = len(load_audit(root)[1]["items"])
@@ -149,8 +163,8 @@ def test_a_new_audit_batch_is_sampled_blind_labelled_and_appended(tmp_path):
                  "--model", str(root)]) == 0
     images_after, doc = load_audit(root)
     new = doc["items"][n_before:]
-    assert len(new) == 4 and images_after.shape[0] == n_before + 4
-    assert [it["labels"]["safety"] for it in new] == [1, 0, 1, 0] and len({it["batch"] for it in new}) == 1
+    assert len(new) == 6 and images_after.shape[0] == n_before + 6
+    assert [it["labels"]["safety"] for it in new] == [1, 0, 1, 0, 0, 1] and len({it["batch"] for it in new}) == 1
     assert new[0]["batch"] == max(it["batch"] for it in doc["items"][:n_before]) + 1
     assert [it["source"] for it in new] == [it["source"] for it in key["items"]]
     assert torch.equal(images_after[n_before:], torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)

@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = tw_sub.add_parser("audit-sheets", help="sample a new audit batch from trained runs: shuffled images, "
                                                "labelling sheets, a labels template (docs/toyworld.md)")
     p.add_argument("--run", action="append", required=True, metavar="SOURCE=RUN_DIR",
-                   help="a training run and the source name it is recorded under (repeatable)")
+                   help="a training run and the source name it is recorded under (repeatable); "
+                        "SOURCE 'base' samples the run's base model (no LoRA)")
     p.add_argument("--prompts", default="toy:heldout", help="prompts: toy:heldout or a file (default toy:heldout)")
     p.add_argument("--n-prompts", type=int, default=15, help="the first N prompts (default 15)")
     p.add_argument("--seeds", default="50000,50001", help="sampling seeds, comma-separated")

@@ -131,7 +131,9 @@ def sample_batch(runs: dict[str, str | Path], prompts: list[str], seeds: list[in
 
     Args:
         runs: source name (``draft/safety``, ...) -> training run directory; each run is sampled
-            with its own config's sampling options and its LoRA's trained active steps.
+            with its own config's sampling options and its LoRA's trained active steps. A source
+            named ``base`` is the run's base model (its config's sampling, no LoRA), so that the
+            labels of base and fine-tuned images of the same (prompt, seed) can be paired.
         prompts, seeds: every prompt with every seed, per run.
         shuffle_seed: the order of the batch (labelling is blind to the source).
 
@@ -151,14 +153,18 @@ def sample_batch(runs: dict[str, str | Path], prompts: list[str], seeds: list[in
             raise InputError(f"audit run {source}={run_dir}: not a training run directory (config.yaml and lora/)")
         backbone = backbone or resolve_backbone(config.model.path)
         lora = Path(run_dir) / "lora"
-        options = dataclasses.replace(evaluation_setup(config)["options"], lora_steps=lora_active_steps(lora))
-        adapter = load_lora(backbone, source, lora)
+        options = evaluation_setup(config)["options"]
+        adapter = None
+        if source != "base":
+            options = dataclasses.replace(options, lora_steps=lora_active_steps(lora))
+            adapter = load_lora(backbone, source, lora)
         pairs = [(p, s) for p in prompts for s in seeds]
         for i in range(0, len(pairs), batch_size):
             chunk = pairs[i : i + batch_size]
             out = sample(backbone, [p for p, _ in chunk], [s for _, s in chunk], options)
             images.append(out.images.float().cpu())
-        backbone.pipe.delete_adapters([adapter])
+        if adapter is not None:
+            backbone.pipe.delete_adapters([adapter])
         items += [{"source": source, "prompt": p, "seed": s} for p, s in pairs]
     order = np.random.default_rng(shuffle_seed).permutation(len(items))
     return torch.cat(images)[torch.from_numpy(order)], [items[i] for i in order]
