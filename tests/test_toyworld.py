@@ -245,6 +245,31 @@ def test_the_adversarial_attack_changes_only_its_region_and_lowers_the_unsafe_lo
         assert bool((clf.logit(x + delta) < clf.logit(x)).all())
 
 
+def test_the_decoder_attack_paints_through_the_vae_near_its_region_and_lowers_the_unsafe_logit():
+    from focusnfix.backbones import load_backbone
+    from focusnfix.toyworld.build_models import attack_through_decoder
+
+    s = generate(8, seed=11, split="heldout", defect_rates={"safety": 1.0, "plausibility": 0.0, "alignment": 0.0})
+    keep = [i for i, sc in enumerate(s.scenes) if sc.defects["safety"]]
+    x, region = s.images[keep], s.masks["safety"][keep].float()
+    clf = load_aspect("safety_narrow").reward_model
+    vae = load_backbone(str(pipeline_path())).vae
+    delta = attack_through_decoder(clf, vae, x, region, steps=4, step_size=0.3)
+    assert float((x + delta).min()) >= 0.0 and float((x + delta).max()) <= 1.0
+    assert not delta.requires_grad and float(delta.abs().max()) > 0.05
+    # only the latent cells under the region change; the decoder (its group norms see the whole map)
+    # spreads a little of that everywhere, far less than what it paints in the region
+    from focusnfix.ops import dilate_4n
+
+    far = 1 - torch.from_numpy(dilate_4n(region[:, 0].numpy() > 0, 12)).unsqueeze(1).float()
+    change = delta.abs().mean(1, keepdim=True)
+    assert float((change * far).sum() / far.sum()) < 0.05 * float((change * region).sum() / region.sum())
+    with torch.no_grad():
+        assert bool((clf.logit(x + delta) < clf.logit(x)).all())
+    # zero steps change nothing at all
+    assert torch.equal(attack_through_decoder(clf, vae, x, region, steps=0, step_size=0.3), torch.zeros_like(x))
+
+
 def test_native_heatmaps_find_defects():
     for name in ("plausibility", "alignment"):
         s = generate(16, seed=12, split="heldout", defect_rates={name: 1.0})
@@ -294,7 +319,7 @@ def test_recipe_tiny_build_loads(tmp_path):
     recipe = Recipe(n_train=64, vae_images=32, vae_steps=2, vae_batch=4, unet_steps=2, unet_v_steps=2, unet_batch=4,
                     aspect_images=32, aspect_steps=2, judge_images=32, judge_steps=2, model_batch=4,
                     forms_images=32, forms_steps=2, judge_forms_steps=2, sdedit_images=8,
-                    reward_attack_steps=2)
+                    reward_attack_steps=2, reward_attack_space="both")
     record = build(tmp_path, recipe, progress=lambda _msg: None)
     assert (tmp_path / "build.json").is_file() and record["timings_s"]["total"] > 0
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_path(tmp_path), safety_checker=None)
@@ -327,3 +352,12 @@ def test_recipe_tiny_build_loads(tmp_path):
     assert (json.loads((tmp_path / "aspects" / "config.json").read_text())["safety"]
             == json.loads((copy / "aspects" / "config.json").read_text())["safety"])
     assert {"rebuilt_safety_reward", "rebuilt_judges"} <= set(json.loads((copy / "build.json").read_text())["timings_s"])
+    # the reward's robustness report runs on any build
+    from focusnfix.toyworld.robustness import reward_robustness
+
+    rob = reward_robustness("safety", root=tmp_path, n=4, steps=(1, 2))
+    assert set(rob["fooled"]) == {"pixel", "latent"} and set(rob["fooled"]["latent"]) == {"1", "2"}
+    assert all(0.0 <= v <= 1.0 for d in rob["fooled"].values() for v in d.values())
+    assert -1.0 <= rob["grad_cosine_with_fix"] <= 1.0
+    with pytest.raises(ValueError, match="reward_attack_space"):
+        Recipe(reward_attack_space="pixels")

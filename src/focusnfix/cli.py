@@ -2,7 +2,7 @@
 
     focusnfix [--threads N] train | sample | mask | demo | eval | votes | diagnose | report | rate | sweep | export
                             | push
-    focusnfix [--threads N] toyworld build | path | stats | calibrate | ceiling | audit-sheets | audit-add
+    focusnfix [--threads N] toyworld build | path | stats | calibrate | ceiling | robustness | audit-sheets | audit-add
     focusnfix [--threads N] rahf train | eval
 
 The handlers live in :mod:`focusnfix.commands` (named here, imported once a command runs). Every command exits with 0 on success, 2 on bad
@@ -214,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=256, help="training-caption scenes drawn with the defect")
     p.add_argument("--dilate", default="3,5,8", help="mask dilations in pixels, comma-separated")
     p.set_defaults(func="cmd_toyworld_ceiling")
+    p = tw_sub.add_parser("robustness", help="how often pixel and decoder (latent) attacks inside a mark fool a "
+                                             "safety reward, on held-out generator scenes (JSON)")
+    p.add_argument("--aspect", default="safety", help="safety or safety_narrow")
+    p.add_argument("--model", default=None, help="a build directory (default: the packaged assets)")
+    p.add_argument("--n", type=int, default=192, help="held-out scenes, each with a mark in a random form")
+    p.add_argument("--steps", default="5,10,20", help="attack lengths, comma-separated")
+    p.set_defaults(func="cmd_toyworld_robustness")
     p = tw_sub.add_parser("audit-sheets", help="sample a new audit batch from trained runs: shuffled images, "
                                                "labelling sheets, a labels template (docs/toyworld.md)")
     p.add_argument("--run", action="append", required=True, metavar="SOURCE=RUN_DIR",

@@ -454,6 +454,23 @@ def cmd_toyworld_ceiling(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_toyworld_robustness(args: argparse.Namespace) -> int:
+    from focusnfix.toyworld.robustness import reward_robustness
+
+    if args.aspect not in ("safety", "safety_narrow"):
+        raise InputError(f"--aspect must be safety or safety_narrow, got {args.aspect!r}")
+    if args.n < 1:
+        raise InputError(f"--n must be >= 1, got {args.n}")
+    try:
+        steps = tuple(int(x) for x in args.steps.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"--steps must be comma-separated whole numbers, e.g. 5,10,20; got {args.steps!r}") from None
+    if not steps or min(steps) < 1:
+        raise InputError(f"--steps needs one or more attack lengths >= 1, got {args.steps!r}")
+    print(json.dumps(reward_robustness(args.aspect, root=args.model, n=args.n, steps=steps), indent=2))
+    return 0
+
+
 def cmd_toyworld_audit_sheets(args: argparse.Namespace) -> int:
     from focusnfix.toyworld.audit import sample_batch, write_batch
 

@@ -170,6 +170,33 @@ def attack_in_region(model: M.SafetyClassifier, x: torch.Tensor, region: torch.T
     return delta * region
 
 
+def attack_through_decoder(model: M.SafetyClassifier, vae, x: torch.Tensor, region: torch.Tensor, steps: int,
+                           step_size: float) -> torch.Tensor:
+    """:func:`attack_in_region`, painted the way a fine-tuned diffusion model paints: signed-gradient
+    steps on the VAE latents of ``x (B, 3, H, W)`` in [0, 1], only in the latent cells that touch
+    ``region (B, 1, H, W)`` in {0, 1}, each step ``step_size`` x the batch's std of that latent
+    channel, decoded. Pixel attacks find high-frequency patterns the decoder cannot draw; these are
+    smooth blobs, lighter or recoloured marks, grown or merged ones, as a fine-tune's are.
+    Returns the change ``delta (B, 3, H, W)`` = decoded attacked latents - decoded latents, added to
+    ``x`` and clamped to [0, 1]: mostly in and around the region, plus the little the decoder's group
+    norms spread over the whole image."""
+    with torch.no_grad():
+        z = vae.encode(x * 2 - 1).latent_dist.mean
+        base = vae.decode(z).sample
+        cells = F.adaptive_max_pool2d(region, z.shape[-2:])
+        scale = z.std(dim=(0, 2, 3), keepdim=True) * step_size
+    dz = torch.zeros_like(z)
+    for _ in range(steps):
+        dz.requires_grad_(True)
+        out = vae.decode(z + dz * cells).sample
+        logit = model.logit((x + (out - base) / 2).clamp(0, 1))
+        (grad,) = torch.autograd.grad(logit.sum(), dz)
+        dz = (dz - scale * grad.sign()).detach()
+    with torch.no_grad():
+        delta = (vae.decode(z + dz * cells).sample - base) / 2
+    return ((x + delta).clamp(0, 1) - x).detach()
+
+
 def train_safety_robust(vae, recipe: Recipe, progress) -> M.SafetyClassifier:
     """The demo's safety reward: the same classifier as the narrow one, trained on every defect form
     (:mod:`focusnfix.toyworld.forms`), so lightening or recolouring a mark no longer raises it.
@@ -180,7 +207,10 @@ def train_safety_robust(vae, recipe: Recipe, progress) -> M.SafetyClassifier:
     fine-tune would make; the result keeps its defect label unless the change is within
     ``recipe.reward_attack_fix_tol`` (mean absolute, per pixel of the defect) of the generator's
     own fix (the scene with the mark gone). So the only way left to raise the reward in the region is
-    to restore the background, and the reward's gradient points there.
+    to restore the background, and the reward's gradient points there. ``recipe.reward_attack_space``
+    says whether the attack paints pixels (:func:`attack_in_region`), the VAE latents of the region's
+    cells (:func:`attack_through_decoder`, the smooth changes a fine-tuned model makes) or, by
+    alternate batches, both.
     """
     data = forms_dataset(recipe.forms_images, recipe.seed * 1000 + 41, "safety", "train")
     recon = reconstruct(vae, data["images"])
@@ -188,6 +218,7 @@ def train_safety_robust(vae, recipe: Recipe, progress) -> M.SafetyClassifier:
     seed_all(recipe.seed + 41)
     model = M.SafetyClassifier()
     attack = recipe.reward_attack_steps > 0
+    n_batch = 0  # "both" alternates by batch (no draw from g, so "pixel" keeps its random stream)
     if attack:
         from focusnfix.ops import dilate_4n  # noqa: PLC0415
         from focusnfix.toyworld.forms import render_fixed  # noqa: PLC0415
@@ -196,6 +227,7 @@ def train_safety_robust(vae, recipe: Recipe, progress) -> M.SafetyClassifier:
         regions = torch.from_numpy(dilate_4n(data["masks"][:, 0].numpy() > 0, 2)).unsqueeze(1).float()
 
     def loss_fn(idx, g):
+        nonlocal n_batch
         dev = recipe.device
         x = _mix_blur(data["images"], recon, idx, g, dev)
         y = labels[idx].to(dev)
@@ -207,7 +239,13 @@ def train_safety_robust(vae, recipe: Recipe, progress) -> M.SafetyClassifier:
             return loss
         j = idx[sel]
         region = regions[j].to(dev)
-        delta = attack_in_region(model, x[sel], region, recipe.reward_attack_steps, recipe.reward_attack_step_size)
+        n_batch += 1
+        space = recipe.reward_attack_space
+        if space == "latent" or (space == "both" and n_batch % 2 == 0):
+            delta = attack_through_decoder(model, vae, x[sel], region, recipe.reward_attack_steps,
+                                           recipe.reward_attack_latent_step)
+        else:
+            delta = attack_in_region(model, x[sel], region, recipe.reward_attack_steps, recipe.reward_attack_step_size)
         # distance of the attack's change to the true fix, over the defect's pixels
         mask = data["masks"][j].to(dev)
         dist = ((delta - fix[j].to(dev)).abs().mean(1, keepdim=True) * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
