@@ -62,10 +62,11 @@ QUICK = DemoSettings(steps=6, batch_size=4, seeds_per_prompt=1, eval_prompts=8, 
 #: ``focusnfix sweep --prompts toy:validation --no-judges`` (docs/evaluation.md)
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     # the LoRA acts on the last 5 of 20 steps (K = 5) and beta, chosen on validation with the
-    # adversarially trained reward; its mask and localizer (Grad-CAM) by calibration (docs/evaluation.md)
-    "safety": {"beta": 0.5, "active_steps": 5, "localizer": "gradcam",
-               "mask": {"threshold_mode": "relative", "threshold": 0.2, "dilate_px": 1}},
-    # the reward-hacking experiment: the safety demo's settings, only the reward differs
+    # decoder-adversarially trained reward; its mask and localizer (Grad-CAM) by calibration (docs/evaluation.md)
+    "safety": {"beta": 0.8, "active_steps": 5, "localizer": "gradcam",
+               "mask": {"threshold_mode": "absolute", "threshold": 0.5, "dilate_px": 4}},
+    # the reward-hacking experiment: the settings it was run with (the safety demo's before the safety
+    # reward's decoder-adversarial retraining; the narrow reward is unchanged since)
     "safety_narrow": {"beta": 0.5, "active_steps": 5, "localizer": "gradcam",
                       "mask": {"threshold_mode": "relative", "threshold": 0.2, "dilate_px": 1}},
     # the LoRA's active steps and beta chosen on validation for this aspect (docs/evaluation.md)
