@@ -65,10 +65,9 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     # decoder-adversarially trained reward; its mask and localizer (Grad-CAM) by calibration (docs/evaluation.md)
     "safety": {"beta": 0.8, "active_steps": 5, "localizer": "gradcam",
                "mask": {"threshold_mode": "absolute", "threshold": 0.5, "dilate_px": 4}},
-    # the reward-hacking experiment: the settings it was run with (the safety demo's before the safety
-    # reward's decoder-adversarial retraining; the narrow reward is unchanged since)
-    "safety_narrow": {"beta": 0.5, "active_steps": 5, "localizer": "gradcam",
-                      "mask": {"threshold_mode": "relative", "threshold": 0.2, "dilate_px": 1}},
+    # the reward-hacking experiment: the safety demo's settings, only the reward differs
+    "safety_narrow": {"beta": 0.8, "active_steps": 5, "localizer": "gradcam",
+                      "mask": {"threshold_mode": "absolute", "threshold": 0.5, "dilate_px": 4}},
     # the LoRA's active steps and beta chosen on validation for this aspect (docs/evaluation.md)
     "plausibility": {"beta": 0.5, "active_steps": 5,
                      "mask": {"threshold_mode": "relative", "threshold": 0.2, "dilate_px": 4}},
