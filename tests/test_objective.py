@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from focusnfix.objective import focus_n_fix_loss, regional_constraint, reward_composite
+from focusnfix.objective import beta_at, focus_n_fix_loss, regional_constraint, reward_composite
 
 
 def test_frobenius_constraint_matches_definition():
@@ -75,3 +75,21 @@ def test_reward_composite_takes_the_policy_inside_the_mask_and_passes_gradient_o
     assert reference.grad is None  # the reference is a constant
     with pytest.raises(ValueError, match="shape"):
         reward_composite(policy, reference[:1], mask)
+
+
+def test_beta_schedule_holds_then_ramps_linearly_to_beta_end():
+    # constant without beta_end
+    assert [beta_at(s, 10, 0.7) for s in range(10)] == [0.7] * 10
+    # 120 steps, ramp from step 60: beta until 60, beta_end exactly at the last step, linear between
+    values = [beta_at(s, 120, 0.5, 2.0, 0.5) for s in range(120)]
+    assert values[:61] == [0.5] * 61
+    assert values[-1] == 2.0
+    assert values[90] == pytest.approx(0.5 + 1.5 * 30 / 59)
+    assert all(b > a for a, b in zip(values[60:-1], values[61:], strict=True))
+    # a ramp may also fall, and may start at step 0
+    assert beta_at(0, 11, 1.0, 0.0, 0.0) == 1.0 and beta_at(10, 11, 1.0, 0.0, 0.0) == 0.0
+    assert beta_at(5, 11, 1.0, 0.0, 0.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="step"):
+        beta_at(10, 10, 0.5, 1.0)
+    with pytest.raises(ValueError, match="ramp_start"):
+        beta_at(0, 10, 0.5, 1.0, 1.0)

@@ -270,3 +270,16 @@ def test_lora_active_steps_train_from_the_cached_frozen_prefix(tiny_sd_dir, tmp_
     result = FocusNFixTrainer(config_from_dict({**cfg, "train": {**cfg["train"], "output_dir": str(tmp_path / "r2")}}),
                               progress=False).train()
     assert lora_active_steps(result.lora_dir) == 2
+
+
+def test_beta_schedule_is_applied_and_logged_per_step(tiny_sd_dir, tmp_path):
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "ramp"))
+    cfg["objective"] |= {"beta": 1.0, "beta_end": 3.0, "beta_ramp_start": 0.25}
+    trainer = FocusNFixTrainer(config_from_dict(cfg), progress=False)
+    trainer.train()
+    lines = [json.loads(x) for x in (tmp_path / "ramp" / "log.jsonl").read_text().splitlines()]
+    assert [r["beta"] for r in lines] == [1.0, 1.0, 2.0, 3.0]
+    for r in lines:  # the loss used that step's beta
+        assert r["loss"] == pytest.approx(-r["reward"] + r["beta"] * r["constraint"], rel=1e-5, abs=1e-6)
+    with pytest.raises(Exception, match="beta_ramp_start"):
+        config_from_dict(cfg | {"objective": {"beta": 1.0, "beta_end": 2.0, "beta_ramp_start": 1.0}})

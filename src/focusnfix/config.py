@@ -101,6 +101,17 @@ class ObjectiveConfig(_Section):
     """loss = -sum_a w_a r_a(I) + beta * ||(1 - M) * (I - I0)||."""
 
     beta: float = Field(1.0, ge=0, description="weight of the regional constraint; 0 = plain DRaFT.")
+    beta_end: float | None = Field(
+        None,
+        ge=0,
+        description="unset: beta is constant. A number: beta holds until train.steps * beta_ramp_start, then "
+        "rises (or falls) linearly to beta_end at the last step (objective.beta_at). Why: a weak constraint "
+        "lets the reward find the fix; a strong one afterwards takes back what the LoRA changed outside the "
+        "mask, while the fix inside it is not penalised (docs/trainer.md).",
+    )
+    beta_ramp_start: float = Field(
+        0.5, ge=0, lt=1, description="share of train.steps at which the ramp from beta to beta_end begins."
+    )
     norm: Literal["frobenius", "squared", "mean"] = Field(
         "frobenius", description="frobenius (paper, unsquared), squared, or per-pixel mean of squares."
     )

@@ -87,6 +87,25 @@ def reward_composite(policy: torch.Tensor, reference: torch.Tensor, mask: torch.
     return mask * policy + (1.0 - mask) * reference.detach().to(policy.dtype)
 
 
+def beta_at(step: int, steps: int, beta: float, beta_end: float | None = None, ramp_start: float = 0.5) -> float:
+    """The constraint weight at optimizer step ``step`` (0-based) of ``steps``.
+
+    Constant ``beta`` when ``beta_end`` is None. Otherwise ``beta`` up to step ``ramp_start * steps``,
+    then linear to ``beta_end`` at the last step (``steps - 1``).
+    """
+    if steps < 1 or not 0 <= step < steps:
+        raise ValueError(f"step must be in [0, {steps}), got {step}")
+    if not 0 <= ramp_start < 1:
+        raise ValueError(f"ramp_start must be in [0, 1), got {ramp_start}")
+    if beta_end is None:
+        return beta
+    start = ramp_start * steps
+    if step <= start:
+        return beta
+    last = steps - 1  # step > start, so last >= step > start
+    return beta + (beta_end - beta) * (step - start) / (last - start)
+
+
 @dataclass
 class ObjectiveTerms:
     """The loss and its parts; all per-image tensors are ``(B,)``."""

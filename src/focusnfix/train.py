@@ -54,7 +54,7 @@ from focusnfix.lora import (
     replace_dir,
     save_lora_weights,
 )
-from focusnfix.objective import focus_n_fix_loss, reward_composite
+from focusnfix.objective import beta_at, focus_n_fix_loss, reward_composite
 from focusnfix.reference import (
     Reference,
     build_aspects,
@@ -270,6 +270,12 @@ class FocusNFixTrainer:
             return images
         return reward_composite(images, ref.images, ref.mask)
 
+    def beta_at(self, step: int) -> float:
+        """The constraint weight at this optimizer step (``objective.beta_end`` ramps it)."""
+        oc = self.config.objective
+        return beta_at(min(step, self.config.train.steps - 1), self.config.train.steps, oc.beta, oc.beta_end,
+                       oc.beta_ramp_start)
+
     def loss_on(self, step: int, micro: int) -> dict[str, Any]:
         """Forward one micro-batch and return the loss terms (loss keeps its graph)."""
         _, prompts, seeds = self.local_batch_items(step, micro)
@@ -305,7 +311,7 @@ class FocusNFixTrainer:
             else:
                 policy, reference, tol = images, ref.images, ref.image_tolerance
             terms = focus_n_fix_loss(
-                reward, policy, reference, ref.mask, self.config.objective.beta, self.config.objective.norm,
+                reward, policy, reference, ref.mask, self.beta_at(step), self.config.objective.norm,
                 tolerance=0.0 if tol is None else tol,
             )
         diff = images.detach() - ref.images
@@ -366,6 +372,7 @@ class FocusNFixTrainer:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         record.update(
+            beta=self.beta_at(step),
             grad_norm=grad_norm,
             lr=self.lr_scheduler.get_last_lr()[0],
             skipped=not finite,
