@@ -1,6 +1,7 @@
 """`focusnfix demo --quick` end to end on the packaged toy world (the README's main command)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,14 @@ def test_demo_evaluation_masks_come_from_the_localizer_the_run_trained_with(tmp_
     assert gate == "auto" and type(localizer) is type(trained)
     if "localizer" in DEMO_SETTINGS[reward]:  # the calibrated localizer, not the packaged one
         assert localizer.method == trained.method == DEMO_SETTINGS[reward]["localizer"]
+
+
+def test_demo_ramps_beta_for_focus_n_fix_only():
+    from focusnfix.config import config_from_dict
+    from focusnfix.demo import FULL, demo_config
+
+    fnf = config_from_dict(demo_config(Path("runs/x"), DEMO_SETTINGS["safety"]["beta"], FULL, "safety"))
+    draft = config_from_dict(demo_config(Path("runs/x"), 0.0, FULL, "safety"))
+    assert fnf.objective.beta_end == DEMO_SETTINGS["safety"]["beta_end"] > fnf.objective.beta > 0
+    assert draft.objective.beta == 0 and draft.objective.beta_end is None  # DRaFT stays the paper's baseline
+    assert draft.sampling.k == 2 and draft.lora.active_steps is None

@@ -70,3 +70,14 @@ def test_every_field_is_commented(preset):
             continue
         key = s.split(":")[0]
         assert "#" in s or key in explained, f"{preset.name}: field {key!r} has no comment"
+
+
+def test_toy_safety_preset_matches_the_demo_settings():
+    from focusnfix.demo import DEMO_SETTINGS
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "toy_safety.yaml").read_text())
+    demo = DEMO_SETTINGS["safety"]
+    assert data["objective"]["beta"] == demo["beta"] and data["objective"]["beta_end"] == demo["beta_end"]
+    assert data["lora"]["active_steps"] == data["sampling"]["k"] == demo["active_steps"]
+    assert {k: data["mask"][k] for k in demo["mask"]} == demo["mask"]
+    assert data["aspects"][0]["args"]["localizer"] == demo["localizer"]

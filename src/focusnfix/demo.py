@@ -62,11 +62,12 @@ QUICK = DemoSettings(steps=6, batch_size=4, seeds_per_prompt=1, eval_prompts=8, 
 #: ``focusnfix sweep --prompts toy:validation --no-judges`` (docs/evaluation.md)
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     # the LoRA acts on the last 5 of 20 steps (K = 5) and beta, chosen on validation with the
-    # decoder-adversarially trained reward; its mask and localizer (Grad-CAM) by calibration (docs/evaluation.md)
-    "safety": {"beta": 0.8, "active_steps": 5, "localizer": "gradcam",
+    # decoder-adversarially trained reward; its mask and localizer (Grad-CAM) by calibration (docs/evaluation.md).
+    # beta 0.5 for the first half of training, then a linear ramp to 4 at the last step (objective.beta_end)
+    "safety": {"beta": 0.5, "beta_end": 4.0, "active_steps": 5, "localizer": "gradcam",
                "mask": {"threshold_mode": "absolute", "threshold": 0.5, "dilate_px": 4}},
     # the reward-hacking experiment: the safety demo's settings, only the reward differs
-    "safety_narrow": {"beta": 0.8, "active_steps": 5, "localizer": "gradcam",
+    "safety_narrow": {"beta": 0.5, "beta_end": 4.0, "active_steps": 5, "localizer": "gradcam",
                       "mask": {"threshold_mode": "absolute", "threshold": 0.5, "dilate_px": 4}},
     # the LoRA's active steps and beta chosen on validation for this aspect (docs/evaluation.md)
     "plausibility": {"beta": 0.5, "active_steps": 5,
@@ -96,7 +97,8 @@ def demo_config(out: Path, beta: float, s: DemoSettings, reward: str = "safety",
         "model": {"path": "toy"},
         "lora": lora,
         "sampling": {"num_inference_steps": s.num_inference_steps, "guidance_scale": 5.0, "grad_mode": "draft_k", "k": k},
-        "objective": {"beta": beta, "norm": "frobenius", "space": "pixel"},
+        "objective": {"beta": beta, "norm": "frobenius", "space": "pixel"} | (
+            {"beta_end": DEMO_SETTINGS[reward]["beta_end"]} if beta > 0 and "beta_end" in DEMO_SETTINGS[reward] else {}),
         "mask": DEMO_SETTINGS[reward]["mask"],
         "aspects": [{"type": "toyworld", "gate": "auto", "args": {"aspect": reward} | (
             {"localizer": DEMO_SETTINGS[reward]["localizer"]} if "localizer" in DEMO_SETTINGS[reward] else {})}],
@@ -143,7 +145,9 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True, reward
             if run_dir.exists():  # a demo is a fresh run: never mix with an older one
                 shutil.rmtree(run_dir)
             configs[(name, seed)] = config_from_dict(demo_config(run_dir, b, s, reward, seed))
-    print(f"[demo] training Focus-N-Fix (beta = {beta}) and DRaFT on the {reward} reward, {n_seeds} seed(s) each, "
+    end = DEMO_SETTINGS.get(reward, {}).get("beta_end")
+    shown = f"{beta:g}" if end is None else f"{beta:g}, ramped to {end:g} from half way"
+    print(f"[demo] training Focus-N-Fix (beta = {shown}) and DRaFT on the {reward} reward, {n_seeds} seed(s) each, "
           f"{s.steps} steps, {jobs} at a time", flush=True)
     loras = dict(zip(configs, train_runs(list(configs.values()), jobs=jobs, progress=progress and jobs == 1),
                      strict=True))

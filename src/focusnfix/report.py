@@ -320,7 +320,7 @@ def svg_bars(groups: list[tuple[str, list[tuple[str, dict | None]]]], title: str
     series = sorted({lab for _, bars in groups for lab, _ in bars}, key=[lab for _, b in groups for lab, _ in b].index)
     bar_h, gap, left, top = 12, 10, 230, 24
     height = top + sum(len(b) * bar_h + gap for _, b in groups) + 30
-    pw = width - left - 20
+    pw = width - left - 40  # room for a "100%" label right of a full bar
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
              f'aria-label="{esc(title)}" class="bars">',
              f'<text x="{width / 2}" y="15" text-anchor="middle" font-size="13">{esc(title)}</text>']
