@@ -310,6 +310,42 @@ def test_cli_path_missing_model(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_the_shipped_decoder_draws_renders_back_faithfully():
+    # the first-stage decoder (v2) drew 256 held-out renders back at 22.5 dB, with patches no render has;
+    # the fine-tuned one at 28.0 dB (docs/toyworld.md, "The decoder")
+    from focusnfix.toyworld.stats import vae_stats
+
+    stats = vae_stats(n=32)
+    assert stats["n_images"] == 32 and stats["psnr_db"] > 26.0 and stats["mean_abs_error"] < 0.02
+
+
+def test_decoder_finetune_moves_only_the_decoder_and_lowers_reconstruction_error():
+    from diffusers import AutoencoderKL
+
+    from focusnfix.toyworld import models as M
+    from focusnfix.toyworld.build import Recipe, finetune_decoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**M.vae_config()).eval()
+    images = generate(16, 3).images
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+
+    def recon_error() -> float:
+        with torch.no_grad():
+            rec = vae.decode(vae.encode(images * 2 - 1).latent_dist.mean).sample
+        return float((rec - (images * 2 - 1)).abs().mean())
+
+    err0 = recon_error()
+    finetune_decoder(vae, images, Recipe(vae_decoder_steps=30, vae_batch=8, vae_decoder_lr=2e-3), lambda _m: None)
+    after = vae.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    # the encoder (the UNet's latent space) is exactly unchanged; the decoder learned
+    assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved)
+    assert any(k.startswith("decoder.") for k in moved)
+    assert recon_error() < 0.8 * err0
+    assert all(p.requires_grad for p in vae.parameters()) and not vae.training
+
+
 @pytest.mark.slow
 def test_recipe_tiny_build_loads(tmp_path):
     from diffusers import StableDiffusionPipeline
@@ -319,7 +355,7 @@ def test_recipe_tiny_build_loads(tmp_path):
     recipe = Recipe(n_train=64, vae_images=32, vae_steps=2, vae_batch=4, unet_steps=2, unet_v_steps=2, unet_batch=4,
                     aspect_images=32, aspect_steps=2, judge_images=32, judge_steps=2, model_batch=4,
                     forms_images=32, forms_steps=2, judge_forms_steps=2, sdedit_images=8,
-                    reward_attack_steps=2, reward_attack_space="both")
+                    reward_attack_steps=2, reward_attack_space="both", vae_decoder_steps=2)
     record = build(tmp_path, recipe, progress=lambda _msg: None)
     assert (tmp_path / "build.json").is_file() and record["timings_s"]["total"] > 0
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_path(tmp_path), safety_checker=None)
@@ -352,6 +388,8 @@ def test_recipe_tiny_build_loads(tmp_path):
     assert (json.loads((tmp_path / "aspects" / "config.json").read_text())["safety"]
             == json.loads((copy / "aspects" / "config.json").read_text())["safety"])
     assert {"rebuilt_safety_reward", "rebuilt_judges"} <= set(json.loads((copy / "build.json").read_text())["timings_s"])
+    with pytest.raises(ValueError, match="already fine-tuned"):  # a build's decoder is fine-tuned once
+        rebuild(copy, ("decoder",), recipe, progress=lambda _msg: None)
     # the reward's robustness report runs on any build
     from focusnfix.toyworld.robustness import reward_robustness
 

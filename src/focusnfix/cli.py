@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true", help="measure and write stats.json after building")
     p.add_argument("--only", default=None, metavar="STAGES",
                    help="retrain only these stages of the finished build in --out, from its own VAE and "
-                        "pipeline: safety_reward, judges (comma-separated)")
+                        "pipeline: decoder (fine-tune the VAE decoder alone, once), safety_reward, judges "
+                        "(comma-separated, run in this order)")
     p.set_defaults(func="cmd_toyworld_build")
     p = tw_sub.add_parser("path", help="print the packaged toy pipeline directory")
     p.add_argument("--model", default=None, help="a build directory instead of the packaged assets")

@@ -23,6 +23,11 @@ class Recipe:
     vae_batch: int = 32
     vae_crop: int = 32
     vae_lr: float = 2e-3
+    # the decoder alone, fine-tuned on whole images after the VAE (encoder frozen: the UNet's latents
+    # do not move). Without it the decoder greys backgrounds, shifts colours and invents a dark patch on
+    # green and purple objects' lower-right edge (docs/toyworld.md, "The decoder"); 0 = none (v1, v2)
+    vae_decoder_steps: int = 1000
+    vae_decoder_lr: float = 1e-3
     unet_steps: int = 2400
     unet_batch: int = 48
     unet_lr: float = 1e-3
@@ -72,7 +77,7 @@ class Recipe:
 
     @classmethod
     def quick(cls, seed: int = 0) -> Recipe:
-        return cls(seed=seed, n_train=2000, vae_images=1000, vae_steps=150, unet_steps=150, unet_v_steps=100, unet_batch=32,
+        return cls(seed=seed, n_train=2000, vae_images=1000, vae_steps=150, vae_decoder_steps=60, unet_steps=150, unet_v_steps=100, unet_batch=32,
                    aspect_images=800, aspect_steps=60, judge_images=800, judge_steps=50, forms_images=800,
                    forms_steps=60, judge_forms_steps=60, sdedit_images=64)
 

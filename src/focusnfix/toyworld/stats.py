@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -118,6 +119,18 @@ def vae_round_trip(images: torch.Tensor, root=None, batch: int = 128) -> torch.T
 
 
 @torch.no_grad()
+def vae_stats(root=None, n: int = 256, seed: int = 780) -> dict[str, float]:
+    """How faithfully the pipeline's VAE draws held-out generator renders back (encode mean, decode):
+    mean absolute error and PSNR of the mean squared error, in [0, 1] units, over ``n`` renders; and
+    the mean over images of each one's largest per-pixel error (the worst blemish it adds)."""
+    images = gen.generate(n, seed, "heldout").images
+    rec = vae_round_trip(images, root)
+    err = (rec - images).abs()
+    mse = float(((rec - images) ** 2).mean())
+    return {"n_images": n, "mean_abs_error": float(err.mean()), "psnr_db": float(10 * math.log10(1.0 / max(mse, 1e-12))),
+            "mean_max_pixel_error": float(err.amax(dim=1).flatten(1).amax(dim=1).mean())}
+
+
 def form_stats(name: str, root=None, n: int = 96, seed: int = 779, judge: bool = True) -> dict:
     """Per-form quality of the judge (``judge=True``) or the training reward of aspect ``name``.
 
@@ -221,7 +234,7 @@ def compute_stats(root: str | Path | None = None, n: int = 192, n_generator: int
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, threads))
     try:
-        out: dict = {"aspects": {}, "judges": {}}
+        out: dict = {"aspects": {}, "judges": {}, "vae": vae_stats(root)}
         for name in gen.ASPECTS:
             out["aspects"][name] = aspect_stats(name, root, n_generator)
             out["judges"][name] = judge_stats(name, root, 2 * n_generator)
