@@ -379,10 +379,10 @@ def test_recipe_tiny_build_loads(tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tmp_path, copy, ignore=shutil.ignore_patterns("copy"))
     for f in [copy / "aspects" / "safety.safetensors", copy / "judges" / "safety.safetensors",
-              copy / "judges" / "plausibility.safetensors"]:
+              copy / "judges" / "plausibility.safetensors", copy / "judges" / "alignment.safetensors"]:
         f.unlink()
     rebuild(copy, ("safety_reward", "judges"), recipe, progress=lambda _msg: None)
-    for name in ("aspects/safety", "judges/safety", "judges/plausibility"):
+    for name in ("aspects/safety", "judges/safety", "judges/plausibility", "judges/alignment"):
         a, b = load_file(tmp_path / f"{name}.safetensors"), load_file(copy / f"{name}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert (json.loads((tmp_path / "aspects" / "config.json").read_text())["safety"]

@@ -290,7 +290,8 @@ def rebuild(out_dir: str | Path, stages: tuple[str, ...], recipe: Recipe | None 
       models stay as the build trained them, and ``build.json`` says so under ``rebuilt_decoder``;
     * ``safety_reward``: the robust safety reward (``aspects/safety.safetensors``) and its saliency
       choice (``aspects/config.json``);
-    * ``judges``: the localizing safety and plausibility judges (``judges/``).
+    * ``judges``: the localizing safety and plausibility judges and the alignment judge's attribute
+      reader (``judges/``).
 
     These stages read nothing but the generator, the VAE and (the safety judge's SDEdit stage) the
     finished pipeline, all of which the build directory holds, so this writes what a full build with
@@ -299,7 +300,12 @@ def rebuild(out_dir: str | Path, stages: tuple[str, ...], recipe: Recipe | None 
     ``build.json`` gets the new recipe and each stage's timing as ``rebuilt_<stage>``.
     """
     from focusnfix.backbones import load_backbone
-    from focusnfix.toyworld.build_models import choose_saliency, train_localizing_judge, train_safety_robust
+    from focusnfix.toyworld.build_models import (
+        choose_saliency,
+        train_judge,
+        train_localizing_judge,
+        train_safety_robust,
+    )
 
     unknown = set(stages) - set(REBUILD_STAGES)
     if unknown or not stages:
@@ -341,6 +347,7 @@ def rebuild(out_dir: str | Path, stages: tuple[str, ...], recipe: Recipe | None 
             else:
                 save_module(train_localizing_judge("plausibility", vae, recipe, progress),
                             out / "judges" / "plausibility.safetensors")
+                save_module(train_judge("alignment", vae, recipe, progress), out / "judges" / "alignment.safetensors")
                 train_sample_like_safety_judge(out, recipe, progress)
             record["timings_s"][f"rebuilt_{stage}"] = round(time.time() - t, 1)
             progress(f"{stage} rebuilt in {time.time() - t:.0f}s")
