@@ -1,6 +1,6 @@
 """Command-line interface: every ``focusnfix`` command and its flags, in one parser.
 
-    focusnfix [--threads N] train | sample | mask | demo | eval | votes | diagnose | report | rate | sweep | export
+    focusnfix [--threads N] train | sample | mask | demo | eval | votes | diagnose | oracle | report | rate | sweep | export
                             | push
     focusnfix [--threads N] toyworld build | path | stats | calibrate | ceiling | robustness | audit-sheets | audit-add
     focusnfix [--threads N] rahf train | eval
@@ -27,8 +27,8 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 from focusnfix.errors import InputError  # noqa: E402
 
 #: the commands, in the order ``focusnfix --help`` lists them
-COMMANDS = ("train", "sample", "mask", "demo", "eval", "votes", "diagnose", "report", "rate", "sweep", "export", "push",
-            "toyworld", "rahf")
+COMMANDS = ("train", "sample", "mask", "demo", "eval", "votes", "diagnose", "oracle", "report", "rate", "sweep", "export",
+            "push", "toyworld", "rahf")
 
 
 def positive_int(text: str) -> int:
@@ -127,6 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-psnr", type=float, default=35.0, help="outside-mask PSNR (dB) of a regional fix")
     p.set_defaults(func="cmd_diagnose")
 
+    p = sub.add_parser("oracle", help="what the objective asks for without the LoRA: each reference image's latents "
+                                      "optimized alone under the config's reward, mask and beta")
+    p.add_argument("--config", required=True, help="a training config (its model, aspects, mask, sampling, norm)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--prompts", help="prompts (default: the config's training prompts; keep held-out prompts out)")
+    p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
+    p.add_argument("--seeds", type=positive_int, default=1, help="seeds per prompt, from the config's seed_offset")
+    p.add_argument("--betas", default=None, help="comma-separated (default: 0 and the config's beta and beta_end)")
+    p.add_argument("--steps", type=int, default=200, help="Adam steps per image")
+    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate in latent units")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--no-judges", action="store_true", help="do not judge the images (toy world judges otherwise)")
+    p.add_argument("--out", required=True, help="directory for oracle.json and oracle.png")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func="cmd_oracle")
+
     p = sub.add_parser("report", help="write a self-contained HTML report of an evaluation")
     p.add_argument("dir", help="evaluation directory")
     p.add_argument("--out", help="HTML file (default: DIR/report.html)")
@@ -187,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true", help="measure and write stats.json after building")
     p.add_argument("--only", default=None, metavar="STAGES",
                    help="retrain only these stages of the finished build in --out, from its own VAE and "
-                        "pipeline: decoder (fine-tune the VAE decoder alone, once), safety_reward, judges "
+                        "pipeline: decoder (fine-tune the VAE decoder alone, once), rewards (narrow safety, "
+                        "plausibility, alignment), safety_reward, judges "
                         "(comma-separated, run in this order)")
     p.set_defaults(func="cmd_toyworld_build")
     p = tw_sub.add_parser("path", help="print the packaged toy pipeline directory")

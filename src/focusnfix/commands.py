@@ -416,6 +416,27 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_oracle(args: argparse.Namespace) -> int:
+    from focusnfix.oracle import objective_oracle
+
+    config = load_config(args.config, args.set)
+    prompts = read_prompts(args.prompts) if args.prompts else resolve_prompts(config.data, Path(args.config).parent)
+    if args.max_prompts:
+        prompts = prompts[: args.max_prompts]
+    if args.steps < 0:
+        raise InputError(f"--steps must be >= 0, got {args.steps}")
+    if args.betas:
+        betas = parse_betas(args.betas)
+    else:
+        betas = sorted({0.0, config.objective.beta, *([config.objective.beta_end] if config.objective.beta_end is not None else [])})
+    seeds = list(range(config.data.seed_offset, config.data.seed_offset + args.seeds))
+    doc = objective_oracle(config, prompts, seeds, betas, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                           judges=not args.no_judges, out_dir=args.out, progress=not args.no_progress)
+    print(json.dumps(doc, indent=2))
+    print(f"written {Path(args.out) / 'oracle.json'} and {Path(args.out) / 'oracle.png'}")
+    return 0
+
+
 def cmd_toyworld_calibrate(args: argparse.Namespace) -> int:
     from focusnfix.toyworld.calibrate import calibrate_aspect
 
