@@ -19,7 +19,7 @@ from focusnfix.metrics import (
     paired_comparison,
     psnr_of_mse,
 )
-from focusnfix.sweep import select_beta
+from focusnfix.sweep import run_overrides, select_beta
 
 
 def test_clustered_stat_weighted_mean_and_determinism():
@@ -198,3 +198,18 @@ def test_plot_ticks_are_round_and_survive_float_noise():
     assert len(_ticks(min(flat), max(flat))) <= 2
     assert "<svg" in svg_plot([("run", [1, 2, 3, 4], flat)], "flat", "step", "value")
     assert _ticks(1.0, 1.0) == [1.0] and _ticks(0.0, float("inf")) == [0.0]
+
+
+def test_a_sweep_at_beta_zero_is_draft_even_under_a_beta_schedule(tmp_path):
+    """configs/toy_safety.yaml ramps beta to beta_end; the sweep's beta-0 run must not ramp from 0."""
+    from pathlib import Path
+
+    from focusnfix.config import load_config
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "toy_safety.yaml"
+    assert load_config(preset).objective.beta_end is not None
+    draft = load_config(preset, run_overrides(0.0, [], tmp_path))
+    assert draft.objective.beta == 0 and draft.objective.beta_end is None
+    assert draft.train.output_dir == str(tmp_path / "beta_0")
+    kept = load_config(preset, run_overrides(0.5, ["objective.beta_end=4"], tmp_path))
+    assert kept.objective.beta == 0.5 and kept.objective.beta_end == 4.0

@@ -48,6 +48,14 @@ def select_beta(points: list[dict[str, Any]], min_psnr: float = SELECT_MIN_PSNR,
     return {"beta": best["beta"], "method": best["method"], "qualified": [p["beta"] for p in ok], "rule": rule}
 
 
+def run_overrides(beta: float, overrides: list[str] | tuple[str, ...], out_dir: Path) -> list[str]:
+    """The ``--set`` overrides of a sweep's run at ``beta``: ``objective.beta``, its output directory,
+    and for beta = 0 no ``objective.beta_end``: beta 0 is DRaFT, whose constraint weight stays 0 (a
+    config's beta schedule would otherwise ramp it up from 0)."""
+    extra = ["objective.beta_end=null"] if beta == 0 else []
+    return [*overrides, f"objective.beta={beta}", *extra, f"train.output_dir={out_dir / f'beta_{beta:g}'}"]
+
+
 def sweep(
     config_path: str | Path,
     betas: list[float],
@@ -64,7 +72,7 @@ def sweep(
     """Train one LoRA per beta (``out_dir/beta_<b>/``, beta = 0 is DRaFT) and evaluate them all.
 
     Each run is the config with ``objective.beta=b`` and ``train.output_dir=out_dir/beta_<b>``
-    (plus ``overrides``). All LoRAs are evaluated together against one base in
+    (plus ``overrides``; :func:`run_overrides`: beta 0 drops a ``beta_end`` schedule). All LoRAs are evaluated together against one base in
     ``out_dir/eval/`` (methods ``beta_<b>``), on ``prompts`` (default: the config's training
     prompts) x ``seeds`` (default: 10000, 10001, i.e. noise never used in training), with the
     masks training used. A finished run (its ``lora/`` exists) is not retrained; an unfinished
@@ -87,8 +95,7 @@ def sweep(
         raise InputError(f"--betas must be finite and >= 0, got {betas}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    configs = {b: load_config(config_path, [*overrides, f"objective.beta={b}", f"train.output_dir={out_dir / f'beta_{b:g}'}"])
-               for b in betas}
+    configs = {b: load_config(config_path, run_overrides(b, overrides, out_dir)) for b in betas}
     train_runs(list(configs.values()), jobs=jobs, progress=progress)
     runs = {b: Path(c.train.output_dir) for b, c in configs.items()}
     config = configs[betas[0]]
@@ -120,4 +127,4 @@ def sweep(
     return doc
 
 
-__all__ = ["SELECT_MAX_OTHERS_DROP", "SELECT_MIN_PSNR", "select_beta", "sweep"]
+__all__ = ["SELECT_MAX_OTHERS_DROP", "SELECT_MIN_PSNR", "run_overrides", "select_beta", "sweep"]
