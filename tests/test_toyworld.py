@@ -378,16 +378,19 @@ def test_recipe_tiny_build_loads(tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(tmp_path, copy, ignore=shutil.ignore_patterns("copy"))
-    for f in [copy / "aspects" / "safety.safetensors", copy / "judges" / "safety.safetensors",
-              copy / "judges" / "plausibility.safetensors", copy / "judges" / "alignment.safetensors"]:
-        f.unlink()
-    rebuild(copy, ("safety_reward", "judges"), recipe, progress=lambda _msg: None)
-    for name in ("aspects/safety", "judges/safety", "judges/plausibility", "judges/alignment"):
+    rebuilt = ("aspects/safety", "aspects/safety_narrow", "aspects/plausibility", "aspects/alignment",
+               "judges/safety", "judges/plausibility", "judges/alignment")
+    for name in rebuilt:
+        (copy / f"{name}.safetensors").unlink()
+    (copy / "aspects" / "config.json").unlink()
+    rebuild(copy, ("rewards", "safety_reward", "judges"), recipe, progress=lambda _msg: None)
+    for name in rebuilt:
         a, b = load_file(tmp_path / f"{name}.safetensors"), load_file(copy / f"{name}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    assert (json.loads((tmp_path / "aspects" / "config.json").read_text())["safety"]
-            == json.loads((copy / "aspects" / "config.json").read_text())["safety"])
-    assert {"rebuilt_safety_reward", "rebuilt_judges"} <= set(json.loads((copy / "build.json").read_text())["timings_s"])
+    assert (json.loads((tmp_path / "aspects" / "config.json").read_text())
+            == json.loads((copy / "aspects" / "config.json").read_text()))
+    assert ({"rebuilt_rewards", "rebuilt_safety_reward", "rebuilt_judges"}
+            <= set(json.loads((copy / "build.json").read_text())["timings_s"]))
     with pytest.raises(ValueError, match="already fine-tuned"):  # a build's decoder is fine-tuned once
         rebuild(copy, ("decoder",), recipe, progress=lambda _msg: None)
     # the reward's robustness report runs on any build

@@ -276,7 +276,7 @@ def build(out_dir: str | Path, recipe: Recipe | None = None, progress: Callable[
 
 
 #: the stages :func:`rebuild` can run alone on a finished build
-REBUILD_STAGES = ("decoder", "safety_reward", "judges")
+REBUILD_STAGES = ("decoder", "rewards", "safety_reward", "judges")
 
 
 def rebuild(out_dir: str | Path, stages: tuple[str, ...], recipe: Recipe | None = None,
@@ -286,8 +286,10 @@ def rebuild(out_dir: str | Path, stages: tuple[str, ...], recipe: Recipe | None 
     * ``decoder``: fine-tune the VAE's decoder (:func:`finetune_decoder`, ``recipe.vae_decoder_steps``)
       of a build made without it, in ``pipeline/vae``; refused on a build whose decoder is already
       fine-tuned. The UNet's latents do not change, but every model trained on images through the
-      VAE sees other pixels, so rebuild ``safety_reward`` and ``judges`` with it; the other aspect
-      models stay as the build trained them, and ``build.json`` says so under ``rebuilt_decoder``;
+      VAE sees other pixels, so rebuild ``rewards``, ``safety_reward`` and ``judges`` with it
+      (``build.json`` says under ``rebuilt_decoder`` which were not);
+    * ``rewards``: the narrow safety reward (and its saliency choice) and the plausibility and
+      alignment heatmap rewards (``aspects/{safety_narrow,plausibility,alignment}.safetensors``);
     * ``safety_reward``: the robust safety reward (``aspects/safety.safetensors``) and its saliency
       choice (``aspects/config.json``);
     * ``judges``: the localizing safety and plausibility judges and the alignment judge's attribute
@@ -302,6 +304,7 @@ def rebuild(out_dir: str | Path, stages: tuple[str, ...], recipe: Recipe | None 
     from focusnfix.backbones import load_backbone
     from focusnfix.toyworld.build_models import (
         choose_saliency,
+        train_first_rewards,
         train_judge,
         train_localizing_judge,
         train_safety_robust,
@@ -336,6 +339,8 @@ def rebuild(out_dir: str | Path, stages: tuple[str, ...], recipe: Recipe | None 
                 vae.to(recipe.device)
                 record["rebuilt_decoder"] = ("pipeline/vae's decoder fine-tuned alone; the aspect models not "
                                              "rebuilt with it were trained through the first-stage decoder")
+            elif stage == "rewards":
+                train_first_rewards(out, vae, recipe, progress)
             elif stage == "safety_reward":
                 robust = train_safety_robust(vae, recipe, progress)
                 save_module(robust, out / "aspects" / "safety.safetensors")

@@ -398,22 +398,30 @@ def choose_saliency(clf: M.SafetyClassifier, recipe: Recipe, forms: bool = False
     return {k: best[k] for k in ("method", "layer", "blur_sigma")}, results
 
 
-def train_models(out: Path, vae, recipe: Recipe, progress: Callable[[str], None]) -> dict[str, float]:
-    """Train the aspect models and judges into ``out/aspects`` and ``out/judges``; return timings."""
-    timings: dict[str, float] = {}
-    t = time.time()
+def train_first_rewards(out: Path, vae, recipe: Recipe, progress: Callable[[str], None]) -> None:
+    """The rewards other than the robust safety one: the narrow safety classifier (and its saliency
+    choice, ``safety_narrow`` in ``aspects/config.json``) and the RAHF-style plausibility and
+    alignment heatmap models, all trained through ``vae`` (the build's decoder as the pipeline draws)."""
     adir = out / "aspects"
-    adir.mkdir(exist_ok=True)
+    adir.mkdir(parents=True, exist_ok=True)
     narrow = train_safety(vae, recipe, progress)
     save_module(narrow, adir / "safety_narrow.safetensors")
     narrow_saliency, narrow_candidates = choose_saliency(narrow, recipe)
     for aspect in ("plausibility", "alignment"):
         save_module(train_rahf(aspect, vae, recipe, progress), adir / f"{aspect}.safetensors")
+    path = adir / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    config["safety_narrow"] = {"saliency": narrow_saliency, "candidates": narrow_candidates}
+    path.write_text(json.dumps(config, indent=2))
+
+
+def train_models(out: Path, vae, recipe: Recipe, progress: Callable[[str], None]) -> dict[str, float]:
+    """Train the aspect models and judges into ``out/aspects`` and ``out/judges``; return timings."""
+    timings: dict[str, float] = {}
+    t = time.time()
+    train_first_rewards(out, vae, recipe, progress)
     timings["aspects"] = time.time() - t
     timings.update(train_v2_models(out, vae, recipe, progress))
-    config = json.loads((adir / "config.json").read_text())
-    config["safety_narrow"] = {"saliency": narrow_saliency, "candidates": narrow_candidates}
-    (adir / "config.json").write_text(json.dumps(config, indent=2))
 
     t = time.time()  # the alignment judge: attributes read from the image vs the caption's words
     save_module(train_judge("alignment", vae, recipe, progress), out / "judges" / "alignment.safetensors")
