@@ -47,8 +47,10 @@ class Recipe:
     forms_steps: int = 900
     # the robust safety reward's adversarial training (build_models.train_safety_robust): signed-gradient
     # steps inside each defect per attacked image (0 = none), their size, and how close to the true fix
-    # an attacked image must come to count as fixed
-    reward_attack_steps: int = 4
+    # an attacked image must come to count as fixed. 10 since toy world v3's oracle (focusnfix oracle,
+    # docs/evaluation.md): with 4, 200 Adam steps on a sample's latents recoloured a third of its marks
+    # into blobs the reward called clean
+    reward_attack_steps: int = 10
     reward_attack_step_size: float = 0.08
     reward_attack_fix_tol: float = 0.1
     # where the attack paints: "pixel" (signed steps on the pixels of the defect's region), "latent"
