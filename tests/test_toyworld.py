@@ -270,6 +270,29 @@ def test_the_decoder_attack_paints_through_the_vae_near_its_region_and_lowers_th
     assert torch.equal(attack_through_decoder(clf, vae, x, region, steps=0, step_size=0.3), torch.zeros_like(x))
 
 
+def test_the_oracle_attack_raises_the_reward_through_the_decoder_and_keeps_its_snapshots():
+    import torch.nn.functional as F
+
+    from focusnfix.backbones import load_backbone
+    from focusnfix.toyworld.build_models import oracle_attack
+
+    s = generate(8, seed=11, split="heldout", defect_rates={"safety": 1.0, "plausibility": 0.0, "alignment": 0.0})
+    keep = [i for i, sc in enumerate(s.scenes) if sc.defects["safety"]][:4]
+    x, region = s.images[keep], s.masks["safety"][keep].float()
+    clf = load_aspect("safety_narrow").reward_model
+    vae = load_backbone(str(pipeline_path())).vae.requires_grad_(False)
+    snaps = oracle_attack(clf, vae, x, region, torch.zeros(len(keep)), steps=6, lr=0.05, keep=(2, 6))
+    assert len(snaps) == 2 and all(a.shape == x.shape and not a.requires_grad for a in snaps)
+    assert all(float(a.min()) >= 0.0 and float(a.max()) <= 1.0 for a in snaps)
+    with torch.no_grad():
+        start = F.softplus(clf.logit(((vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)))
+        assert float(F.softplus(clf.logit(snaps[1])).sum()) < float(start.sum())  # -reward went down
+    # a huge beta keeps the outside of the region where it was (the attack's own objective)
+    tight = oracle_attack(clf, vae, x, region, torch.full((len(keep),), 1e4), steps=6, lr=0.05, keep=(6,))[0]
+    outside = (1 - region).expand_as(x)
+    assert float(((tight - x).abs() * outside).sum()) < float(((snaps[1] - x).abs() * outside).sum())
+
+
 def test_native_heatmaps_find_defects():
     for name in ("plausibility", "alignment"):
         s = generate(16, seed=12, split="heldout", defect_rates={name: 1.0})
@@ -355,7 +378,8 @@ def test_recipe_tiny_build_loads(tmp_path):
     recipe = Recipe(n_train=64, vae_images=32, vae_steps=2, vae_batch=4, unet_steps=2, unet_v_steps=2, unet_batch=4,
                     aspect_images=32, aspect_steps=2, judge_images=32, judge_steps=2, model_batch=4,
                     forms_images=32, forms_steps=2, judge_forms_steps=2, sdedit_images=8,
-                    reward_attack_steps=2, reward_attack_space="both", vae_decoder_steps=2)
+                    reward_attack_steps=2, reward_attack_space="both", vae_decoder_steps=2,
+                    reward_harden_rounds=1, reward_harden_images=8, reward_harden_attack_steps=2, reward_harden_steps=2)
     record = build(tmp_path, recipe, progress=lambda _msg: None)
     assert (tmp_path / "build.json").is_file() and record["timings_s"]["total"] > 0
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_path(tmp_path), safety_checker=None)
@@ -389,6 +413,12 @@ def test_recipe_tiny_build_loads(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert (json.loads((tmp_path / "aspects" / "config.json").read_text())
             == json.loads((copy / "aspects" / "config.json").read_text()))
+    # the build hardened its safety reward after the pipeline (one round, its pool's shares recorded)
+    (hist,) = json.loads((tmp_path / "aspects" / "config.json").read_text())["safety"]["harden"]
+    assert hist["round"] == 0 and hist["pool"] >= 8 and 0.0 <= hist["attacked_marked_called_clean"] <= 1.0
+    assert "safety_harden" in record["timings_s"]
+    with pytest.raises(ValueError, match="reward_harden_rounds"):
+        rebuild(copy, ("safety_harden",), Recipe(reward_harden_rounds=0), progress=lambda _msg: None)
     assert ({"rebuilt_rewards", "rebuilt_safety_reward", "rebuilt_judges"}
             <= set(json.loads((copy / "build.json").read_text())["timings_s"]))
     with pytest.raises(ValueError, match="already fine-tuned"):  # a build's decoder is fine-tuned once

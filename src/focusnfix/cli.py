@@ -204,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=None, metavar="STAGES",
                    help="retrain only these stages of the finished build in --out, from its own VAE and "
                         "pipeline: decoder (fine-tune the VAE decoder alone, once), rewards (narrow safety, "
-                        "plausibility, alignment), safety_reward, judges "
-                        "(comma-separated, run in this order)")
+                        "plausibility, alignment), safety_reward, judges, safety_harden "
+                        "(the safety reward's hardening against long attacks alone; comma-separated, "
+                        "run in this order)")
     p.set_defaults(func="cmd_toyworld_build")
     p = tw_sub.add_parser("path", help="print the packaged toy pipeline directory")
     p.add_argument("--model", default=None, help="a build directory instead of the packaged assets")

@@ -36,7 +36,12 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from focusnfix.toyworld import generator as gen
 from focusnfix.toyworld import models as M
-from focusnfix.toyworld.build_models import models_worker, train_models, train_sample_like_safety_judge
+from focusnfix.toyworld.build_models import (
+    harden_shipped_safety_reward,
+    models_worker,
+    train_models,
+    train_sample_like_safety_judge,
+)
 from focusnfix.toyworld.recipe import Recipe, cosine_lr, save_module, seed_all
 from focusnfix.toyworld.tokenizer import load_tokenizer, write_tokenizer
 
@@ -263,6 +268,10 @@ def build(out_dir: str | Path, recipe: Recipe | None = None, progress: Callable[
         t = time.time()  # needs the finished pipeline: its image-to-image makes sample-like judge data
         train_sample_like_safety_judge(out, recipe, progress)
         timings["judge_sdedit"] = time.time() - t
+        if recipe.reward_harden_rounds > 0:  # also needs the finished pipeline (SDEdit pairs to attack)
+            t = time.time()
+            harden_shipped_safety_reward(out, recipe, progress)
+            timings["safety_harden"] = time.time() - t
 
         timings["total"] = time.time() - t_all
         shutil.rmtree(tok_dir, ignore_errors=True)
@@ -276,7 +285,7 @@ def build(out_dir: str | Path, recipe: Recipe | None = None, progress: Callable[
 
 
 #: the stages :func:`rebuild` can run alone on a finished build
-REBUILD_STAGES = ("decoder", "rewards", "safety_reward", "judges")
+REBUILD_STAGES = ("decoder", "rewards", "safety_reward", "judges", "safety_harden")
 
 
 def rebuild(out_dir: str | Path, stages: tuple[str, ...], recipe: Recipe | None = None,
@@ -291,7 +300,10 @@ def rebuild(out_dir: str | Path, stages: tuple[str, ...], recipe: Recipe | None 
     * ``rewards``: the narrow safety reward (and its saliency choice) and the plausibility and
       alignment heatmap rewards (``aspects/{safety_narrow,plausibility,alignment}.safetensors``);
     * ``safety_reward``: the robust safety reward (``aspects/safety.safetensors``) and its saliency
-      choice (``aspects/config.json``);
+      choice (``aspects/config.json``), hardened too when ``recipe.reward_harden_rounds > 0``;
+    * ``safety_harden``: only the hardening (:func:`~focusnfix.toyworld.build_models.harden_safety_reward`)
+      of the robust safety reward the build holds: what ``safety_reward`` does after its first part,
+      when that part's recipe has not changed;
     * ``judges``: the localizing safety and plausibility judges and the alignment judge's attribute
       reader (``judges/``).
 
@@ -349,7 +361,13 @@ def rebuild(out_dir: str | Path, stages: tuple[str, ...], recipe: Recipe | None 
                 config = json.loads(path.read_text())
                 config["safety"] = {"saliency": saliency, "candidates": candidates}
                 path.write_text(json.dumps(config, indent=2))
-            else:
+                if recipe.reward_harden_rounds > 0:
+                    harden_shipped_safety_reward(out, recipe, progress)
+            elif stage == "safety_harden":
+                if recipe.reward_harden_rounds < 1:
+                    raise ValueError("the safety_harden stage needs recipe.reward_harden_rounds >= 1")
+                harden_shipped_safety_reward(out, recipe, progress)
+            else:  # judges
                 save_module(train_localizing_judge("plausibility", vae, recipe, progress),
                             out / "judges" / "plausibility.safetensors")
                 save_module(train_judge("alignment", vae, recipe, progress), out / "judges" / "alignment.safetensors")

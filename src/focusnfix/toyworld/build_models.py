@@ -255,6 +255,147 @@ def train_safety_robust(vae, recipe: Recipe, progress) -> M.SafetyClassifier:
     return _fit(model, loss_fn, len(labels), recipe, recipe.forms_steps, recipe.seed + 41, "safety-robust", progress)
 
 
+def oracle_attack(model: M.SafetyClassifier, vae, x: torch.Tensor, region: torch.Tensor, betas: torch.Tensor,
+                  steps: int, lr: float, keep: tuple[int, ...]) -> list[torch.Tensor]:
+    """What ``focusnfix oracle`` (and a long fine-tune) does to a marked image: Adam on an offset of
+    *all* of ``x``'s VAE latents under ``-reward + beta * ||(1 - region) * (D(z + d) - x)||`` (the
+    run's objective, ``region`` standing in for its mask), one ``beta`` per image.
+
+    ``x (B, 3, H, W)`` in [0, 1]; ``region (B, 1, H, W)`` in {0, 1}; ``betas (B,)`` >= 0. Returns
+    the decoded images ``(B, 3, H, W)`` in [0, 1] after each step count in ``keep``."""
+    from focusnfix.objective import regional_constraint  # noqa: PLC0415
+
+    with torch.no_grad():
+        z = vae.encode(x * 2 - 1).latent_dist.mean
+    delta = torch.zeros_like(z, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr)
+    out = []
+    for step in range(1, steps + 1):
+        images = ((vae.decode(z + delta).sample + 1) / 2).clamp(0, 1)
+        loss = (F.softplus(model.logit(images)) + betas * regional_constraint(images, x, region)).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step in keep:
+            with torch.no_grad():
+                out.append(((vae.decode(z + delta).sample + 1) / 2).clamp(0, 1))
+    return out
+
+
+def harden_pool(model: M.SafetyClassifier, backbone, recipe: Recipe, seed: int, progress) -> dict[str, torch.Tensor]:
+    """One round's adversarial pool for :func:`harden_safety_reward`: marked renders (the base
+    pipeline's dark form) and their fixed twins through the pipeline (SDEdit, same noise), the
+    marked outputs attacked by :func:`oracle_attack`. Labels: 1 (marked) unless an attacked image
+    came within ``recipe.reward_attack_fix_tol`` (mean absolute, over the mark's pixels) of its
+    fixed twin's output. Returns ``images (N, 3, H, W)`` fp16 in [0, 1] and ``labels (N,)``, the
+    SDEdit pairs themselves included (marked 1, twin 0)."""
+    from focusnfix.ops import dilate  # noqa: PLC0415
+    from focusnfix.toyworld.forms import BASE_FORM  # noqa: PLC0415
+
+    vae = backbone.vae.requires_grad_(False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    chunk, steps = 64, recipe.reward_harden_attack_steps
+    keep = tuple(sorted({max(1, steps // 3), max(1, 2 * steps // 3), steps}))
+    g = torch.Generator().manual_seed(seed)
+    images, labels, stats = [], [], []
+    for i in range(0, recipe.reward_harden_images, chunk):
+        n = min(chunk, recipe.reward_harden_images - i)
+        d = sdedit_forms_dataset(backbone, n, seed + i, "safety", batch=n, p_defect=1.0,
+                                 forms=(BASE_FORM["safety"],))
+        marked, twin = d["images"][:n], d["images"][n:]
+        present = d["labels"][:n] > 0
+        images += [marked[present].half(), twin.half()]
+        labels += [torch.ones(int(present.sum())), torch.zeros(n)]
+        x, fixed, mask = marked[present], twin[present], d["masks"][:n][present]
+        if len(x) == 0:
+            continue
+        region = dilate(mask, 3)
+        choice = torch.randint(0, len(recipe.reward_harden_betas), (len(x),), generator=g)
+        betas = torch.tensor(recipe.reward_harden_betas)[choice]
+        for adv in oracle_attack(model, vae, x, region, betas, steps, recipe.reward_harden_attack_lr, keep):
+            dist = ((adv - fixed).abs().mean(1, keepdim=True) * mask).flatten(1).sum(1) / mask.flatten(1).sum(1)
+            y = (dist > recipe.reward_attack_fix_tol).float()
+            with torch.no_grad():
+                fooled = (model.logit(adv) < 0) & (y > 0)
+            stats.append(torch.stack([y, fooled.float()], 1))
+            images.append(adv.half())
+            labels.append(y)
+        progress(f"harden pool {i + n}/{recipe.reward_harden_images}")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    st = torch.cat(stats)
+    progress(f"harden pool: {len(st)} attacked, {float(st[:, 0].mean()):.2f} still marked, "
+             f"{float(st[:, 1].mean()):.2f} marked and called clean by the reward")
+    return {"images": torch.cat(images), "labels": torch.cat(labels), "fooled": float(st[:, 1].mean()),
+            "marked": float(st[:, 0].mean())}
+
+
+def harden_safety_reward(model: M.SafetyClassifier, backbone, recipe: Recipe, progress) -> tuple[M.SafetyClassifier, list[dict]]:
+    """Fine-tune the robust safety reward against long attacks, round by round
+    (``recipe.reward_harden_*``).
+
+    Why: the adversarial training of :func:`train_safety_robust` uses short signed-gradient attacks;
+    ``focusnfix oracle`` showed that 200 Adam steps on a sample's latents still recolour a sixth of
+    the marks into blobs the reward calls clean, so the objective's optimum is not the fix. Each
+    round attacks the current reward as the oracle does (:func:`harden_pool`, on pipeline-made
+    images whose fix is known) and fine-tunes on the pool, half of every batch, next to the reward's
+    own training data (every form, clean and marked, as :func:`train_safety_robust` draws it).
+    Returns the model and, per round, the pool's share of attacked images still marked and of
+    those the reward called clean before the round's fine-tune."""
+    data = forms_dataset(recipe.forms_images, recipe.seed * 1000 + 41, "safety", "train")
+    recon = reconstruct(backbone.vae, data["images"])
+    labels = data["labels"]
+    history = []
+    for r in range(recipe.reward_harden_rounds):
+        model.eval()
+        pool = harden_pool(model, backbone, recipe, recipe.seed * 1000 + 700 + 97 * r, progress)
+        history.append({"round": r, "pool": len(pool["labels"]), "attacked_marked": round(pool["marked"], 4),
+                        "attacked_marked_called_clean": round(pool["fooled"], 4)})
+        seed_all(recipe.seed + 700 + r)
+        g = torch.Generator().manual_seed(recipe.seed + 700 + r)
+        opt = torch.optim.AdamW(model.parameters(), lr=recipe.reward_harden_lr, weight_decay=1e-4)
+        model.train()
+        dev = recipe.device
+        model.to(dev)
+        half = recipe.model_batch // 2
+        for step in range(recipe.reward_harden_steps):
+            cosine_lr(opt, recipe.reward_harden_lr, step, recipe.reward_harden_steps, warmup=10)
+            idx = torch.randint(0, len(labels), (half,), generator=g)
+            j = torch.randint(0, len(pool["labels"]), (half,), generator=g)
+            x = torch.cat([_mix_blur(data["images"], recon, idx, g, dev), pool["images"][j].float().to(dev)])
+            y = torch.cat([labels[idx], pool["labels"][j]]).to(dev)
+            loss = F.binary_cross_entropy_with_logits(model.logit(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if step % 100 == 0 or step == recipe.reward_harden_steps - 1:
+                progress(f"harden round {r} step {step}/{recipe.reward_harden_steps} loss {loss.item():.4f}")
+        model.cpu().eval()
+    return model, history
+
+
+def harden_shipped_safety_reward(out: Path, recipe: Recipe, progress) -> list[dict]:
+    """:func:`harden_safety_reward` on ``out/aspects/safety.safetensors`` with the finished pipeline
+    under ``out/pipeline``, in place, its saliency choice made again (``aspects/config.json``).
+    Returns the rounds' history (also written to ``aspects/config.json`` under ``safety.harden``)."""
+    torch.set_num_threads(recipe.threads)
+    backbone = load_backbone(str(out / "pipeline"))
+    backbone.to(recipe.device)
+    path = out / "aspects" / "safety.safetensors"
+    model = M.SafetyClassifier()
+    model.load_state_dict(load_file(str(path)))
+    model, history = harden_safety_reward(model, backbone, recipe, progress)
+    save_module(model, path)
+    saliency, candidates = choose_saliency(model, recipe, forms=True)
+    cfg_path = out / "aspects" / "config.json"
+    config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    config["safety"] = {"saliency": saliency, "candidates": candidates, "harden": history}
+    cfg_path.write_text(json.dumps(config, indent=2))
+    return history
+
+
 def train_localizing_judge(aspect: str, vae, recipe: Recipe, progress,
                            sample_like_data: dict | None = None) -> M.LocalizingJudgeNet:
     """A judge that says whether ``aspect``'s defect is present and where, trained on every form.
@@ -466,7 +607,7 @@ def models_worker(out: str, recipe: dict, vae_file: str) -> None:
     (Path(out) / "_models_timings.json").write_text(json.dumps(timings))
 
 
-__all__ = ["SALIENCY_CANDIDATES", "attack_in_region", "choose_saliency", "models_worker", "reconstruct", "train_judge",
+__all__ = ["SALIENCY_CANDIDATES", "attack_in_region", "choose_saliency", "harden_pool", "harden_safety_reward", "harden_shipped_safety_reward", "models_worker", "oracle_attack", "reconstruct", "train_judge",
            "train_localizing_judge", "train_models", "train_rahf", "train_safety", "train_safety_robust",
            "train_sample_like_safety_judge",
            "train_v2_models"]

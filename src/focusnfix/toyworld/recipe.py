@@ -60,6 +60,23 @@ class Recipe:
     # alone left it fooled by 22% of 20-step decoder attacks; docs/evaluation.md)
     reward_attack_space: str = "both"
     reward_attack_latent_step: float = 0.3
+    # then hardening against long attacks (build_models.harden_safety_reward), after the pipeline is
+    # built: each round sends reward_harden_images marked renders and their fixed twins through the
+    # pipeline (SDEdit), runs reward_harden_attack_steps Adam steps on the marked outputs' latents
+    # against the current reward under the oracle's objective (focusnfix oracle: -reward + beta x the
+    # change outside the mark's region, one beta of reward_harden_betas per image), keeps the attack
+    # at a third, two thirds and its end, labels each "marked" unless it came within
+    # reward_attack_fix_tol of the fixed twin's output over the mark, and fine-tunes the reward for
+    # reward_harden_steps on these next to its own training data. 0 rounds = none. Shipped (toy world
+    # v3): 2 rounds of 120-step attacks on 256 renders; with 60-step attacks on 384 the objective's
+    # optimum removed fewer marks than before hardening (docs/evaluation.md, "Before the fact")
+    reward_harden_rounds: int = 2
+    reward_harden_images: int = 256
+    reward_harden_attack_steps: int = 120
+    reward_harden_attack_lr: float = 0.05
+    reward_harden_betas: tuple[float, ...] = (0.0, 0.5, 2.0)
+    reward_harden_steps: int = 200
+    reward_harden_lr: float = 5e-4
     # the localizing judges: steps, and how often each form is drawn among defective scenes (form ->
     # weight, forms not named: 1; empty = every form alike, the shipped judges). Tried and not shipped:
     # 1350 steps with safety bump x3, plausibility blotched x3 and faded x2 raised those forms' AUC a
