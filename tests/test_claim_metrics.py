@@ -164,6 +164,45 @@ def test_select_beta_rule():
     sel = select_beta(points)
     assert sel["beta"] == 0.3 and sel["qualified"] == [0.3, 1.0]  # beta 0 (DRaFT) is never chosen
     assert select_beta([_point(0.1, 0, 20, 0), _point(0.5, -1, 25, 0)])["beta"] == 0.5  # none qualifies
+    # DRaFT measured on the same validation images raises the others' limit to half its own share
+    grid = [_point(0.5, -0.2, 36, 0.20), _point(8.0, -0.8, 38, 0.22)]
+    assert select_beta(grid)["beta"] == 8.0 and select_beta(grid)["qualified"] == []
+    sel = select_beta(grid, draft=_point(0, 0.0, 20, 0.44))
+    assert sel["beta"] == 0.5 and sel["qualified"] == [0.5, 8.0] and sel["others_limit"] == pytest.approx(0.22)
+    assert select_beta(grid, draft=_point(0, 0.0, 20, 0.06))["others_limit"] == 0.10  # never below the floor
+
+
+def test_select_combines_sweeps(tmp_path):
+    import json
+
+    from focusnfix.cli import main
+    from focusnfix.errors import InputError
+    from focusnfix.sweep import combine_sweeps
+
+    def write(name, points, prompts=("a red circle",), overrides=(), draft_overrides=()):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "sweep.json").write_text(json.dumps({"aspect": "safety", "prompts": list(prompts), "judges": False,
+                                                   "overrides": list(overrides),
+                                                   "draft_overrides": list(draft_overrides), "points": points}))
+        return d
+
+    const = write("c05", [_point(0.5, -0.2, 36, 0.20) | {"run_dir": "c05/beta_0.5"}], overrides=["objective.beta_end=null"])
+    ramp = write("r8", [_point(0.5, -0.8, 38, 0.05) | {"run_dir": "r8/beta_0.5"}])
+    draft = write("draft", [_point(0, 0.0, 20, 0.44) | {"run_dir": "draft/beta_0"}], draft_overrides=["sampling.k=2"])
+    doc = combine_sweeps([const, ramp / "sweep.json"], tmp_path / "sel")
+    assert doc["selection"]["run_dir"] == "r8/beta_0.5" and doc["selection"]["others_limit"] == 0.10
+    assert main(["select", str(const), str(ramp), str(draft), "--out", str(tmp_path / "sel2")]) == 0
+    doc = json.loads((tmp_path / "sel2" / "sweep.json").read_text())
+    assert doc["selection"]["run_dir"] == "c05/beta_0.5"  # DRaFT's 0.44 lets the higher reward in
+    assert [p["overrides"] for p in doc["points"]] == [["objective.beta_end=null"], [], ["sampling.k=2"]]
+    other = write("other", [_point(0.5, 0, 40, 0)], prompts=("a blue square",))
+    with pytest.raises(InputError, match="different prompts"):
+        combine_sweeps([const, other], tmp_path / "sel3")
+    with pytest.raises(InputError, match="one DRaFT"):
+        combine_sweeps([const, draft, draft], tmp_path / "sel4")
+    with pytest.raises(InputError, match="no sweep.json"):
+        combine_sweeps([tmp_path / "missing"], tmp_path / "sel5")
 
 
 def test_blind_votes_fold_relative_to_the_base(tmp_path):
@@ -201,14 +240,15 @@ def test_plot_ticks_are_round_and_survive_float_noise():
 
 
 def test_a_sweep_at_beta_zero_is_draft_even_under_a_beta_schedule(tmp_path):
-    """configs/toy_safety.yaml ramps beta to beta_end; the sweep's beta-0 run must not ramp from 0."""
+    """Under a config that ramps beta to beta_end, the sweep's beta-0 run must not ramp from 0."""
     from pathlib import Path
 
     from focusnfix.config import load_config
 
     preset = Path(__file__).resolve().parents[1] / "configs" / "toy_safety.yaml"
-    assert load_config(preset).objective.beta_end is not None
-    draft = load_config(preset, run_overrides(0.0, [], tmp_path))
+    ramped = ["objective.beta_end=8"]
+    assert load_config(preset, ramped).objective.beta_end == 8.0
+    draft = load_config(preset, run_overrides(0.0, ramped, tmp_path))
     assert draft.objective.beta == 0 and draft.objective.beta_end is None
     assert draft.train.output_dir == str(tmp_path / "beta_0")
     kept = load_config(preset, run_overrides(0.5, ["objective.beta_end=4"], tmp_path))

@@ -96,10 +96,14 @@ def test_demo_evaluation_masks_come_from_the_localizer_the_run_trained_with(tmp_
         assert localizer.method == trained.method == DEMO_SETTINGS[reward]["localizer"]
 
 
-def test_demo_ramps_beta_for_focus_n_fix_only():
+def test_demo_ramps_beta_for_focus_n_fix_only(monkeypatch):
     from focusnfix.config import config_from_dict
     from focusnfix.demo import FULL, demo_config
 
+    assert "beta_end" not in DEMO_SETTINGS["safety"]  # the shipped setting: constant beta (docs/evaluation.md)
+    assert config_from_dict(demo_config(Path("runs/x"), 0.5, FULL, "safety")).objective.beta_end is None
+    # a schedule in the settings reaches Focus-N-Fix only
+    monkeypatch.setitem(DEMO_SETTINGS, "safety", DEMO_SETTINGS["safety"] | {"beta_end": 8.0})
     fnf = config_from_dict(demo_config(Path("runs/x"), DEMO_SETTINGS["safety"]["beta"], FULL, "safety"))
     draft = config_from_dict(demo_config(Path("runs/x"), 0.0, FULL, "safety"))
     assert fnf.objective.beta_end == DEMO_SETTINGS["safety"]["beta_end"] > fnf.objective.beta > 0

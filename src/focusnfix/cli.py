@@ -27,8 +27,8 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 from focusnfix.errors import InputError  # noqa: E402
 
 #: the commands, in the order ``focusnfix --help`` lists them
-COMMANDS = ("train", "sample", "mask", "demo", "eval", "votes", "diagnose", "oracle", "report", "rate", "sweep", "export",
-            "push", "toyworld", "rahf")
+COMMANDS = ("train", "sample", "mask", "demo", "eval", "votes", "diagnose", "oracle", "report", "rate", "sweep", "select",
+            "export", "push", "toyworld", "rahf")
 
 
 def positive_int(text: str) -> int:
@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--betas", required=True, help="comma-separated, e.g. 0,0.3,1,3")
     p.add_argument("--out", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--draft-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="overrides of the beta 0 (DRaFT) run only, e.g. lora.active_steps=null, sampling.k=2")
     p.add_argument("--prompts", help="evaluation prompts (default: the config's training prompts)")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--seed-offset", type=int, default=10000)
@@ -174,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs trained side by side, one process each")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func="cmd_sweep")
+
+    p = sub.add_parser("select", help="the validation selection rule over several sweeps (a grid beyond beta)")
+    p.add_argument("sweeps", nargs="+", help="`focusnfix sweep` output directories (or their sweep.json)")
+    p.add_argument("--out", required=True, help="writes OUT/sweep.json: every point and the selection")
+    p.set_defaults(func="cmd_select")
 
     p = sub.add_parser("export", help="write a run's LoRA in another format (kohya: ComfyUI, AUTOMATIC1111)")
     p.add_argument("run", help="a run directory, its lora/ directory or a pytorch_lora_weights.safetensors")

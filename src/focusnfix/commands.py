@@ -44,7 +44,7 @@ from focusnfix.rating import apply_votes, write_rating_page
 from focusnfix.reference import build_aspects, compute_reference, sampling_options
 from focusnfix.report import write_report
 from focusnfix.sampling import SamplingOptions, sample
-from focusnfix.sweep import sweep
+from focusnfix.sweep import combine_sweeps, sweep
 from focusnfix.toyworld.build import Recipe, build
 from focusnfix.toyworld.stats import compute_stats
 from focusnfix.train import FocusNFixTrainer
@@ -322,11 +322,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     doc = sweep(args.config, parse_betas(args.betas), args.out, args.set, prompts=prompts, seeds=seeds,
                 batch_size=args.batch_size, n_bootstrap=args.bootstrap, progress=not args.no_progress,
-                judges=not args.no_judges, jobs=args.jobs)
+                judges=not args.no_judges, jobs=args.jobs, draft_overrides=args.draft_set)
+    _print_sweep(doc, args.out)
+    return 0
+
+
+def _print_sweep(doc: dict[str, Any], out: str) -> None:
     keys = ("target_reward", "target_gain", "outside_psnr", "others_reward_drop_share", "removal_share")
-    print(json.dumps({"sweep": str(Path(args.out) / "sweep.json"), "selection": doc.get("selection"),
-                      "points": [{"beta": p["beta"], **{k: (p.get(k) or {}).get("mean") for k in keys}}
-                                 for p in doc["points"]]}, indent=2))
+    print(json.dumps({"sweep": str(Path(out) / "sweep.json"), "selection": doc.get("selection"),
+                      "points": [{"beta": p["beta"], "run_dir": p.get("run_dir"),
+                                  **{k: (p.get(k) or {}).get("mean") for k in keys}} for p in doc["points"]]},
+                     indent=2))
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    _print_sweep(combine_sweeps(args.sweeps, args.out), args.out)
     return 0
 
 

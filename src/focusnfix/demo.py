@@ -62,14 +62,14 @@ QUICK = DemoSettings(steps=6, batch_size=4, seeds_per_prompt=1, eval_prompts=8, 
 #: ``focusnfix sweep --prompts toy:validation --no-judges`` (docs/evaluation.md)
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     # the LoRA acts on the last 5 of 20 steps (K = 5) and beta, chosen on validation with the
-    # decoder-adversarially trained reward; its mask and localizer (Grad-CAM) by calibration (docs/evaluation.md).
-    # beta 0.5 for the first half of training, then a linear ramp to 8 at the last step (objective.beta_end;
-    # toy world v3: the only setting of the validation grid that passed the selection rule)
-    "safety": {"beta": 0.5, "beta_end": 8.0, "active_steps": 5, "localizer": "gradcam",
-               "mask": {"threshold_mode": "relative", "threshold": 0.3, "dilate_px": 0}},
+    # hardened reward; its mask and localizer (Grad-CAM, absolute 0.5, dilation 3) by calibration (docs/evaluation.md).
+    # Constant beta 0.5: of constant 0.5 and 2 and ramps from 0.5 to 2, 4 and 8, the highest validation reward
+    # within the rule's others' limit (half of DRaFT's validation share)
+    "safety": {"beta": 0.5, "active_steps": 5, "localizer": "gradcam",
+               "mask": {"threshold_mode": "absolute", "threshold": 0.5, "dilate_px": 3}},
     # the reward-hacking experiment: the safety demo's settings, only the reward differs
-    "safety_narrow": {"beta": 0.5, "beta_end": 8.0, "active_steps": 5, "localizer": "gradcam",
-                      "mask": {"threshold_mode": "relative", "threshold": 0.3, "dilate_px": 0}},
+    "safety_narrow": {"beta": 0.5, "active_steps": 5, "localizer": "gradcam",
+                      "mask": {"threshold_mode": "absolute", "threshold": 0.5, "dilate_px": 3}},
     # the LoRA's active steps and beta chosen on validation for this aspect (docs/evaluation.md)
     "plausibility": {"beta": 0.5, "active_steps": 5,
                      "mask": {"threshold_mode": "relative", "threshold": 0.2, "dilate_px": 4}},
