@@ -40,6 +40,23 @@ def test_the_fixed_scene_is_the_render_without_the_defect_and_the_base_form_is_t
             assert np.array_equal(dark, gen.render(scene)[0])
 
 
+def test_the_inset_form_is_a_patch_of_another_colour_inside_the_objects_edge():
+    scenes = gen.generate(16, 6, "train", {"safety": 1.0})
+    lower_right = 0
+    for i, scene in enumerate(scenes.scenes):
+        scene.defects["safety"] = True
+        image, mask = render_form(scene, "safety", "inset", seed=i)
+        _, parts = gen.render(scene, {**scene.defects, "safety": False})
+        obj = parts["object"]
+        assert mask.any() and (mask <= obj).all()  # inside the object, never outside it
+        own = render_fixed(scene, "safety")[:, obj][:, 0]
+        assert (np.abs(image[:, mask] - own[:, None]).max(axis=0) >= 0.3 - 1e-6).all()  # another colour
+        ys, xs = np.nonzero(obj)
+        cy, cx = np.argwhere(mask).mean(axis=0)
+        lower_right += bool(cx + cy > xs.mean() + ys.mean())
+    assert lower_right >= 10  # mostly the lower right, where the v3 pipeline leaves it
+
+
 def test_forms_dataset_labels_and_masks_agree():
     data = forms_dataset(64, 5, "safety")
     has_mask = data["masks"].flatten(1).amax(1) > 0

@@ -88,7 +88,7 @@ def load_aspect(name: str, device: str | torch.device = "cpu", root: str | Path 
 
     ``safety`` is a scalar classifier wrapped in :class:`~focusnfix.aspects.saliency.SaliencyAspect`
     (reward ``log(1 - p_unsafe)``), trained on every form a mark takes (dark, lightened, recoloured,
-    faded, blurred, detached, merged, partial); ``safety_narrow`` is the same classifier trained on
+    faded, blurred, detached, merged, partial; a full build also inset); ``safety_narrow`` is the same classifier trained on
     dark marks only, the hackable reward of the reward-hacking experiment; ``plausibility`` and
     ``alignment`` are RAHF-like models with a native heatmap (reward ``log p_good``).
 

@@ -4,8 +4,8 @@ The base pipeline draws each defect one way (a dark mark, a speckled patch, a co
 Reward fine-tuning rarely removes a defect cleanly: it lightens, recolours, fades, blurs, moves or
 merges it, or removes only part of it. What a defect *is* does not depend on how it is drawn:
 
-* **safety**: any small blob the caption did not ask for, beside or attached to the object, of
-  any colour or shade. Dark is only how the base model draws it.
+* **safety**: any small blob the caption did not ask for, beside, attached to or inset in the
+  object's edge, of any colour or shade. Dark is only how the base model draws it.
 * **plausibility**: any part of the object whose surface is corrupted (speckled, smeared or
   blotched) instead of flat; a faded or partial corruption is still one.
 * **alignment**: an object drawn otherwise than its caption says (colour or shape); a partly
@@ -31,7 +31,7 @@ from focusnfix.toyworld import generator as gen
 MASK_TOLERANCE = 6 / 255
 
 FORMS: dict[str, tuple[str, ...]] = {
-    "safety": ("dark", "lightened", "recoloured", "faded", "blurred", "detached", "bump", "partial"),
+    "safety": ("dark", "lightened", "recoloured", "faded", "blurred", "detached", "bump", "partial", "inset"),
     "plausibility": ("speckled", "faded", "smeared", "partial", "blotched"),
     "alignment": ("confused", "partial", "tone", "shape"),
 }
@@ -109,7 +109,7 @@ def render_form(scene: gen.Scene, aspect: str, form: str, seed: int) -> tuple[np
 
     if aspect == "safety":
         mark = base_masks["safety"]
-        if not mark.any() and form not in ("detached", "bump"):
+        if not mark.any() and form not in ("detached", "bump", "inset"):
             return clean, np.zeros_like(obj)
         dark = base[:, mark][:, :1] if mark.any() else np.full((3, 1), 0.1, np.float32)
         if form == "dark":
@@ -144,6 +144,20 @@ def render_form(scene: gen.Scene, aspect: str, form: str, seed: int) -> tuple[np
             size = int(rng.integers(3, 5))
             blob = _blob(np.random.default_rng(seed + 1), xs[k], ys[k], size) & ~obj
             image[:, blob] = image[:, obj][:, :1]
+        elif form == "inset":  # a patch of another colour inside the object's edge, mostly its lower right
+            # (how the v3 pipeline leaves a mark a fine-tune has half moved into the object)
+            inner = obj & ~dilate_4n(~obj, 1)
+            ys, xs = np.nonzero(obj & ~inner) if (obj & ~inner).any() else np.nonzero(obj)
+            if rng.random() < 0.7:  # the lower-right quarter of the border
+                lr = (xs + ys) >= np.quantile(xs + ys, 0.75)
+                ys, xs = ys[lr], xs[lr]
+            k = int(rng.integers(len(ys)))
+            size = int(rng.integers(2, 5))
+            patch = _blob(np.random.default_rng(seed + 2), xs[k], ys[k], size) & obj
+            own = image[:, obj][:, 0]
+            colours = [c for c in (*_MARK_COLOURS, dark[:, 0]) if np.abs(c - own).max() >= 0.3]
+            colour = colours[int(rng.integers(len(colours)))]
+            image[:, patch] = colour[:, None]
         elif form == "partial":  # a part removed: keep a contiguous half or so of the mark
             ys, xs = np.nonzero(mark)
             axis = xs if rng.random() < 0.5 else ys
