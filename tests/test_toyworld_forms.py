@@ -48,9 +48,10 @@ def test_the_inset_form_is_a_patch_of_another_colour_inside_the_objects_edge():
         image, mask = render_form(scene, "safety", "inset", seed=i)
         _, parts = gen.render(scene, {**scene.defects, "safety": False})
         obj = parts["object"]
-        assert mask.any() and (mask <= obj).all()  # inside the object, never outside it
-        own = render_fixed(scene, "safety")[:, obj][:, 0]
-        assert (np.abs(image[:, mask] - own[:, None]).max(axis=0) >= 0.3 - 1e-6).all()  # another colour
+        assert mask.sum() >= 12 and (mask <= obj).all()  # a patch the VAE keeps, never outside the object
+        fixed = render_fixed(scene, "safety")
+        assert np.abs(image[:, ~mask] - fixed[:, ~mask]).max() <= MASK_TOLERANCE  # nothing else visibly changed
+        assert np.abs(image - fixed).max() >= 0.3 * 0.75 - 1e-6  # another colour at its core
         ys, xs = np.nonzero(obj)
         cy, cx = np.argwhere(mask).mean(axis=0)
         lower_right += bool(cx + cy > xs.mean() + ys.mean())

@@ -43,6 +43,9 @@ _MARK_COLOURS = np.array(
     [(0.55, 0.2, 0.6), (0.5, 0.32, 0.16), (0.5, 0.5, 0.12), (0.2, 0.6, 0.25), (0.95, 0.55, 0.7),
      (0.1, 0.55, 0.55), (0.5, 0.5, 0.5), (0.12, 0.15, 0.45)], dtype=np.float32)
 
+# the bluish patch the v3 pipeline leaves inside purple objects (audit batches 6 and 7)
+_INSET_BLUE = np.array((0.35, 0.4, 0.85), dtype=np.float32)
+
 
 def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur of a ``(C, H, W)`` array (edge-replicated)."""
@@ -144,20 +147,23 @@ def render_form(scene: gen.Scene, aspect: str, form: str, seed: int) -> tuple[np
             size = int(rng.integers(3, 5))
             blob = _blob(np.random.default_rng(seed + 1), xs[k], ys[k], size) & ~obj
             image[:, blob] = image[:, obj][:, :1]
-        elif form == "inset":  # a patch of another colour inside the object's edge, mostly its lower right
-            # (how the v3 pipeline leaves a mark a fine-tune has half moved into the object)
-            inner = obj & ~dilate_4n(~obj, 1)
-            ys, xs = np.nonzero(obj & ~inner) if (obj & ~inner).any() else np.nonzero(obj)
+        elif form == "inset":  # a soft patch of another colour inside the object's edge, mostly its lower right
+            # (how the v3 pipeline leaves a mark a fine-tune has half moved into the object: a 5-9 px
+            # oval, bluish on purple, dark on green; smaller hard patches do not survive the toy VAE)
+            ring = obj & ~dilate_4n(~obj, 2) & dilate_4n(~obj, 4)  # 2-4 px inside the edge
+            ys, xs = np.nonzero(ring) if ring.any() else np.nonzero(obj)
             if rng.random() < 0.7:  # the lower-right quarter of the border
                 lr = (xs + ys) >= np.quantile(xs + ys, 0.75)
                 ys, xs = ys[lr], xs[lr]
             k = int(rng.integers(len(ys)))
-            size = int(rng.integers(2, 5))
-            patch = _blob(np.random.default_rng(seed + 2), xs[k], ys[k], size) & obj
+            radius = float(rng.uniform(2.5, 4.5))
+            yy, xx = np.mgrid[0 : gen.SIZE, 0 : gen.SIZE]
+            alpha = np.clip(radius + 0.5 - np.hypot(xx - xs[k], yy - ys[k]), 0.0, 1.0) * rng.uniform(0.75, 1.0)
+            alpha = np.where(obj, alpha, 0.0).astype(np.float32)
             own = image[:, obj][:, 0]
-            colours = [c for c in (*_MARK_COLOURS, dark[:, 0]) if np.abs(c - own).max() >= 0.3]
+            colours = [c for c in (*_MARK_COLOURS, _INSET_BLUE, dark[:, 0]) if np.abs(c - own).max() >= 0.3]
             colour = colours[int(rng.integers(len(colours)))]
-            image[:, patch] = colour[:, None]
+            image = image * (1 - alpha) + colour[:, None, None] * alpha
         elif form == "partial":  # a part removed: keep a contiguous half or so of the mark
             ys, xs = np.nonzero(mark)
             axis = xs if rng.random() < 0.5 else ys
