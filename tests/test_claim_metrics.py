@@ -253,3 +253,23 @@ def test_a_sweep_at_beta_zero_is_draft_even_under_a_beta_schedule(tmp_path):
     assert draft.train.output_dir == str(tmp_path / "beta_0")
     kept = load_config(preset, run_overrides(0.5, ["objective.beta_end=4"], tmp_path))
     assert kept.objective.beta == 0.5 and kept.objective.beta_end == 4.0
+
+
+def test_markdown_table_rows_columns_and_paired_cells():
+    from focusnfix.report import markdown_table
+
+    def st(m, lo, hi):
+        return {"mean": m, "ci95": [lo, hi]}
+
+    metrics = {"aspect": "safety", "comparisons": {"focusnfix - draft": {"removal_share": st(-0.1, -0.2, 0.0)}},
+               "methods": {"draft": {"removal_share": st(1.0, 1.0, 1.0), "judge_defect_rate": {"safety": st(0, 0, 0)}},
+                           "focusnfix": {"removal_share": st(0.9, 0.8, 0.99), "outside_psnr": st(35.51, 34.0, 37.0)},
+                           "base": {"removal_share": None, "judge_defect_rate": {"safety": st(0.45, 0.3, 0.6)},
+                                    "other_rewards": {"plausibility": st(-0.7, -1.4, -0.2)}}}}
+    lines = markdown_table(metrics).splitlines()
+    assert lines[0] == "|  | base | focusnfix | draft | focusnfix - draft (paired) |"
+    assert lines[1] == "|---|---|---|---|---|"
+    assert lines[2] == "| defect removed (judge) ↑ | – | 0.90 [0.80, 0.99] | 1.00 [1.00, 1.00] | -0.10 [-0.20, 0.00] |"
+    assert "| outside-mask PSNR vs base (dB) ↑ | – | 35.5 [34.0, 37.0] | – | – |" in lines
+    assert "| judge: safety defect rate | 0.45 [0.30, 0.60] | – | 0.00 [0.00, 0.00] | – |" in lines
+    assert lines[-1] == "| plausibility reward | -0.70 [-1.40, -0.20] | – | – | – |"

@@ -79,6 +79,11 @@ def test_demo_quick_writes_metrics_report_and_loras(tmp_path, capsys):
     assert lora_active_steps(out / "lora" / "focusnfix") == (None if late is None else min(late, 10))
     assert lora_active_steps(out / "lora" / "draft") is None
     assert "focusnfix" in capsys.readouterr().out
+    # the README's table comes from the same metrics.json
+    assert main(["report", str(out), "--markdown"]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0] == "|  | base | focusnfix | draft | focusnfix - draft (paired) |"
+    assert any(line.startswith("| judge: safety defect rate |") for line in table)
 
 
 @pytest.mark.parametrize("reward", sorted(DEMO_SETTINGS))

@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a training log.jsonl (or run directory) to plot (repeatable)")
     p.add_argument("--sweep", help="sweep.json for the beta trade-off curve")
     p.add_argument("--max-examples", type=int, default=32)
+    p.add_argument("--markdown", action="store_true",
+                   help="print the claim table as markdown (the README's tables) instead of writing HTML")
     p.set_defaults(func="cmd_report")
 
     p = sub.add_parser("rate", help="write the static human-rating page of an evaluation")

@@ -42,7 +42,7 @@ from focusnfix.rahf.model import RAHFConfig, RAHFModel
 from focusnfix.rahf.train import RAHFTrainConfig, train_rahf
 from focusnfix.rating import apply_votes, write_rating_page
 from focusnfix.reference import build_aspects, compute_reference, sampling_options
-from focusnfix.report import write_report
+from focusnfix.report import markdown_table, write_report
 from focusnfix.sampling import SamplingOptions, sample
 from focusnfix.sweep import combine_sweeps, sweep
 from focusnfix.toyworld.build import Recipe, build
@@ -289,6 +289,12 @@ def cmd_votes(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.markdown:
+        path = Path(args.dir) / "metrics.json"
+        if not path.is_file():
+            raise InputError(f"{path} not found: --markdown needs an evaluation directory (focusnfix eval or demo --out)")
+        print(markdown_table(json.loads(path.read_text())))
+        return 0
     logs = {k: Path(v) for k, v in name_path_pairs(args.train_log, "--train-log").items()}
     out = args.out or str(Path(args.dir) / "report.html")
     path = write_report(args.dir, out, train_logs=logs or None, sweep=Path(args.sweep) if args.sweep else None,

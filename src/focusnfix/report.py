@@ -271,6 +271,50 @@ def _metric_tables(metrics: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def _md_stat(s: Any, digits: int) -> str:
+    if not isinstance(s, dict) or s.get("mean") is None:
+        return "–"
+    lo, hi = (s.get("ci95") or [None, None])[:2]
+    if lo is None or hi is None:
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def markdown_table(metrics: dict[str, Any]) -> str:
+    """The claim table of ``metrics.json`` as GitHub markdown (the README's tables): one column per method
+    (base first), one for each paired comparison, one row per metric; cells "mean [95% interval]"."""
+    methods = metrics.get("methods", {})
+    names = method_order(list(methods))
+    comparisons = metrics.get("comparisons") or {}
+    target = metrics.get("aspect", "")
+    judges = sorted({a for m in methods.values() for a in (m.get("judge_defect_rate") or {})},
+                    key=lambda a: (a != target, a))
+    others = sorted({a for m in methods.values() for a in (m.get("other_rewards") or {})})
+    rows: list[tuple[str, Any, int, bool]] = [  # label, getter, digits, has a paired difference
+        ("defect removed (judge) ↑", "removal_share", 2, True),
+        ("new defect on clean images ↓", "new_defect_share", 2, True),
+        ("hack gap: reward says fixed, judge says defect ↓", "hack_gap", 2, True),
+        ("another aspect's judge flips to defect ↓", "others_degraded_share", 2, True),
+        ("another aspect's reward drops beyond its noise floor ↓", "others_reward_drop_share", 2, True),
+        ("outside-mask PSNR vs base (dB) ↑", "outside_psnr", 1, True),
+        ("outside-mask SSIM vs base ↑", "outside_ssim", 3, True),
+        (f"{target} reward (target) ↑", "target_reward", 2, True),
+    ]
+    rows += [(f"judge: {j} defect rate", ("judge_defect_rate", j), 2, False) for j in judges]
+    rows += [(f"{a} reward", ("other_rewards", a), 2, False) for a in others]
+
+    def get(entry: dict[str, Any], key: Any) -> Any:
+        return (entry.get(key[0]) or {}).get(key[1]) if isinstance(key, tuple) else entry.get(key)
+
+    head = ["", *names, *(f"{c} (paired)" for c in comparisons)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, key, digits, paired in rows:
+        cells = [_md_stat(get(methods[n], key), digits) for n in names]
+        cells += [_md_stat(get(d, key), digits) if paired else "–" for d in comparisons.values()]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    return "\n".join(lines)
+
+
 def _mean(s: Any) -> float | None:
     return s.get("mean") if isinstance(s, dict) and s.get("mean") is not None else None
 
@@ -565,4 +609,4 @@ def write_report(
     return atomic_write_text(out_html, page)
 
 
-__all__ = ["diff_map", "ema", "esc", "fmt_stat", "png_data_uri", "read_log", "svg_bars", "svg_plot", "write_report"]
+__all__ = ["diff_map", "ema", "esc", "fmt_stat", "markdown_table", "png_data_uri", "read_log", "svg_bars", "svg_plot", "write_report"]
