@@ -40,7 +40,7 @@ from focusnfix.runs import train_runs
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the demo. ``full`` takes about 16 minutes on 2 CPU cores, ``quick`` under 1."""
+    """Sizes of the demo. ``full`` takes about 7-16 minutes on 2 CPU cores, ``quick`` under 1."""
 
     steps: int
     batch_size: int
