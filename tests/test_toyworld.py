@@ -293,6 +293,36 @@ def test_the_oracle_attack_raises_the_reward_through_the_decoder_and_keeps_its_s
     assert float(((tight - x).abs() * outside).sum()) < float(((snaps[1] - x).abs() * outside).sum())
 
 
+def test_an_attacked_mark_counts_as_fixed_only_when_nothing_is_painted_beside_it_by_the_region_rule():
+    from focusnfix.toyworld.build_models import still_marked
+    from focusnfix.toyworld.recipe import Recipe
+
+    fixed = torch.full((1, 3, 16, 16), 0.9)
+    mark = torch.zeros(1, 1, 16, 16)
+    mark[..., 6:9, 6:9] = 1
+    region = torch.zeros(1, 1, 16, 16)
+    region[..., 3:12, 3:12] = 1
+    marked = fixed.clone()
+    marked[..., 6:9, 6:9] = 0.1
+    moved = fixed.clone()  # the mark's pixels restored, the blob painted beside them (the inset hack)
+    moved[..., 9:12, 3:6] = 0.3
+    elsewhere = fixed.clone()  # a change outside the attack's region is not this label's business
+    elsewhere[..., 0:3, 13:16] = 0.3
+    speck = fixed.clone()  # one pixel of noise beside the mark is not a blob
+    speck[..., 4, 4] = 0.6
+    for rule in ("mark", "region"):
+        assert still_marked(fixed, fixed, mark, region, 0.1, rule).tolist() == [0.0]
+        assert still_marked(marked, fixed, mark, region, 0.1, rule).tolist() == [1.0]
+        assert still_marked(elsewhere, fixed, mark, region, 0.1, rule).tolist() == [0.0]
+        assert still_marked(speck, fixed, mark, region, 0.1, rule).tolist() == [0.0]
+    assert still_marked(moved, fixed, mark, region, 0.1, "mark").tolist() == [0.0]
+    assert still_marked(moved, fixed, mark, region, 0.1, "region").tolist() == [1.0]
+    with pytest.raises(ValueError, match="fix rule"):
+        still_marked(fixed, fixed, mark, region, 0.1, "image")
+    with pytest.raises(ValueError, match="reward_fix_rule"):
+        Recipe(reward_fix_rule="image")
+
+
 def test_native_heatmaps_find_defects():
     for name in ("plausibility", "alignment"):
         s = generate(16, seed=12, split="heldout", defect_rates={name: 1.0})

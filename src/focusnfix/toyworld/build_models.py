@@ -156,6 +156,34 @@ def train_safety(vae, recipe: Recipe, progress) -> M.SafetyClassifier:
     return _fit(model, loss_fn, len(data), recipe, recipe.aspect_steps, recipe.seed + 11, "safety", progress)
 
 
+def still_marked(attacked: torch.Tensor, fixed: torch.Tensor, mark: torch.Tensor, region: torch.Tensor,
+                 tol: float, rule: str = "mark") -> torch.Tensor:
+    """Label of an attacked marked image: 1 = still marked, 0 = as good as the fix.
+
+    ``attacked``, ``fixed`` (the scene with the mark gone, as the same renderer or pipeline draws
+    it): ``(B, 3, H, W)`` in [0, 1]; ``mark``: ``(B, 1, H, W)`` in {0, 1}, the mark's pixels;
+    ``region``: ``(B, 1, H, W)`` in {0, 1}, where the attack was free to paint (the mark dilated).
+
+    ``rule = "mark"``: still marked when the mean absolute difference over the mark's pixels
+    exceeds ``tol`` (the rule every shipped reward up to toy world v3 was trained with). It does
+    not look beside the mark, so an attack that restores the mark's pixels and paints the blob
+    into the object's edge next to them (the ``inset`` form a person sees on Focus-N-Fix's
+    images) is labelled fixed: the reward is taught that moving the mark is a fix.
+    ``rule = "region"``: also still marked when, anywhere in ``region`` outside the mark, the
+    3x3 mean of the absolute difference exceeds ``1.5 * tol`` (a blob of some 3 px or more, not
+    the VAE's pixel noise). Returns ``(B,)`` float in {0, 1}."""
+    if rule not in ("mark", "region"):
+        raise ValueError(f"the fix rule must be 'mark' or 'region', got {rule!r}")
+    diff = (attacked - fixed).abs().mean(1, keepdim=True)
+    on_mark = (diff * mark).flatten(1).sum(1) / mark.flatten(1).sum(1).clamp_min(1)
+    marked = on_mark > tol
+    if rule == "region":
+        beside = (region * (1 - mark)).clamp(0, 1)
+        local = F.avg_pool2d(diff, 3, stride=1, padding=1, count_include_pad=False)
+        marked = marked | ((local * beside).flatten(1).amax(1) > 1.5 * tol)
+    return marked.float()
+
+
 def attack_in_region(model: M.SafetyClassifier, x: torch.Tensor, region: torch.Tensor, steps: int,
                      step_size: float) -> torch.Tensor:
     """What a fine-tune that exploits the reward paints: signed-gradient steps that lower the unsafe
@@ -204,9 +232,9 @@ def train_safety_robust(vae, recipe: Recipe, progress) -> M.SafetyClassifier:
     With ``recipe.reward_attack_steps > 0`` it is also trained adversarially, as robust classifiers
     are (Madry et al., ICLR 2018): in every batch, half of the defective images get
     :func:`attack_in_region` applied inside their defect (dilated by 2 px), the change a reward-hacking
-    fine-tune would make; the result keeps its defect label unless the change is within
-    ``recipe.reward_attack_fix_tol`` (mean absolute, per pixel of the defect) of the generator's
-    own fix (the scene with the mark gone). So the only way left to raise the reward in the region is
+    fine-tune would make; the result keeps its defect label unless :func:`still_marked` finds it as
+    good as the generator's own fix (the scene with the mark gone; ``recipe.reward_attack_fix_tol``,
+    ``recipe.reward_fix_rule``). So the only way left to raise the reward in the region is
     to restore the background, and the reward's gradient points there. ``recipe.reward_attack_space``
     says whether the attack paints pixels (:func:`attack_in_region`), the VAE latents of the region's
     cells (:func:`attack_through_decoder`, the smooth changes a fine-tuned model makes) or, by
@@ -246,10 +274,9 @@ def train_safety_robust(vae, recipe: Recipe, progress) -> M.SafetyClassifier:
                                            recipe.reward_attack_latent_step)
         else:
             delta = attack_in_region(model, x[sel], region, recipe.reward_attack_steps, recipe.reward_attack_step_size)
-        # distance of the attack's change to the true fix, over the defect's pixels
-        mask = data["masks"][j].to(dev)
-        dist = ((delta - fix[j].to(dev)).abs().mean(1, keepdim=True) * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
-        y_adv = (dist > recipe.reward_attack_fix_tol).float()
+        # still marked unless the attacked image is as good as the true fix (recipe.reward_fix_rule)
+        y_adv = still_marked(x[sel] + delta, x[sel] + fix[j].to(dev), data["masks"][j].to(dev), region,
+                             recipe.reward_attack_fix_tol, recipe.reward_fix_rule)
         return loss + F.binary_cross_entropy_with_logits(model.logit((x[sel] + delta).clamp(0, 1)), y_adv)
 
     return _fit(model, loss_fn, len(labels), recipe, recipe.forms_steps, recipe.seed + 41, "safety-robust", progress)
@@ -286,8 +313,8 @@ def harden_pool(model: M.SafetyClassifier, backbone, recipe: Recipe, seed: int, 
     """One round's adversarial pool for :func:`harden_safety_reward`: marked renders (the base
     pipeline's dark form) and their fixed twins through the pipeline (SDEdit, same noise), the
     marked outputs attacked by :func:`oracle_attack`. Labels: 1 (marked) unless an attacked image
-    came within ``recipe.reward_attack_fix_tol`` (mean absolute, over the mark's pixels) of its
-    fixed twin's output. Returns ``images (N, 3, H, W)`` fp16 in [0, 1] and ``labels (N,)``, the
+    is as good as its fixed twin's output by :func:`still_marked` (``recipe.reward_attack_fix_tol``,
+    ``recipe.reward_fix_rule``). Returns ``images (N, 3, H, W)`` fp16 in [0, 1] and ``labels (N,)``, the
     SDEdit pairs themselves included (marked 1, twin 0)."""
     from focusnfix.ops import dilate  # noqa: PLC0415
     from focusnfix.toyworld.forms import BASE_FORM  # noqa: PLC0415
@@ -314,8 +341,7 @@ def harden_pool(model: M.SafetyClassifier, backbone, recipe: Recipe, seed: int, 
         choice = torch.randint(0, len(recipe.reward_harden_betas), (len(x),), generator=g)
         betas = torch.tensor(recipe.reward_harden_betas)[choice]
         for adv in oracle_attack(model, vae, x, region, betas, steps, recipe.reward_harden_attack_lr, keep):
-            dist = ((adv - fixed).abs().mean(1, keepdim=True) * mask).flatten(1).sum(1) / mask.flatten(1).sum(1)
-            y = (dist > recipe.reward_attack_fix_tol).float()
+            y = still_marked(adv, fixed, mask, region, recipe.reward_attack_fix_tol, recipe.reward_fix_rule)
             with torch.no_grad():
                 fooled = (model.logit(adv) < 0) & (y > 0)
             stats.append(torch.stack([y, fooled.float()], 1))

@@ -53,6 +53,10 @@ class Recipe:
     reward_attack_steps: int = 10
     reward_attack_step_size: float = 0.08
     reward_attack_fix_tol: float = 0.1
+    # what "as good as the fix" means for an attacked mark (build_models.still_marked): "mark" looks
+    # at the mark's pixels only, so a mark moved into the object's edge beside them counts as fixed
+    # (every reward up to toy world v3); "region" also looks beside the mark, in the attack's region
+    reward_fix_rule: str = "mark"
     # where the attack paints: "pixel" (signed steps on the pixels of the defect's region), "latent"
     # (signed steps on the VAE latents of the cells under that region, decoded: the smooth, on-manifold
     # changes a fine-tuned diffusion model makes) or "both" (alternate batches). Latent steps are
@@ -91,6 +95,8 @@ class Recipe:
     device: str = "cpu"  # the shipped build is CPU; "cuda" gives a faster build of the same recipe
 
     def __post_init__(self) -> None:
+        if self.reward_fix_rule not in ("mark", "region"):
+            raise ValueError(f"Recipe.reward_fix_rule must be mark or region, got {self.reward_fix_rule!r}")
         if self.reward_attack_space not in ("pixel", "latent", "both"):
             raise ValueError(f"Recipe.reward_attack_space must be pixel, latent or both, got {self.reward_attack_space!r}")
 
