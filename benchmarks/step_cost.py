@@ -17,8 +17,6 @@ safety reward (batch 4, K = 2, DDIM 20, CFG 7.5, LoRA rank 4 by default):
   ``compile_seconds``); ``sampling_focusnfix_compiled``: our sampler so;
 * ``focusnfix_warm_unmerged``: the same with ``sampling.merge_lora: false`` (every no-gradient
   UNet call through PEFT's LoRA branch, as before the merge);
-* ``focusnfix_warm_no_grad``: the same with the no-gradient UNet calls under ``torch.no_grad``
-  instead of ``torch.inference_mode`` (as before the sampler used inference mode);
 * ``focusnfix_reference_in_step``: the step when its reference is computed inside it (what the
   first epoch cost before the cache was filled ahead of training);
 * ``focusnfix_late_lora_warm``: the step of a run with ``lora.active_steps = K`` (the LoRA acts
@@ -43,7 +41,6 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -115,10 +112,6 @@ def main() -> int:
     def focusnfix_late_lora_warm() -> None:  # lora.active_steps = K (docs/trainer.md)
         late.train_step(1)
 
-    def focusnfix_warm_no_grad() -> None:  # the no-gradient calls under no_grad, not inference_mode
-        with mock.patch.object(torch, "inference_mode", torch.no_grad):
-            step()
-
     def focusnfix_warm_unmerged() -> None:
         trainer.options.merge_lora = False
         step()
@@ -146,7 +139,6 @@ def main() -> int:
                 "focusnfix_warm": focusnfix_warm, "focusnfix_warm_compiled": focusnfix_warm_compiled,
                 "sampling_focusnfix_compiled": sampling_focusnfix_compiled,
                 "focusnfix_warm_unmerged": focusnfix_warm_unmerged,
-                "focusnfix_warm_no_grad": focusnfix_warm_no_grad,
                 "focusnfix_late_lora_warm": focusnfix_late_lora_warm,
                 "focusnfix_reference_in_step": focusnfix_reference_in_step}
     bb.pipe.set_progress_bar_config(disable=True)

@@ -2,7 +2,7 @@
 
 Gradient modes (how much of the sampling chain carries gradient to the LoRA):
 
-* ``draft_k``: DRaFT-K. The first N - K steps run without autograd (``torch.inference_mode``); only the last K
+* ``draft_k``: DRaFT-K. The first N - K steps run under ``torch.no_grad``; only the last K
   UNet calls are in the autograd graph. Running the early steps without autograd gives the
   same LoRA gradient as detaching their outputs and is cheaper.
 * ``draft_lv``: DRaFT-LV. K = 1, plus ``lv_n`` re-noisings of the final sample to the last
@@ -101,24 +101,19 @@ def denoise(
     first_grad = min(first_grad, end)
     if lora_from > start:
         compiled = backbone.unet_compiled() if options.compile_unet else contextlib.nullcontext()
-        with backbone.adapters_disabled(), compiled, torch.inference_mode():
+        with backbone.adapters_disabled(), compiled, torch.no_grad():
             for i in range(start, lora_from):
                 if on_unet_call is not None:
                     on_unet_call(i, False)
                 latents = _step(backbone, cond, latents, timesteps[i], options, checkpoint_it=False)
-        latents = latents.clone()  # an inference tensor cannot enter autograd; its clone can
     # the calls without gradient run with the LoRA merged into the base weights (the plain model's cost)
     merged = backbone.lora_merged() if options.merge_lora and first_grad > lora_from else contextlib.nullcontext()
     compiled = backbone.unet_compiled() if options.compile_unet and first_grad > lora_from else contextlib.nullcontext()
-    if first_grad > lora_from:
-        # inference mode, not just no_grad: no version counters or view tracking (about 6% of a
-        # toy UNet call on one CPU thread, benchmarks/step_cost.py)
-        with merged, compiled, torch.inference_mode():
-            for i in range(lora_from, first_grad):
-                if on_unet_call is not None:
-                    on_unet_call(i, False)
-                latents = _step(backbone, cond, latents, timesteps[i], options, checkpoint_it=False)
-        latents = latents.clone()
+    with merged, compiled, torch.no_grad():
+        for i in range(lora_from, first_grad):
+            if on_unet_call is not None:
+                on_unet_call(i, False)
+            latents = _step(backbone, cond, latents, timesteps[i], options, checkpoint_it=False)
     for i in range(max(lora_from, first_grad), end):
         if on_unet_call is not None:
             on_unet_call(i, True)
