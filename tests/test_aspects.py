@@ -112,3 +112,17 @@ def test_registry_errors():
     aspect = build_aspect("saliency", {"target": "toy_aspects:red_classifier", "method": "gradcam",
                                        "layer": "features"}, name="safety")
     assert aspect.name == "safety" and not any(p.requires_grad for p in aspect.parameters())
+
+
+def test_a_toyworld_aspect_loads_from_another_build_and_names_a_bad_root(tmp_path):
+    import shutil
+
+    from focusnfix import toyworld
+
+    build = tmp_path / "build"
+    shutil.copytree(toyworld.pipeline_path().parent, build)
+    packaged = build_aspect("toyworld", {"aspect": "safety"})
+    other = build_aspect("toyworld", {"aspect": "safety", "root": str(build)})
+    assert all(torch.equal(a, b) for a, b in zip(packaged.state_dict().values(), other.state_dict().values(), strict=True))
+    with pytest.raises(InputError, match="args.root.*pipeline/model_index.json"):
+        build_aspect("toyworld", {"aspect": "safety", "root": str(tmp_path / "nowhere")})

@@ -71,11 +71,15 @@ def build_aspect(type_name: str, args: dict[str, Any], name: str | None = None) 
     return aspect
 
 
-def _toyworld(aspect: str, localizer: str | None = None) -> Aspect:
+def _toyworld(aspect: str, localizer: str | None = None, root: str | None = None) -> Aspect:
+    """``root``: a toy world build directory (``focusnfix toyworld build --out DIR``) whose aspect
+    model to use instead of the packaged one (default: the packaged assets)."""
     if aspect not in toyworld.ASPECT_MODELS:
         raise InputError(f"toyworld aspect must be one of {list(toyworld.ASPECT_MODELS)}, got {aspect!r}")
     try:
-        return toyworld.load_aspect(aspect, localizer=localizer)
+        return toyworld.load_aspect(aspect, localizer=localizer, root=root)
+    except FileNotFoundError as err:
+        raise InputError(f"toyworld aspect {aspect!r}: args.root: {err}") from err
     except ValueError as err:
         raise InputError(f"toyworld aspect {aspect!r}: {err}") from err
 
