@@ -139,7 +139,7 @@ class MaskConfig(_Section):
 class AspectConfig(_Section):
     """One quality aspect: a reward and (optionally) a localizer."""
 
-    type: str = Field(..., description="aspect type: toyworld, mask_files, python, saliency (see docs/aspects.md).")
+    type: str = Field(..., description="aspect type: toyworld, mask_files, python, saliency, or a registered one (see docs/api.md).")
     name: str | None = Field(None, description="name in logs; default: from the aspect.")
     weight: float = Field(1.0, description="weight of this aspect's reward in the total reward (0 = mask only).")
     localize: bool = Field(True, description="whether its heatmap contributes to the mask (union over aspects).")
