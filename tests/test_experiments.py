@@ -1,0 +1,37 @@
+"""The quick experiment scripts reproduce the figures docs/evaluation.md and the README quote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str) -> dict:
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / script)], capture_output=True, text=True,
+                          cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return json.loads(done.stdout)
+
+
+def test_the_blind_validation_look_gives_the_table_docs_quote():
+    out = _run("validation_look.py")
+    first, second = out["first_look"], out["second_look"]
+    assert (first["base"]["marked"], first["base"]["inside_only"], first["base"]["outside_or_both"]) == (24, 8, 16)
+    assert first["focusnfix/shipped"]["base_marks_gone"] == "6/24"
+    assert first["focusnfix/region"]["base_marks_gone"] == "7/24"
+    for run in (first["focusnfix/shipped"], first["focusnfix/region"], second["focusnfix/person"]):
+        assert run["base_inside_marks_gone"] == "0/8"  # no run removes a mark drawn inside the object
+    assert (first["focusnfix/shipped"]["of_which_now_inside"], first["focusnfix/region"]["of_which_now_inside"]) == (5, 6)
+    assert second["focusnfix/person"]["base_marks_gone"] == "5/24"
+    assert out["retest_agreement_shipped"] == "31/32"
+
+
+def test_the_reward_calls_most_marks_a_person_sees_after_training_clean():
+    out = _run("reward_on_audit.py")["by_source"]
+    assert (out["base"]["person_marked"], out["base"]["person_marked_reward_calls_clean"]) == (22, 2)
+    assert (out["focusnfix/safety"]["person_marked"], out["focusnfix/safety"]["person_marked_reward_calls_clean"]) == (13, 9)
+    assert (out["draft/safety"]["person_marked"], out["draft/safety"]["person_marked_reward_calls_clean"]) == (15, 15)
