@@ -274,8 +274,9 @@ def train_safety_robust(vae, recipe: Recipe, progress) -> M.SafetyClassifier:
                                            recipe.reward_attack_latent_step)
         else:
             delta = attack_in_region(model, x[sel], region, recipe.reward_attack_steps, recipe.reward_attack_step_size)
-        # still marked unless the attacked image is as good as the true fix (recipe.reward_fix_rule)
-        y_adv = still_marked(x[sel] + delta, x[sel] + fix[j].to(dev), data["masks"][j].to(dev), region,
+        # still marked unless the attacked image x + delta is as good as the true fix x + fix (only their
+        # difference counts, so the changes are compared directly: the same numbers as before the rule was a function)
+        y_adv = still_marked(delta, fix[j].to(dev), data["masks"][j].to(dev), region,
                              recipe.reward_attack_fix_tol, recipe.reward_fix_rule)
         return loss + F.binary_cross_entropy_with_logits(model.logit((x[sel] + delta).clamp(0, 1)), y_adv)
 
