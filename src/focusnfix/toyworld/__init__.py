@@ -117,21 +117,28 @@ def load_judge(name: str, device: str | torch.device = "cpu", root: str | Path |
     """The packaged evaluation judge of aspect ``name`` (independent of the aspect models; eval, frozen).
 
     ``safety`` and ``plausibility`` are :class:`~focusnfix.toyworld.models.LocalizingJudge`s
-    (presence and a defect heatmap, trained on every form of the defect); ``alignment`` compares the
-    object's attributes, read from the image, with the caption's words (it does not localize: a
-    text-conditioned localizing judge agreed with people far less, see docs/toyworld.md).
-    ``safety_narrow`` names the safety judge (one judge per aspect, whichever reward was trained).
+    (presence and a defect heatmap, trained on every form of the defect); ``alignment`` is the
+    :class:`~focusnfix.toyworld.scene_fit.SceneFitAlignmentJudge`: it fits the clean scene to the
+    image and compares the object's nearest named colour and best-fitting shape with the caption's
+    words (untrained; it replaced the learned attribute reader by the rule in docs/toyworld.md,
+    "Scene-fit judges"; it does not localize). ``safety_narrow`` names the safety judge (one judge
+    per aspect, whichever reward was trained).
     """
     _check(name, ASPECT_MODELS)
     name = "safety" if name == "safety_narrow" else name
     path = _root(root) / "judges" / f"{name}.safetensors"
     if name == "alignment":
-        return load_attribute_reader(device, root)
+        from focusnfix.toyworld.scene_fit import SceneFitAlignmentJudge
+
+        _root(root)  # the same error as the other judges where the assets are missing
+        return M.freeze(SceneFitAlignmentJudge())
     return M.freeze(M.LocalizingJudge(name, _load(M.LocalizingJudgeNet(), path, device)))
 
 
 def load_attribute_reader(device: str | torch.device = "cpu", root: str | Path | None = None) -> M.AlignmentJudge:
-    """The attribute classifier that reads the drawn object's colour, shape, position and size
-    (the pipeline's caption accuracy); ``defect_probability`` = 1 - P(colour and shape match)."""
+    """The learned attribute classifier that reads the drawn object's colour, shape, position and
+    size; ``defect_probability`` = 1 - P(colour and shape match). It was the alignment judge and
+    the caption-accuracy reader until the scene fit replaced it (docs/toyworld.md); the build still
+    trains it, for comparison."""
     path = _root(root) / "judges" / "alignment.safetensors"
     return M.freeze(M.AlignmentJudge(_load(M.AttributeNet(), path, device)))

@@ -34,6 +34,7 @@ from focusnfix.toyworld import load_aspect, load_attribute_reader, load_judge, p
 from focusnfix.toyworld.audit import judge_agreement
 from focusnfix.toyworld.forms import FORMS, forms_dataset
 from focusnfix.toyworld.models import AttributeNet
+from focusnfix.toyworld.scene_fit import fit_scene, read_attributes
 
 
 def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -184,23 +185,26 @@ def sample(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance
     return torch.cat(out)
 
 
-def caption_accuracy(images: torch.Tensor, prompts: list[str], root=None) -> dict[str, float]:
-    """Share of images whose drawn object matches the caption, per attribute and for all of them."""
-    judge = load_attribute_reader(root=root)
-    with torch.no_grad():
-        probs = judge.attribute_probs(images)
-    ok = {k: [] for k in AttributeNet.HEADS}
-    for i, p in enumerate(prompts):
-        parsed = gen.parse_caption(p)
-        for k, names in AttributeNet.HEADS.items():
-            if parsed[k] is not None:
-                ok[k].append(names[int(probs[k][i].argmax())] == parsed[k])
-    out = {k: sum(v) / len(v) for k, v in ok.items() if v}
-    both = []
-    for i, p in enumerate(prompts):
-        parsed = gen.parse_caption(p)
-        both.append(all(AttributeNet.HEADS[k][int(probs[k][i].argmax())] == parsed[k]
-                        for k in ("colour", "shape", "position") if parsed[k] is not None))
+def caption_accuracy(images: torch.Tensor, prompts: list[str], root=None, reader: str = "scene_fit") -> dict[str, float]:
+    """Share of images whose drawn object matches the caption, per attribute and for colour, shape and
+    position together. ``reader``: ``"scene_fit"`` (the alignment judge's reading,
+    :func:`~focusnfix.toyworld.scene_fit.read_attributes`) or ``"learned"`` (the attribute classifier)."""
+    if reader == "scene_fit":
+        read = read_attributes(fit_scene(images))
+    elif reader == "learned":
+        with torch.no_grad():
+            probs = load_attribute_reader(root=root).attribute_probs(images)
+        read = {k: [names[int(i)] for i in probs[k].argmax(dim=1)] for k, names in AttributeNet.HEADS.items()}
+    else:
+        raise ValueError(f"reader must be 'scene_fit' or 'learned', got {reader!r}")
+    parsed = [gen.parse_caption(p) for p in prompts]
+    out = {}
+    for k in AttributeNet.HEADS:
+        ok = [read[k][i] == c[k] for i, c in enumerate(parsed) if c[k] is not None]
+        if ok:
+            out[k] = sum(ok) / len(ok)
+    both = [all(read[k][i] == c[k] for k in ("colour", "shape", "position") if c[k] is not None)
+            for i, c in enumerate(parsed)]
     out["colour_shape_position"] = sum(both) / len(both)
     return out
 
@@ -223,7 +227,8 @@ def pipeline_stats(root=None, n: int = 192, steps: int = 20, guidance: float = 7
         rates[name] = float((p > 0.5).float().mean())
     out = {"n_images": n, "prompts": len(heldout), "steps": steps, "guidance_scale": guidance,
            "sampling_s_per_image": per_image, "judge_defect_rate": rates, "mean_aspect_reward": rewards,
-           "caption_accuracy": caption_accuracy(images, prompts, root)}
+           "caption_accuracy": caption_accuracy(images, prompts, root),
+           "caption_accuracy_learned_reader": caption_accuracy(images, prompts, root, reader="learned")}
     return out, images, prompts
 
 
