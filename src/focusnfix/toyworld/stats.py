@@ -132,15 +132,17 @@ def vae_stats(root=None, n: int = 256, seed: int = 780) -> dict[str, float]:
             "mean_max_pixel_error": float(err.amax(dim=1).flatten(1).amax(dim=1).mean())}
 
 
-def form_stats(name: str, root=None, n: int = 96, seed: int = 779, judge: bool = True) -> dict:
+def form_stats(name: str, root=None, n: int = 96, seed: int = 779, judge: bool = True, model=None) -> dict:
     """Per-form quality of the judge (``judge=True``) or the training reward of aspect ``name``.
 
     For each form of ``name``'s defect: ``n`` held-out scenes, half with the defect in that form,
     through the VAE. Judges: ``auc``, ``precision``/``recall`` at 0.5 and ``mask_iou``; rewards:
-    ``score_auc`` (lower reward = defect).
+    ``score_auc`` (lower reward = defect). ``model``: score this judge (or aspect) instead of the
+    one packaged under ``root`` (the VAE is still ``root``'s).
     """
     aspect = "safety" if name == "safety_narrow" else name
-    model = load_judge(name, root=root) if judge else load_aspect(name, root=root)
+    if model is None:
+        model = load_judge(name, root=root) if judge else load_aspect(name, root=root)
     out = {}
     for k, form in enumerate(FORMS[aspect]):
         data = forms_dataset(n, seed + 100 * k, aspect, "heldout", forms=(form,))

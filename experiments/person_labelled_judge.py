@@ -1,0 +1,143 @@
+"""Does a person's reading of pipeline samples teach the safety *judge* the marks it misses?
+
+The shipped safety judge sees nearly every mark the base model draws beside an object but few of
+those a fine-tuned model leaves inside it (audit batches 6-8: 41 marks a person sees, the judge
+not; docs/toyworld.md). Outside the audit set the project holds 320 pipeline samples labelled for
+safety by the same procedure, none of a held-out prompt:
+
+* ``experiments/data/fit_base_safety_labels.*``: the base model on the 80 ``fit`` prompts x 2 seeds;
+* ``experiments/data/validation_look.*``: the base model and Focus-N-Fix runs with the demo's
+  settings on the 16 ``validation`` prompts x 2 seeds (96 images), and a second look (64 images).
+
+This fine-tunes the shipped judge on half-batches of its own generator training data (every form,
+with masks, as the build trains it) and half-batches of those 320 images (presence only: a person
+says whether, not exactly where), with settings fixed before it was run: 300 steps, batch 24 + 24,
+AdamW at 2e-4 with a cosine schedule, random horizontal flips and a little noise on the person's
+images. Then it prints, for the shipped and the tuned judge: the per-form AUC on the ``toyworld
+stats`` scenes (64 per form) and Cohen's kappa with the audit labels, per batch, on the v3
+batches 6-8 together and on all 990.
+
+The rule, written with this script and before its first run (docs/toyworld.md, "A judge tuned
+on a person's labels"): the tuned judge replaces the shipped one if no form's AUC falls more than
+0.02 and its kappa on batches 6-8 together is higher than the shipped judge's (0.574).
+
+    python experiments/person_labelled_judge.py [--out DIR] [--json FILE]
+
+About 5 minutes at two threads. ``--out DIR`` writes the tuned judge's weights there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from focusnfix import toyworld as tw
+from focusnfix.toyworld import build_models as B
+from focusnfix.toyworld import models as M
+from focusnfix.toyworld.audit import cohen_kappa, load_audit
+from focusnfix.toyworld.forms import forms_dataset
+from focusnfix.toyworld.recipe import Recipe, cosine_lr, save_module, seed_all
+from focusnfix.toyworld.stats import form_stats
+
+DATA = Path(__file__).resolve().parent / "data"
+STEPS, HALF, LR, SEED = 300, 24, 2e-4, 9100
+V3_BATCHES = (6, 7, 8)
+
+
+def person_set() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 320 person-labelled pipeline samples: ``images (N, 3, 64, 64)`` in [0, 1], ``labels (N,)``."""
+    images, labels = [], []
+    fit = np.load(DATA / "fit_base_safety_labels.npz")["images"]
+    images.append(fit)
+    labels += [it["safety"] for it in json.loads((DATA / "fit_base_safety_labels.json").read_text())["items"]]
+    look = np.load(DATA / "validation_look.npz")
+    doc = json.loads((DATA / "validation_look.json").read_text())
+    images += [look["images"], look["second_look_images"]]
+    labels += [it["safety"] for it in doc["items"]] + [it["safety"] for it in doc["second_look"]["items"]]
+    x = torch.from_numpy(np.concatenate(images)).permute(0, 3, 1, 2).float() / 255
+    return x, torch.tensor(labels, dtype=torch.float32)
+
+
+def tune(net: M.LocalizingJudgeNet, person_x: torch.Tensor, person_y: torch.Tensor, progress=print) -> M.LocalizingJudgeNet:
+    recipe = Recipe()
+    data = forms_dataset(recipe.forms_images, recipe.seed * 1000 + 600 + 51, "safety", "train")
+    vae = AutoencoderKL.from_pretrained(str(tw.pipeline_path() / "vae")).eval()
+    recon = B.reconstruct(vae, data["images"])
+    masks = F.max_pool2d(data["masks"], 2)
+    seed_all(SEED)
+    g = torch.Generator().manual_seed(SEED)
+    opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=1e-4)
+    net.train()
+    for step in range(STEPS):
+        cosine_lr(opt, LR, step, STEPS, warmup=20)
+        idx = torch.randint(0, len(data["labels"]), (HALF,), generator=g)
+        xg = B.sample_like(B._mix(data["images"], recon, idx, g), data["objects"][idx], g)
+        heat, presence = net(xg)
+        loss = (F.binary_cross_entropy_with_logits(heat, masks[idx], pos_weight=torch.tensor(5.0))
+                + F.binary_cross_entropy_with_logits(presence, data["labels"][idx]))
+        j = torch.randint(0, len(person_y), (HALF,), generator=g)
+        xp = person_x[j]
+        flip = (torch.rand(HALF, generator=g) < 0.5).view(-1, 1, 1, 1)
+        xp = torch.where(flip, xp.flip(-1), xp)
+        xp = (xp + 0.01 * torch.randn(xp.shape, generator=g)).clamp(0, 1)
+        loss = loss + F.binary_cross_entropy_with_logits(net(xp)[1], person_y[j])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == STEPS - 1:
+            progress(f"step {step}/{STEPS} loss {loss.item():.4f}")
+    return net.eval()
+
+
+@torch.no_grad()
+def audit_kappa(judge: M.LocalizingJudge) -> dict:
+    images, doc = load_audit()
+    human = np.array([it["labels"]["safety"] for it in doc["items"]], dtype=bool)
+    batches = np.array([it["batch"] for it in doc["items"]])
+    prompts = [it["prompt"] for it in doc["items"]]
+    pred = torch.cat([judge.defect_probability(images[i : i + 128], prompts[i : i + 128])
+                      for i in range(0, len(prompts), 128)]).numpy() > 0.5
+    v3 = np.isin(batches, V3_BATCHES)
+    return {"all": round(cohen_kappa(human, pred), 3), "batches_6_8": round(cohen_kappa(human[v3], pred[v3]), 3),
+            "by_batch": {int(b): round(cohen_kappa(human[batches == b], pred[batches == b]), 3) for b in sorted(set(batches))},
+            "batches_6_8_counts": {"both": int((human & pred)[v3].sum()), "human_only": int((human & ~pred)[v3].sum()),
+                                   "judge_only": int((~human & pred)[v3].sum())}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="write the tuned judge's safetensors here (a directory)")
+    ap.add_argument("--json", help="write the comparison here too")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    t0 = time.time()
+    px, py = person_set()
+    shipped = tw.load_judge("safety")
+    net = M.LocalizingJudgeNet()
+    net.load_state_dict(load_file(str(tw.assets_path() / "judges" / "safety.safetensors")))
+    tuned_net = tune(net, px, py)
+    tuned = M.freeze(M.LocalizingJudge("safety", tuned_net))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        save_module(tuned_net, Path(args.out) / "safety.safetensors")
+    out = {}
+    for name, judge in (("shipped", shipped), ("tuned", tuned)):
+        forms = {f: round(v["auc"], 3) for f, v in form_stats("safety", None, 64, model=judge).items()}
+        out[name] = {"forms_auc": forms, "audit_kappa": audit_kappa(judge)}
+        print(name, json.dumps(out[name]), flush=True)
+    out["seconds"] = round(time.time() - t0)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
