@@ -23,7 +23,7 @@ on a person's labels"): the tuned judge replaces the shipped one if no form's AU
 
     python experiments/person_labelled_judge.py [--out DIR] [--json FILE]
 
-About 5 minutes at two threads. ``--out DIR`` writes the tuned judge's weights there.
+About 2.5 minutes at two threads. ``--out DIR`` writes the tuned judge's weights there.
 """
 
 from __future__ import annotations
