@@ -21,7 +21,11 @@ The rule, written with this script and before its first run (docs/toyworld.md, "
 on a person's labels"): the tuned judge replaces the shipped one if no form's AUC falls more than
 0.02 and its kappa on batches 6-8 together is higher than the shipped judge's (0.574).
 
-    python experiments/person_labelled_judge.py [--out DIR] [--json FILE]
+    python experiments/person_labelled_judge.py [--out DIR] [--json FILE] [--demo DEMO_DIR]
+
+``--demo DEMO_DIR`` (a ``focusnfix demo`` output) also reads that demo's held-out images with both
+judges: per training run, the share of the base images' marks each method removes and the share of
+clean base images it marks (a second reading of the claim table, by a judge that was not shipped).
 
 About 2.5 minutes at two threads. ``--out DIR`` writes the tuned judge's weights there.
 """
@@ -66,9 +70,10 @@ def person_set() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor(labels, dtype=torch.float32)
 
 
-def tune(net: M.LocalizingJudgeNet, person_x: torch.Tensor, person_y: torch.Tensor, progress=print) -> M.LocalizingJudgeNet:
+def tune(net: M.LocalizingJudgeNet, person_x: torch.Tensor, person_y: torch.Tensor, progress=print,
+         form_weights: dict[str, float] | None = None) -> M.LocalizingJudgeNet:
     recipe = Recipe()
-    data = forms_dataset(recipe.forms_images, recipe.seed * 1000 + 600 + 51, "safety", "train")
+    data = forms_dataset(recipe.forms_images, recipe.seed * 1000 + 600 + 51, "safety", "train", weights=form_weights)
     vae = AutoencoderKL.from_pretrained(str(tw.pipeline_path() / "vae")).eval()
     recon = B.reconstruct(vae, data["images"])
     masks = F.max_pool2d(data["masks"], 2)
@@ -113,10 +118,42 @@ def audit_kappa(judge: M.LocalizingJudge) -> dict:
                                    "judge_only": int((~human & pred)[v3].sum())}}
 
 
+@torch.no_grad()
+def demo_reading(judge: M.LocalizingJudge, demo_dir: str) -> dict:
+    """Per method and training run of a demo: removal share (base marked -> clean) and new-defect
+    share (base clean -> marked), by ``judge`` at 0.5, on the demo's stored held-out images."""
+    from focusnfix.evaluate import load_eval
+
+    _, arrays, per_image = load_eval(demo_dir)
+    prompts = [it["prompt"] for it in per_image["items"]]
+
+    def marked(key: str) -> np.ndarray:
+        x = torch.from_numpy(arrays[key]).float()
+        x = x / 255 if arrays[key].dtype == np.uint8 else x
+        return judge.defect_probability(x, prompts).numpy() > 0.5
+
+    base = marked("base")
+    out: dict = {"base_marked": int(base.sum()), "n": len(prompts)}
+    for method in sorted({k.split("__")[1] for k in arrays if k.startswith("method__")}):
+        runs = sorted(k for k in arrays if k == f"method__{method}" or k.startswith(f"method__{method}__run"))
+        removal, new = [], []
+        for key in runs:
+            after = marked(key)
+            removal.append(round(float((base & ~after).sum() / max(1, base.sum())), 3))
+            new.append(round(float((~base & after).sum() / max(1, (~base).sum())), 3))
+        out[method] = {"removal_share_per_run": removal, "removal_share": round(float(np.mean(removal)), 3),
+                       "new_defect_share_per_run": new, "new_defect_share": round(float(np.mean(new)), 3)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="write the tuned judge's safetensors here (a directory)")
     ap.add_argument("--json", help="write the comparison here too")
+    ap.add_argument("--inset-weight", type=float, default=None,
+                    help="draw generator `inset` scenes this many times as often as each other form")
+    ap.add_argument("--no-audit", action="store_true", help="score the generator forms only (designing a variant)")
+    ap.add_argument("--demo", help="a demo output directory whose held-out images both judges read")
     args = ap.parse_args()
     torch.set_num_threads(2)
     t0 = time.time()
@@ -124,7 +161,7 @@ def main() -> None:
     shipped = tw.load_judge("safety")
     net = M.LocalizingJudgeNet()
     net.load_state_dict(load_file(str(tw.assets_path() / "judges" / "safety.safetensors")))
-    tuned_net = tune(net, px, py)
+    tuned_net = tune(net, px, py, form_weights={"inset": args.inset_weight} if args.inset_weight else None)
     tuned = M.freeze(M.LocalizingJudge("safety", tuned_net))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -132,8 +169,11 @@ def main() -> None:
     out = {}
     for name, judge in (("shipped", shipped), ("tuned", tuned)):
         forms = {f: round(v["auc"], 3) for f, v in form_stats("safety", None, 64, model=judge).items()}
-        out[name] = {"forms_auc": forms, "audit_kappa": audit_kappa(judge)}
+        out[name] = {"forms_auc": forms, "audit_kappa": None if args.no_audit else audit_kappa(judge)}
         print(name, json.dumps(out[name]), flush=True)
+    if args.demo:
+        out["demo"] = {name: demo_reading(judge, args.demo) for name, judge in (("shipped", shipped), ("tuned", tuned))}
+        print("demo", json.dumps(out["demo"]), flush=True)
     out["seconds"] = round(time.time() - t0)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

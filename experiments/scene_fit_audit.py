@@ -1,6 +1,9 @@
-"""Audit agreement of the scene-fit judges against the shipped learned ones (docs/toyworld.md,
-"Scene-fit judges"): Cohen's kappa (p > 0.5) per batch, on the v3 batches 6-8 together (the rule's
-figure) and on all 990 images, with the confusion counts of batches 6-8.
+"""Audit agreement of the scene-fit judges against the learned ones.
+
+The learned ones: the safety judge that ships, and the attribute reader that the scene fit replaced
+as alignment judge (docs/toyworld.md, "Scene-fit judges"). Prints Cohen's kappa (p > 0.5) per batch,
+on the v3 batches 6-8 together (the rule's figure) and on all 990 images, with the confusion counts
+of batches 6-8.
 
     python experiments/scene_fit_audit.py [--json OUT]
 """
@@ -13,7 +16,7 @@ import json
 import numpy as np
 import torch
 
-from focusnfix.toyworld import load_judge
+from focusnfix.toyworld import load_attribute_reader, load_judge
 from focusnfix.toyworld.audit import cohen_kappa, load_audit
 from focusnfix.toyworld.scene_fit import SceneFitAlignmentJudge, SceneFitSafetyJudge
 
@@ -35,8 +38,8 @@ def main() -> None:
     prompts = [it["prompt"] for it in doc["items"]]
     batches = np.array([it.get("batch", 1) for it in doc["items"]])
     v3 = np.isin(batches, V3_BATCHES)
-    judges = {"safety": {"shipped": load_judge("safety"), "scene_fit": SceneFitSafetyJudge(load_judge("safety"))},
-              "alignment": {"shipped": load_judge("alignment"), "scene_fit": SceneFitAlignmentJudge()}}
+    judges = {"safety": {"learned": load_judge("safety"), "scene_fit": SceneFitSafetyJudge(load_judge("safety"))},
+              "alignment": {"learned": load_attribute_reader(), "scene_fit": SceneFitAlignmentJudge()}}
     out: dict = {}
     for aspect, variants in judges.items():
         human = np.array([it["labels"][aspect] for it in doc["items"]], dtype=bool)

@@ -35,3 +35,15 @@ def test_the_reward_calls_most_marks_a_person_sees_after_training_clean():
     assert (out["base"]["person_marked"], out["base"]["person_marked_reward_calls_clean"]) == (22, 2)
     assert (out["focusnfix/safety"]["person_marked"], out["focusnfix/safety"]["person_marked_reward_calls_clean"]) == (13, 9)
     assert (out["draft/safety"]["person_marked"], out["draft/safety"]["person_marked_reward_calls_clean"]) == (15, 15)
+
+
+def test_the_scene_fit_judges_agree_with_the_audit_as_docs_quote(tmp_path):
+    out_file = tmp_path / "scene_fit.json"
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "scene_fit_audit.py"), "--json", str(out_file)],
+                   capture_output=True, text=True, cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = json.loads(out_file.read_text())
+    kappa = {(a, j): round(out[a][j]["batches_6_8"], 3) for a in out for j in out[a]}
+    assert kappa == {("safety", "learned"): 0.574, ("safety", "scene_fit"): 0.470,
+                     ("alignment", "learned"): 0.486, ("alignment", "scene_fit"): 0.807}
+    assert round(out["alignment"]["scene_fit"]["all"], 3) == 0.589
+    assert out["alignment"]["scene_fit"]["batches_6_8_counts"] == {"both": 71, "human_only": 13, "judge_only": 9}
