@@ -45,5 +45,18 @@ def test_the_scene_fit_judges_agree_with_the_audit_as_docs_quote(tmp_path):
     kappa = {(a, j): round(out[a][j]["batches_6_8"], 3) for a in out for j in out[a]}
     assert kappa == {("safety", "learned"): 0.574, ("safety", "scene_fit"): 0.470,
                      ("alignment", "learned"): 0.486, ("alignment", "scene_fit"): 0.807}
-    assert round(out["alignment"]["scene_fit"]["all"], 3) == 0.589
+    assert round(out["alignment"]["scene_fit"]["by_batch"]["9"], 3) == 0.672  # the fresh batch, colours by eye
     assert out["alignment"]["scene_fit"]["batches_6_8_counts"] == {"both": 71, "human_only": 13, "judge_only": 9}
+
+
+def test_audit_batch_9_gives_the_person_removal_shares_docs_quote():
+    out = _run("audit_batch9.py")
+    assert out["n"] == 144
+    assert out["kappa"]["safety"]["shipped"]["kappa"] == 0.453
+    assert out["kappa"]["alignment"]["shipped (scene fit)"]["kappa"] == 0.672
+    pooled = out["person"]["batches_7_8_9"]
+    assert (pooled["focusnfix/safety"]["removed"], pooled["focusnfix/safety"]["base_marked"]) == (21, 47)
+    assert (pooled["draft/safety"]["removed"], pooled["draft/safety"]["base_marked"]) == (26, 47)
+    assert (pooled["focusnfix/safety"]["new"], pooled["draft/safety"]["new"], pooled["draft/safety"]["base_clean"]) == (0, 9, 61)
+    assert out["person"]["batches_7_8_9_paired_focusnfix_minus_draft"] == {"n": 47, "mean": -0.106, "ci95": [-0.234, 0.001]}
+    assert out["judge_on_same_images"]["batches_7_8_9"]["focusnfix/safety"]["removal_share"] == 0.846

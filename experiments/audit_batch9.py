@@ -1,0 +1,127 @@
+"""Audit batch 9: a fresh, blind check of every judge, and the person's removal shares of a third seed.
+
+Batch 9 (docs/toyworld.md, "The audit set") is 144 images of the README safety demo's seed-0 runs
+of Focus-N-Fix and DRaFT and its base model on all 48 held-out prompts x seed 23000, labelled blind
+before any judge ran on it, colours read by eye. It was planned before it was sampled, and no judge
+is chosen on it. This prints, as JSON:
+
+* ``kappa``: Cohen's kappa (p > 0.5) of each judge with the person, per aspect: the shipped judges,
+  the learned attribute reader the scene fit replaced, and the two safety judges scored but not
+  shipped (the scene fit's, and the one tuned on a person's labels if ``--tuned FILE`` names its
+  weights, as ``experiments/person_labelled_judge.py --out DIR`` writes them);
+* ``person``: per fine-tuned source, paired by prompt and seed with the base image, how many of the
+  base model's marked images it leaves clean (removal) and how many clean ones it marks (new), for
+  batch 9 and pooled with batches 7 and 8 (the demo's seed-1 and seed-2 runs): three training seeds;
+* ``batches_7_8_9_paired_focusnfix_minus_draft``: the person's removal of Focus-N-Fix minus DRaFT's
+  on the same base-marked images, with a 95% bootstrap interval over them;
+* ``judge_on_same_images``: the same shares read by the shipped safety judge.
+
+    python experiments/audit_batch9.py [--tuned DIR/safety.safetensors]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from focusnfix.toyworld import load_attribute_reader, load_judge
+from focusnfix.toyworld import models as M
+from focusnfix.toyworld.audit import cohen_kappa, load_audit
+from focusnfix.toyworld.scene_fit import SceneFitSafetyJudge
+
+BATCH = 9
+DEMO_BATCHES = (7, 8, 9)  # the README safety demo's seed-1, seed-2 and seed-0 runs
+
+
+@torch.no_grad()
+def probabilities(judge, images: torch.Tensor, prompts: list[str]) -> np.ndarray:
+    return torch.cat([judge.defect_probability(images[i : i + 64], prompts[i : i + 64])
+                      for i in range(0, len(prompts), 64)]).numpy()
+
+
+def removal(items: list[dict], marked: np.ndarray) -> dict:
+    """Per fine-tuned source: base-marked images left clean / base-marked, base-clean now marked / base-clean."""
+    base = {(it["prompt"], it["seed"], it["batch"]): bool(m) for it, m in zip(items, marked, strict=True)
+            if it["source"] == "base"}
+    out: dict = {}
+    for it, m in zip(items, marked, strict=True):
+        key = (it["prompt"], it["seed"], it["batch"])
+        if it["source"] == "base" or key not in base:
+            continue
+        e = out.setdefault(it["source"], {"base_marked": 0, "removed": 0, "base_clean": 0, "new": 0})
+        if base[key]:
+            e["base_marked"] += 1
+            e["removed"] += int(not m)
+        else:
+            e["base_clean"] += 1
+            e["new"] += int(bool(m))
+    for e in out.values():
+        e["removal_share"] = round(e["removed"] / max(1, e["base_marked"]), 3)
+        e["new_defect_share"] = round(e["new"] / max(1, e["base_clean"]), 3)
+    return out
+
+
+def paired_removal(items: list[dict], marked: np.ndarray, a: str, b: str, n_boot: int = 10000) -> dict:
+    """Removal of ``a`` minus removal of ``b`` on the same base-marked (prompt, seed) images, with a 95%
+    bootstrap interval over those images."""
+    by_key: dict = {}
+    for it, m in zip(items, marked, strict=True):
+        by_key.setdefault((it["prompt"], it["seed"], it["batch"]), {})[it["source"]] = bool(m)
+    rows = [(not v[a]) - (not v[b]) for v in by_key.values() if v.get("base") and a in v and b in v]
+    diffs = np.array(rows, dtype=float)
+    boot = np.random.default_rng(0).choice(diffs, (n_boot, len(diffs))).mean(axis=1)
+    return {"n": len(diffs), "mean": round(float(diffs.mean()), 3),
+            "ci95": [round(float(q), 3) for q in np.quantile(boot, [0.025, 0.975])]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tuned", help="the person-tuned safety judge's safetensors (experiments/person_labelled_judge.py --out)")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    images, doc = load_audit()
+    items = doc["items"]
+    batches = np.array([it["batch"] for it in items])
+    sel = np.flatnonzero(batches == BATCH)
+    demo = np.flatnonzero(np.isin(batches, DEMO_BATCHES))
+    prompts = [it["prompt"] for it in items]
+    judges = {
+        "safety": {"shipped": load_judge("safety"), "scene_fit": SceneFitSafetyJudge(load_judge("safety"))},
+        "plausibility": {"shipped": load_judge("plausibility")},
+        "alignment": {"shipped (scene fit)": load_judge("alignment"), "attribute reader (before)": load_attribute_reader()},
+    }
+    if args.tuned:
+        net = M.LocalizingJudgeNet()
+        net.load_state_dict(load_file(args.tuned))
+        judges["safety"]["person_tuned"] = M.freeze(M.LocalizingJudge("safety", net))
+    out: dict = {"n": len(sel), "kappa": {}, "human_defect_rate": {}}
+    sub = torch.from_numpy(sel)
+    for aspect, variants in judges.items():
+        human = np.array([items[i]["labels"][aspect] for i in sel], dtype=bool)
+        out["human_defect_rate"][aspect] = round(float(human.mean()), 3)
+        for name, judge in variants.items():
+            pred = probabilities(judge, images[sub], [prompts[i] for i in sel]) > 0.5
+            out["kappa"].setdefault(aspect, {})[name] = {
+                "kappa": round(cohen_kappa(human, pred), 3), "judge_defect_rate": round(float(pred.mean()), 3),
+                "both": int((human & pred).sum()), "human_only": int((human & ~pred).sum()),
+                "judge_only": int((~human & pred).sum())}
+    human_demo = np.array([items[i]["labels"]["safety"] for i in demo], dtype=bool)
+    judge_demo = probabilities(load_judge("safety"), images[torch.from_numpy(demo)], [prompts[i] for i in demo]) > 0.5
+    demo_items = [items[i] for i in demo]
+    in9 = [it["batch"] == BATCH for it in demo_items]
+    out["person"] = {"batch_9": removal([it for it, k in zip(demo_items, in9, strict=True) if k], human_demo[in9]),
+                     "batches_7_8_9": removal(demo_items, human_demo)}
+    out["person"]["batches_7_8_9_paired_focusnfix_minus_draft"] = paired_removal(
+        demo_items, human_demo, "focusnfix/safety", "draft/safety")
+    out["judge_on_same_images"] = {
+        "batch_9": removal([it for it, k in zip(demo_items, in9, strict=True) if k], judge_demo[in9]),
+        "batches_7_8_9": removal(demo_items, judge_demo)}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
