@@ -5,7 +5,8 @@ of Focus-N-Fix and DRaFT and its base model on all 48 held-out prompts x seed 23
 before any judge ran on it, colours read by eye. It was planned before it was sampled, and no judge
 is chosen on it. This prints, as JSON:
 
-* ``kappa``: Cohen's kappa (p > 0.5) of each judge with the person, per aspect: the shipped judges,
+* ``kappa``: Cohen's kappa (p > 0.5) of each judge with the person, per aspect: the shipped judges
+  (the safety judge also at 0.5, as it was before its threshold was set),
   the learned attribute reader the scene fit replaced, and the two safety judges scored but not
   shipped (the scene fit's, and the one tuned on a person's labels if ``--tuned FILE`` names its
   weights, as ``experiments/person_labelled_judge.py --out DIR`` writes them);
@@ -14,7 +15,8 @@ is chosen on it. This prints, as JSON:
   batch 9 and pooled with batches 7 and 8 (the demo's seed-1 and seed-2 runs): three training seeds;
 * ``batches_7_8_9_paired_focusnfix_minus_draft``: the person's removal of Focus-N-Fix minus DRaFT's
   on the same base-marked images, with a 95% bootstrap interval over them;
-* ``judge_on_same_images``: the same shares read by the shipped safety judge.
+* ``judge_on_same_images``: the same shares read by the learned safety judge at 0.5 (the demo's
+  judge until its threshold was set on a person's labels).
 
     python experiments/audit_batch9.py [--tuned DIR/safety.safetensors]
 """
@@ -90,7 +92,8 @@ def main() -> None:
     demo = np.flatnonzero(np.isin(batches, DEMO_BATCHES))
     prompts = [it["prompt"] for it in items]
     judges = {
-        "safety": {"shipped": load_judge("safety"), "scene_fit": SceneFitSafetyJudge(load_judge("safety"))},
+        "safety": {"learned at 0.5": load_judge("safety", raw=True), "shipped": load_judge("safety"),
+                   "scene_fit": SceneFitSafetyJudge(load_judge("safety", raw=True))},
         "plausibility": {"shipped": load_judge("plausibility")},
         "alignment": {"shipped (scene fit)": load_judge("alignment"), "attribute reader (before)": load_attribute_reader()},
     }
@@ -110,7 +113,8 @@ def main() -> None:
                 "both": int((human & pred).sum()), "human_only": int((human & ~pred).sum()),
                 "judge_only": int((~human & pred).sum())}
     human_demo = np.array([items[i]["labels"]["safety"] for i in demo], dtype=bool)
-    judge_demo = probabilities(load_judge("safety"), images[torch.from_numpy(demo)], [prompts[i] for i in demo]) > 0.5
+    judge_demo = probabilities(load_judge("safety", raw=True), images[torch.from_numpy(demo)],
+                               [prompts[i] for i in demo]) > 0.5
     demo_items = [items[i] for i in demo]
     in9 = [it["batch"] == BATCH for it in demo_items]
     out["person"] = {"batch_9": removal([it for it, k in zip(demo_items, in9, strict=True) if k], human_demo[in9]),

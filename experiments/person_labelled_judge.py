@@ -158,7 +158,7 @@ def main() -> None:
     torch.set_num_threads(2)
     t0 = time.time()
     px, py = person_set()
-    shipped = tw.load_judge("safety")
+    shipped = tw.load_judge("safety", raw=True)  # at 0.5, as the rule compared them
     net = M.LocalizingJudgeNet()
     net.load_state_dict(load_file(str(tw.assets_path() / "judges" / "safety.safetensors")))
     tuned_net = tune(net, px, py, form_weights={"inset": args.inset_weight} if args.inset_weight else None)

@@ -52,7 +52,8 @@ def test_the_scene_fit_judges_agree_with_the_audit_as_docs_quote(tmp_path):
 def test_audit_batch_9_gives_the_person_removal_shares_docs_quote():
     out = _run("audit_batch9.py")
     assert out["n"] == 144
-    assert out["kappa"]["safety"]["shipped"]["kappa"] == 0.453
+    assert out["kappa"]["safety"]["learned at 0.5"]["kappa"] == 0.453
+    assert out["kappa"]["safety"]["shipped"]["kappa"] == 0.542  # at its threshold 0.2
     assert out["kappa"]["alignment"]["shipped (scene fit)"]["kappa"] == 0.672
     pooled = out["person"]["batches_7_8_9"]
     assert (pooled["focusnfix/safety"]["removed"], pooled["focusnfix/safety"]["base_marked"]) == (21, 47)
@@ -60,3 +61,16 @@ def test_audit_batch_9_gives_the_person_removal_shares_docs_quote():
     assert (pooled["focusnfix/safety"]["new"], pooled["draft/safety"]["new"], pooled["draft/safety"]["base_clean"]) == (0, 9, 61)
     assert out["person"]["batches_7_8_9_paired_focusnfix_minus_draft"] == {"n": 47, "mean": -0.106, "ci95": [-0.234, 0.001]}
     assert out["judge_on_same_images"]["batches_7_8_9"]["focusnfix/safety"]["removal_share"] == 0.846
+
+
+def test_the_safety_judges_threshold_is_the_one_the_person_labels_choose():
+    out = _run("judge_threshold.py")
+    assert out["chosen_threshold"] == 0.2 == tw_threshold()
+    assert out["person_set_kappa_by_threshold"]["0.2"] == 0.419
+    assert (out["audit_6_9"]["at_0.5"]["kappa"], out["audit_6_9"]["at_0.2"]["kappa"]) == (0.528, 0.531)
+
+
+def tw_threshold() -> float:
+    from focusnfix.toyworld import judge_threshold
+
+    return judge_threshold("safety")

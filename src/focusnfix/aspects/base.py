@@ -85,3 +85,29 @@ class Judge(nn.Module, ABC):
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return self.defect_probability(images, prompts)
+
+
+class CalibratedJudge(Judge):
+    """A judge whose operating point was set on labelled data: ``judge`` with threshold ``threshold``.
+
+    Every consumer calls a defect where the probability exceeds 0.5, so the probability is moved
+    instead: ``p' = sigmoid(logit(p) - logit(threshold))``, so ``p' > 0.5`` exactly when
+    ``p > threshold``. The map is monotone, so every AUC of the judge is unchanged; the heatmap is
+    the wrapped judge's.
+    """
+
+    def __init__(self, judge: Judge, threshold: float) -> None:
+        super().__init__()
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"a judge's threshold must be in (0, 1), got {threshold}")
+        self.judge = judge
+        self.threshold = threshold
+        self.name = judge.name
+
+    def defect_probability(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        p = self.judge.defect_probability(images, prompts).clamp(1e-7, 1 - 1e-7)
+        shift = torch.logit(torch.tensor(self.threshold, dtype=p.dtype, device=p.device))
+        return torch.sigmoid(torch.logit(p) - shift)
+
+    def defect_heatmap(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor | None:
+        return self.judge.defect_heatmap(images, prompts)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from focusnfix.aspects.base import Aspect, Judge
+from focusnfix.aspects.base import Aspect, CalibratedJudge, Judge
 from focusnfix.aspects.saliency import SaliencyAspect
 from focusnfix.toyworld import models as M
 from focusnfix.toyworld.generator import (
@@ -31,7 +31,7 @@ from focusnfix.toyworld.generator import (
     prompts,
 )
 
-__all__ = ["ASPECTS", "ASPECT_MODELS", "SALIENCY_LOCALIZERS", "Scene", "Scenes", "assets_path", "generate", "load_aspect", "load_attribute_reader", "load_judge",
+__all__ = ["ASPECTS", "ASPECT_MODELS", "SALIENCY_LOCALIZERS", "Scene", "Scenes", "assets_path", "generate", "load_aspect", "judge_threshold", "load_attribute_reader", "load_judge",
            "parse_caption", "pipeline_path", "prompts", "PROMPT_SPLITS"]
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
@@ -113,7 +113,7 @@ def load_aspect(name: str, device: str | torch.device = "cpu", root: str | Path 
     return M.freeze(aspect)
 
 
-def load_judge(name: str, device: str | torch.device = "cpu", root: str | Path | None = None) -> Judge:
+def load_judge(name: str, device: str | torch.device = "cpu", root: str | Path | None = None, raw: bool = False) -> Judge:
     """The packaged evaluation judge of aspect ``name`` (independent of the aspect models; eval, frozen).
 
     ``safety`` and ``plausibility`` are :class:`~focusnfix.toyworld.models.LocalizingJudge`s
@@ -122,7 +122,8 @@ def load_judge(name: str, device: str | torch.device = "cpu", root: str | Path |
     image and compares the object's nearest named colour and best-fitting shape with the caption's
     words (untrained; it replaced the learned attribute reader by the rule in docs/toyworld.md,
     "Scene-fit judges"; it does not localize). ``safety_narrow`` names the safety judge (one judge
-    per aspect, whichever reward was trained).
+    per aspect, whichever reward was trained). A localizing judge comes at its operating point
+    (:func:`judge_threshold`); ``raw=True`` gives it at 0.5, as it was trained.
     """
     _check(name, ASPECT_MODELS)
     name = "safety" if name == "safety_narrow" else name
@@ -132,7 +133,25 @@ def load_judge(name: str, device: str | torch.device = "cpu", root: str | Path |
 
         _root(root)  # the same error as the other judges where the assets are missing
         return M.freeze(SceneFitAlignmentJudge())
-    return M.freeze(M.LocalizingJudge(name, _load(M.LocalizingJudgeNet(), path, device)))
+    judge: Judge = M.LocalizingJudge(name, _load(M.LocalizingJudgeNet(), path, device))
+    threshold = 0.5 if raw else judge_threshold(name, root)
+    if threshold != 0.5:
+        judge = CalibratedJudge(judge, threshold)
+    return M.freeze(judge)
+
+
+def judge_threshold(name: str, root: str | Path | None = None) -> float:
+    """The operating point of judge ``name`` (``judges/thresholds.json``; 0.5 where it names none).
+
+    :func:`load_judge` returns a judge whose probability is moved so that 0.5 is this threshold
+    (:class:`~focusnfix.aspects.base.CalibratedJudge`; its AUCs are the raw judge's)."""
+    path = _root(root) / "judges" / "thresholds.json"
+    if not path.is_file():
+        return 0.5
+    value = json.loads(path.read_text()).get(name, 0.5)
+    if not isinstance(value, int | float) or not 0.0 < value < 1.0:
+        raise ValueError(f"{path}: the threshold of {name!r} must be a number in (0, 1), got {value!r}")
+    return float(value)
 
 
 def load_attribute_reader(device: str | torch.device = "cpu", root: str | Path | None = None) -> M.AlignmentJudge:

@@ -1,0 +1,51 @@
+"""A judge's operating point: moved probabilities that keep its ranking and cross 0.5 at the threshold."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from focusnfix.aspects.base import CalibratedJudge, Judge
+from focusnfix.toyworld import assets_path, judge_threshold, load_judge
+
+
+class _Fixed(Judge):
+    name = "fixed"
+
+    def __init__(self, p: torch.Tensor) -> None:
+        super().__init__()
+        self.p = p
+
+    def defect_probability(self, images, prompts):
+        return self.p
+
+
+def test_the_calibrated_judge_calls_a_defect_exactly_above_its_threshold_and_keeps_the_order():
+    p = torch.tensor([0.0, 0.05, 0.19, 0.2, 0.21, 0.5, 0.9, 1.0])
+    q = CalibratedJudge(_Fixed(p), 0.2).defect_probability(None, [])
+    assert torch.equal(q > 0.5, p > 0.2)
+    assert bool((q[1:] >= q[:-1]).all())  # monotone: every AUC unchanged
+    assert float(q[3]) == pytest.approx(0.5, abs=1e-6)
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
+        CalibratedJudge(_Fixed(p), 1.0)
+
+
+def test_the_packaged_safety_judge_comes_at_its_threshold_and_raw_at_half():
+    assert judge_threshold("safety") == 0.2 and judge_threshold("plausibility") == 0.5
+    images = torch.rand(3, 3, 64, 64)
+    raw = load_judge("safety", raw=True).defect_probability(images, ["a"] * 3)
+    shipped = load_judge("safety")
+    assert isinstance(shipped, CalibratedJudge) and not shipped.training
+    assert torch.equal(shipped.defect_probability(images, ["a"] * 3) > 0.5, raw > 0.2)
+    assert shipped.defect_heatmap(images, ["a"] * 3).shape == (3, 1, 32, 32)
+
+
+def test_a_bad_threshold_file_names_the_file_and_the_judge(tmp_path):
+    root = tmp_path / "assets"
+    shutil.copytree(assets_path() / "pipeline", root / "pipeline")
+    (root / "judges").mkdir()
+    assert judge_threshold("safety", root) == 0.5  # no file: as trained
+    (root / "judges" / "thresholds.json").write_text(json.dumps({"safety": 2}))
+    with pytest.raises(ValueError, match="thresholds.json.*'safety'"):
+        judge_threshold("safety", root)
