@@ -16,7 +16,8 @@ is chosen on it. This prints, as JSON:
 * ``batches_7_8_9_paired_focusnfix_minus_draft``: the person's removal of Focus-N-Fix minus DRaFT's
   on the same base-marked images, with a 95% bootstrap interval over them;
 * ``judge_on_same_images``: the same shares read by the learned safety judge at 0.5 (the demo's
-  judge until its threshold was set on a person's labels).
+  judge until its threshold was set on a person's labels); ``shipped_judge_on_same_images``: by the
+  shipped safety judge, at its threshold.
 
     python experiments/audit_batch9.py [--tuned DIR/safety.safetensors]
 """
@@ -124,6 +125,8 @@ def main() -> None:
     out["judge_on_same_images"] = {
         "batch_9": removal([it for it, k in zip(demo_items, in9, strict=True) if k], judge_demo[in9]),
         "batches_7_8_9": removal(demo_items, judge_demo)}
+    shipped_demo = probabilities(load_judge("safety"), images[torch.from_numpy(demo)], [prompts[i] for i in demo]) > 0.5
+    out["shipped_judge_on_same_images"] = {"batches_7_8_9": removal(demo_items, shipped_demo)}
     print(json.dumps(out, indent=1))
 
 
