@@ -49,3 +49,15 @@ def test_a_bad_threshold_file_names_the_file_and_the_judge(tmp_path):
     (root / "judges" / "thresholds.json").write_text(json.dumps({"safety": 2}))
     with pytest.raises(ValueError, match="thresholds.json.*'safety'"):
         judge_threshold("safety", root)
+
+
+def test_an_evaluation_says_which_judge_runs_at_its_own_operating_point(tmp_path):
+    from focusnfix.config import MaskConfig
+    from focusnfix.evaluate import evaluate
+    from focusnfix.sampling import SamplingOptions
+    from focusnfix.toyworld import load_aspect
+
+    metrics = evaluate("toy", {}, {"safety": load_aspect("safety")}, "safety", {"safety": load_judge("safety")},
+                       ["a red circle on the left"], [0], SamplingOptions(num_inference_steps=2, guidance_scale=1.0),
+                       MaskConfig(), tmp_path, n_bootstrap=10)
+    assert any("safety judge runs at its own operating point" in n and "0.2" in n for n in metrics["notes"])

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from focusnfix import toyworld
-from focusnfix.aspects.base import Aspect, Judge
+from focusnfix.aspects.base import Aspect, CalibratedJudge, Judge
 from focusnfix.backbones import Backbone, load_backbone
 from focusnfix.baselines import SLD_METHOD, sld_images
 from focusnfix.errors import InputError
@@ -318,6 +318,10 @@ def evaluate(
     lpips_note = _lpips_note()
     if lpips_note:
         notes.append(lpips_note)
+    for name, judge in judges.items():
+        if isinstance(judge, CalibratedJudge):  # its 0.5 is another raw threshold: say which
+            notes.append(f"The {name} judge runs at its own operating point: its probability is moved so that "
+                         f"{judge_threshold} on it is {judge.threshold} on the judge as trained.")
     h, w = base.shape[-2:]
     metrics = {
         "aspect": target,
