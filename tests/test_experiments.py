@@ -11,8 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script: str) -> dict:
-    done = subprocess.run([sys.executable, str(ROOT / "experiments" / script)], capture_output=True, text=True,
+def _run(script: str, *args: str) -> dict:
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True, text=True,
                           cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads(done.stdout)
 
@@ -50,7 +50,7 @@ def test_the_scene_fit_judges_agree_with_the_audit_as_docs_quote(tmp_path):
 
 
 def test_audit_batch_9_gives_the_person_removal_shares_docs_quote():
-    out = _run("audit_batch9.py")
+    out = _run("audit_batch.py", "--batch", "9", "--demo-batches", "7,8,9")
     assert out["n"] == 144
     assert out["kappa"]["safety"]["learned at 0.5"]["kappa"] == 0.453
     assert out["kappa"]["safety"]["shipped"]["kappa"] == 0.542  # at its threshold 0.2
@@ -59,7 +59,7 @@ def test_audit_batch_9_gives_the_person_removal_shares_docs_quote():
     assert (pooled["focusnfix/safety"]["removed"], pooled["focusnfix/safety"]["base_marked"]) == (21, 47)
     assert (pooled["draft/safety"]["removed"], pooled["draft/safety"]["base_marked"]) == (26, 47)
     assert (pooled["focusnfix/safety"]["new"], pooled["draft/safety"]["new"], pooled["draft/safety"]["base_clean"]) == (0, 9, 61)
-    assert out["person"]["batches_7_8_9_paired_focusnfix_minus_draft"] == {"n": 47, "mean": -0.106, "ci95": [-0.234, 0.001]}
+    assert out["person"]["pooled_paired_focusnfix_minus_draft"] == {"n": 47, "mean": -0.106, "ci95": [-0.234, 0.001]}
     assert out["judge_on_same_images"]["batches_7_8_9"]["focusnfix/safety"]["removal_share"] == 0.846
 
 

@@ -1,25 +1,28 @@
-"""Audit batch 9: a fresh, blind check of every judge, and the person's removal shares of a third seed.
+"""A fresh audit batch: a blind check of every judge, and the person's removal shares over the demo's seeds.
 
 Batch 9 (docs/toyworld.md, "The audit set") is 144 images of the README safety demo's seed-0 runs
-of Focus-N-Fix and DRaFT and its base model on all 48 held-out prompts x seed 23000, labelled blind
-before any judge ran on it, colours read by eye. It was planned before it was sampled, and no judge
-is chosen on it. This prints, as JSON:
+of Focus-N-Fix and DRaFT and its base model on all 48 held-out prompts x seed 23000; batch 10 the
+seed-1 runs, the base model and the narrow-reward demo's seed-0 Focus-N-Fix run on 36 held-out
+prompts x seed 24000. Each was planned before it was sampled and labelled blind before any judge
+ran on it, colours read by eye. This prints, for ``--batch N`` (default 10), as JSON:
 
 * ``kappa``: Cohen's kappa (p > 0.5) of each judge with the person, per aspect: the shipped judges
   (the safety judge also at 0.5, as it was before its threshold was set),
-  the learned attribute reader the scene fit replaced, and the two safety judges scored but not
-  shipped (the scene fit's, and the one tuned on a person's labels if ``--tuned FILE`` names its
-  weights, as ``experiments/person_labelled_judge.py --out DIR`` writes them);
+  the learned attribute reader the scene fit replaced, and the safety judges scored but not
+  shipped (the scene fit's, the untrained ``SceneFitMarkJudge``, and the one tuned on a person's
+  labels if ``--tuned FILE`` names its weights, as ``experiments/person_labelled_judge.py --out
+  DIR`` writes them);
 * ``person``: per fine-tuned source, paired by prompt and seed with the base image, how many of the
   base model's marked images it leaves clean (removal) and how many clean ones it marks (new), for
-  batch 9 and pooled with batches 7 and 8 (the demo's seed-1 and seed-2 runs): three training seeds;
-* ``batches_7_8_9_paired_focusnfix_minus_draft``: the person's removal of Focus-N-Fix minus DRaFT's
+  the batch and pooled over ``--demo-batches`` (default 7, 8, 9, 10: the demo's seed-1, seed-2,
+  seed-0 and seed-1 runs again, on other noise);
+* ``pooled_paired_focusnfix_minus_draft``: the person's removal of Focus-N-Fix minus DRaFT's
   on the same base-marked images, with a 95% bootstrap interval over them;
 * ``judge_on_same_images``: the same shares read by the learned safety judge at 0.5 (the demo's
   judge until its threshold was set on a person's labels); ``shipped_judge_on_same_images``: by the
   shipped safety judge, at its threshold.
 
-    python experiments/audit_batch9.py [--tuned DIR/safety.safetensors]
+    python experiments/audit_batch.py [--batch 10] [--demo-batches 7,8,9,10] [--tuned DIR/safety.safetensors]
 """
 
 from __future__ import annotations
@@ -34,10 +37,7 @@ from safetensors.torch import load_file
 from focusnfix.toyworld import load_attribute_reader, load_judge
 from focusnfix.toyworld import models as M
 from focusnfix.toyworld.audit import cohen_kappa, load_audit
-from focusnfix.toyworld.scene_fit import SceneFitSafetyJudge
-
-BATCH = 9
-DEMO_BATCHES = (7, 8, 9)  # the README safety demo's seed-1, seed-2 and seed-0 runs
+from focusnfix.toyworld.scene_fit import SceneFitMarkJudge, SceneFitSafetyJudge
 
 
 @torch.no_grad()
@@ -83,18 +83,23 @@ def paired_removal(items: list[dict], marked: np.ndarray, a: str, b: str, n_boot
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=10, help="the fresh batch whose kappas are printed")
+    ap.add_argument("--demo-batches", default="7,8,9,10",
+                    help="the batches of the safety demo's runs pooled for the person's removal shares")
     ap.add_argument("--tuned", help="the person-tuned safety judge's safetensors (experiments/person_labelled_judge.py --out)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     images, doc = load_audit()
     items = doc["items"]
     batches = np.array([it["batch"] for it in items])
-    sel = np.flatnonzero(batches == BATCH)
-    demo = np.flatnonzero(np.isin(batches, DEMO_BATCHES))
+    demo_batches = tuple(int(b) for b in args.demo_batches.split(","))
+    sel = np.flatnonzero(batches == args.batch)
+    demo = np.flatnonzero(np.isin(batches, demo_batches))
     prompts = [it["prompt"] for it in items]
     judges = {
         "safety": {"learned at 0.5": load_judge("safety", raw=True), "shipped": load_judge("safety"),
-                   "scene_fit": SceneFitSafetyJudge(load_judge("safety", raw=True))},
+                   "scene_fit": SceneFitSafetyJudge(load_judge("safety", raw=True)),
+                   "scene_fit_mark": SceneFitMarkJudge()},
         "plausibility": {"shipped": load_judge("plausibility")},
         "alignment": {"shipped (scene fit)": load_judge("alignment"), "attribute reader (before)": load_attribute_reader()},
     }
@@ -117,16 +122,22 @@ def main() -> None:
     judge_demo = probabilities(load_judge("safety", raw=True), images[torch.from_numpy(demo)],
                                [prompts[i] for i in demo]) > 0.5
     demo_items = [items[i] for i in demo]
-    in9 = [it["batch"] == BATCH for it in demo_items]
-    out["person"] = {"batch_9": removal([it for it, k in zip(demo_items, in9, strict=True) if k], human_demo[in9]),
-                     "batches_7_8_9": removal(demo_items, human_demo)}
-    out["person"]["batches_7_8_9_paired_focusnfix_minus_draft"] = paired_removal(
+    this = [it["batch"] == args.batch for it in demo_items]
+    pooled = "batches_" + "_".join(str(b) for b in demo_batches)
+    out["person"] = {f"batch_{args.batch}": removal([it for it, k in zip(demo_items, this, strict=True) if k],
+                                                     human_demo[this]),
+                     pooled: removal(demo_items, human_demo)}
+    out["person"]["pooled_paired_focusnfix_minus_draft"] = paired_removal(
         demo_items, human_demo, "focusnfix/safety", "draft/safety")
     out["judge_on_same_images"] = {
-        "batch_9": removal([it for it, k in zip(demo_items, in9, strict=True) if k], judge_demo[in9]),
-        "batches_7_8_9": removal(demo_items, judge_demo)}
+        f"batch_{args.batch}": removal([it for it, k in zip(demo_items, this, strict=True) if k], judge_demo[this]),
+        pooled: removal(demo_items, judge_demo)}
     shipped_demo = probabilities(load_judge("safety"), images[torch.from_numpy(demo)], [prompts[i] for i in demo]) > 0.5
-    out["shipped_judge_on_same_images"] = {"batches_7_8_9": removal(demo_items, shipped_demo)}
+    out["shipped_judge_on_same_images"] = {pooled: removal(demo_items, shipped_demo)}
+    for name, judge in judges["safety"].items():
+        if name not in ("learned at 0.5", "shipped"):
+            read = probabilities(judge, images[torch.from_numpy(demo)], [prompts[i] for i in demo]) > 0.5
+            out.setdefault("unshipped_judges_on_same_images", {})[name] = {pooled: removal(demo_items, read)}
     print(json.dumps(out, indent=1))
 
 
