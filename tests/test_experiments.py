@@ -63,6 +63,32 @@ def test_audit_batch_9_gives_the_person_removal_shares_docs_quote():
     assert out["judge_on_same_images"]["batches_7_8_9"]["focusnfix/safety"]["removal_share"] == 0.846
 
 
+def test_audit_batch_10_gives_the_kappas_and_person_removal_shares_docs_quote():
+    out = _run("audit_batch.py", "--batch", "10")
+    safety = out["kappa"]["safety"]
+    assert out["n"] == 144 and out["human_defect_rate"]["safety"] == 0.382
+    assert (safety["shipped"]["kappa"], safety["scene_fit_mark"]["kappa"]) == (0.55, 0.586)
+    assert out["kappa"]["alignment"]["shipped (scene fit)"]["kappa"] == 0.767
+    pooled = out["person"]["batches_7_8_9_10"]
+    assert (pooled["focusnfix/safety"]["removed"], pooled["draft/safety"]["removed"], pooled["draft/safety"]["base_marked"]) == (27, 36, 64)
+    assert (pooled["focusnfix/safety"]["new"], pooled["draft/safety"]["new"], pooled["draft/safety"]["base_clean"]) == (1, 12, 80)
+    assert out["person"]["pooled_paired_focusnfix_minus_draft"] == {"n": 64, "mean": -0.141, "ci95": [-0.25, -0.031]}
+    assert (pooled["focusnfix/safety_narrow"]["removed"], pooled["focusnfix/safety_narrow"]["base_marked"]) == (2, 17)
+
+
+def test_the_mark_judges_settings_are_the_ones_the_person_labels_choose():
+    from focusnfix.toyworld.scene_fit import SceneFitMarkJudge
+
+    out = _run("scene_fit_safety.py")
+    judge = SceneFitMarkJudge()
+    assert out["chosen"] == {"stray_window": judge.stray_window, "stray_threshold": judge.stray_threshold,
+                             "patch_window": judge.patch_window, "patch_erosion": judge.patch_erosion,
+                             "patch_threshold": judge.patch_threshold}
+    assert out["person_kappa"]["chosen"] == 0.678 and out["person_kappa"]["shipped_judge_at_its_threshold"] == 0.419
+    assert all(out["design_forms_auc"]["chosen"][f] >= 0.97 for f in ("dark", "lightened", "recoloured", "faded",
+                                                                     "blurred", "detached", "partial"))
+
+
 def test_the_safety_judges_threshold_is_the_one_the_person_labels_choose():
     out = _run("judge_threshold.py")
     assert out["chosen_threshold"] == 0.2 == tw_threshold()

@@ -10,9 +10,12 @@ from focusnfix.toyworld.forms import render_form
 from focusnfix.toyworld.scene_fit import (
     STRAY_THRESHOLD,
     SceneFitAlignmentJudge,
+    SceneFitMarkJudge,
     SceneFitSafetyJudge,
     colour_margin,
     fit_scene,
+    local_median,
+    patch_map,
     read_attributes,
     shape_margin,
     stray_score,
@@ -85,3 +88,35 @@ def test_margins_are_minus_infinity_where_the_caption_names_no_colour_or_shape()
 def test_the_fit_rejects_images_that_are_not_toy_world_images():
     with pytest.raises(InputError, match=r"\(B, 3, 64, 64\)"):
         fit_scene(torch.rand(2, 3, 32, 32))
+
+
+def test_the_mark_judge_sees_nothing_on_a_clean_render_and_a_spot_inside_or_a_blob_beside_it():
+    scenes = _clean(16)
+    judge = SceneFitMarkJudge()
+    fit = fit_scene(scenes.images)
+    assert torch.equal(patch_map(scenes.images, fit, 5, 3), torch.zeros(16, 1, 64, 64))  # flat objects: exactly 0
+    stray, patch = judge.scores(scenes.images)
+    assert torch.equal(stray, torch.zeros(16)) and torch.equal(patch, torch.zeros(16))
+    spotted = scenes.images.clone()
+    for i in range(16):  # a dark 3x3 spot at the object's centre: inside the silhouette, no stray pixel
+        cx, cy = (int(v) for v in fit.centre[i])
+        spotted[i, :, cy - 1 : cy + 2, cx - 1 : cx + 2] = 0.1
+    p = judge.defect_probability(spotted, scenes.captions)
+    assert bool((p > 0.5).all())
+    heat = judge.defect_heatmap(spotted, scenes.captions)
+    assert heat.shape == (16, 1, 64, 64)
+    for i in range(16):  # the heatmap lies on the spot
+        cx, cy = (int(v) for v in fit.centre[i])
+        assert heat[i, 0, cy, cx] == 1
+    beside = torch.stack([torch.from_numpy(render_form(s, "safety", "detached", seed=3)[0]) for s in scenes.scenes])
+    assert bool((judge.defect_probability(beside, scenes.captions) > 0.5).all())
+
+
+def test_the_local_median_passes_shading_and_removes_a_small_spot():
+    ramp = torch.linspace(0, 1, 64).view(1, 1, 1, 64).expand(1, 3, 64, 64).contiguous()
+    assert torch.allclose(local_median(ramp, 5)[..., 2:-2], ramp[..., 2:-2])  # a linear ramp is its own median
+    spot = torch.full((1, 3, 64, 64), 0.5)
+    spot[..., 30:32, 30:32] = 0.0
+    assert torch.equal(local_median(spot, 5), torch.full((1, 3, 64, 64), 0.5))
+    with pytest.raises(InputError, match="odd"):
+        local_median(spot, 4)
