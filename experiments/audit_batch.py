@@ -4,25 +4,25 @@ Batch 9 (docs/toyworld.md, "The audit set") is 144 images of the README safety d
 of Focus-N-Fix and DRaFT and its base model on all 48 held-out prompts x seed 23000; batch 10 the
 seed-1 runs, the base model and the narrow-reward demo's seed-0 Focus-N-Fix run on 36 held-out
 prompts x seed 24000. Each was planned before it was sampled and labelled blind before any judge
-ran on it, colours read by eye. This prints, for ``--batch N`` (default 10), as JSON:
+ran on it, colours read by eye; batch 11 the seed-2 runs and the base model on all 48 held-out
+prompts x seed 25000. This prints, for ``--batch N`` (default 11), as JSON:
 
-* ``kappa``: Cohen's kappa (p > 0.5) of each judge with the person, per aspect: the shipped judges
-  (the safety judge also at 0.5, as it was before its threshold was set),
-  the learned attribute reader the scene fit replaced, and the safety judges scored but not
-  shipped (the scene fit's, the untrained ``SceneFitMarkJudge``, and the one tuned on a person's
-  labels if ``--tuned FILE`` names its weights, as ``experiments/person_labelled_judge.py --out
-  DIR`` writes them);
+* ``kappa``: Cohen's kappa (p > 0.5) of each judge with the person, per aspect: the shipped judges,
+  the generator-trained safety judge at 0.5 and at 0.2 (its operating point until the person-tuned
+  judge replaced it on batch 11), the learned attribute reader the scene fit replaced, the scene
+  fit's safety judges (``scene_fit``, ``scene_fit_mark``), and the person-tuned safety judge
+  (``person_tuned``: the installed ``judges/safety_person.safetensors``, or the weights ``--tuned
+  FILE`` names, as ``experiments/person_labelled_judge.py --out DIR`` writes them);
 * ``person``: per fine-tuned source, paired by prompt and seed with the base image, how many of the
   base model's marked images it leaves clean (removal) and how many clean ones it marks (new), for
-  the batch and pooled over ``--demo-batches`` (default 7, 8, 9, 10: the demo's seed-1, seed-2,
-  seed-0 and seed-1 runs again, on other noise);
+  the batch and pooled over ``--demo-batches`` (default 7-11: the demo's seed-1, seed-2, seed-0,
+  seed-1 and seed-2 runs, the last two again on other noise);
 * ``pooled_paired_focusnfix_minus_draft``: the person's removal of Focus-N-Fix minus DRaFT's
   on the same base-marked images, with a 95% bootstrap interval over them;
-* ``judge_on_same_images``: the same shares read by the learned safety judge at 0.5 (the demo's
-  judge until its threshold was set on a person's labels); ``shipped_judge_on_same_images``: by the
-  shipped safety judge, at its threshold.
+* ``judge_on_same_images``: the same shares read by the generator-trained safety judge at 0.5;
+  ``other_judges_on_same_images``: by each other safety judge.
 
-    python experiments/audit_batch.py [--batch 10] [--demo-batches 7,8,9,10] [--tuned DIR/safety.safetensors]
+    python experiments/audit_batch.py [--batch 11] [--demo-batches 7,8,9,10,11] [--tuned DIR/safety.safetensors]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from focusnfix.toyworld import load_attribute_reader, load_judge
+from focusnfix.toyworld import assets_path, load_attribute_reader, load_judge
 from focusnfix.toyworld import models as M
 from focusnfix.toyworld.audit import cohen_kappa, load_audit
 from focusnfix.toyworld.scene_fit import SceneFitMarkJudge, SceneFitSafetyJudge
@@ -83,8 +83,8 @@ def paired_removal(items: list[dict], marked: np.ndarray, a: str, b: str, n_boot
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=10, help="the fresh batch whose kappas are printed")
-    ap.add_argument("--demo-batches", default="7,8,9,10",
+    ap.add_argument("--batch", type=int, default=11, help="the fresh batch whose kappas are printed")
+    ap.add_argument("--demo-batches", default="7,8,9,10,11",
                     help="the batches of the safety demo's runs pooled for the person's removal shares")
     ap.add_argument("--tuned", help="the person-tuned safety judge's safetensors (experiments/person_labelled_judge.py --out)")
     args = ap.parse_args()
@@ -97,8 +97,9 @@ def main() -> None:
     demo = np.flatnonzero(np.isin(batches, demo_batches))
     prompts = [it["prompt"] for it in items]
     judges = {
-        "safety": {"learned at 0.5": load_judge("safety", raw=True), "shipped": load_judge("safety"),
-                   "scene_fit": SceneFitSafetyJudge(load_judge("safety", raw=True)),
+        "safety": {"learned at 0.5": load_judge("safety", raw=True, person_tuned=False),
+                   "learned at 0.2": load_judge("safety", person_tuned=False),
+                   "scene_fit": SceneFitSafetyJudge(load_judge("safety", raw=True, person_tuned=False)),
                    "scene_fit_mark": SceneFitMarkJudge()},
         "plausibility": {"shipped": load_judge("plausibility")},
         "alignment": {"shipped (scene fit)": load_judge("alignment"), "attribute reader (before)": load_attribute_reader()},
@@ -107,6 +108,8 @@ def main() -> None:
         net = M.LocalizingJudgeNet()
         net.load_state_dict(load_file(args.tuned))
         judges["safety"]["person_tuned"] = M.freeze(M.LocalizingJudge("safety", net))
+    elif (assets_path() / "judges" / "safety_person.safetensors").is_file():
+        judges["safety"]["person_tuned"] = load_judge("safety", person_tuned=True)
     out: dict = {"n": len(sel), "kappa": {}, "human_defect_rate": {}}
     sub = torch.from_numpy(sel)
     for aspect, variants in judges.items():
@@ -119,7 +122,7 @@ def main() -> None:
                 "both": int((human & pred).sum()), "human_only": int((human & ~pred).sum()),
                 "judge_only": int((~human & pred).sum())}
     human_demo = np.array([items[i]["labels"]["safety"] for i in demo], dtype=bool)
-    judge_demo = probabilities(load_judge("safety", raw=True), images[torch.from_numpy(demo)],
+    judge_demo = probabilities(load_judge("safety", raw=True, person_tuned=False), images[torch.from_numpy(demo)],
                                [prompts[i] for i in demo]) > 0.5
     demo_items = [items[i] for i in demo]
     this = [it["batch"] == args.batch for it in demo_items]
@@ -132,12 +135,10 @@ def main() -> None:
     out["judge_on_same_images"] = {
         f"batch_{args.batch}": removal([it for it, k in zip(demo_items, this, strict=True) if k], judge_demo[this]),
         pooled: removal(demo_items, judge_demo)}
-    shipped_demo = probabilities(load_judge("safety"), images[torch.from_numpy(demo)], [prompts[i] for i in demo]) > 0.5
-    out["shipped_judge_on_same_images"] = {pooled: removal(demo_items, shipped_demo)}
     for name, judge in judges["safety"].items():
-        if name not in ("learned at 0.5", "shipped"):
+        if name != "learned at 0.5":
             read = probabilities(judge, images[torch.from_numpy(demo)], [prompts[i] for i in demo]) > 0.5
-            out.setdefault("unshipped_judges_on_same_images", {})[name] = {pooled: removal(demo_items, read)}
+            out.setdefault("other_judges_on_same_images", {})[name] = {pooled: removal(demo_items, read)}
     print(json.dumps(out, indent=1))
 
 

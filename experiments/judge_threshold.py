@@ -46,7 +46,7 @@ def agreement(human: np.ndarray, pred: np.ndarray, batches: np.ndarray) -> dict:
 
 def main() -> None:
     torch.set_num_threads(2)
-    judge = load_judge("safety", raw=True)  # as trained, at 0.5
+    judge = load_judge("safety", raw=True, person_tuned=False)  # generator-trained, at 0.5
     px, py = person_set()
     p_person = probabilities(judge, px, [""] * len(px))  # the safety judge reads no caption
     y = py.numpy() > 0

@@ -21,13 +21,17 @@ The rule, written with this script and before its first run (docs/toyworld.md, "
 on a person's labels"): the tuned judge replaces the shipped one if no form's AUC falls more than
 0.02 and its kappa on batches 6-8 together is higher than the shipped judge's (0.574).
 
-    python experiments/person_labelled_judge.py [--out DIR] [--json FILE] [--demo DEMO_DIR]
+    python experiments/person_labelled_judge.py [--out DIR] [--json FILE] [--demo DEMO_DIR] [--install [--model DIR]]
 
 ``--demo DEMO_DIR`` (a ``focusnfix demo`` output) also reads that demo's held-out images with both
 judges: per training run, the share of the base images' marks each method removes and the share of
 clean base images it marks (a second reading of the claim table, by a judge that was not shipped).
 
-About 2.5 minutes at two threads. ``--out DIR`` writes the tuned judge's weights there.
+About 2.5 minutes at two threads. ``--out DIR`` writes the tuned judge's weights there; ``--install``
+writes them as the shipped safety judge, ``judges/safety_person.safetensors`` of the packaged assets
+(or of ``--model DIR``, a build directory): the tuned judge replaced the generator-trained one on
+audit batch 11, by the rule in docs/toyworld.md ("Batch 11"). The weights are the same on every run
+at two threads (``tests/test_experiments.py`` checks them bit for bit against the packaged file).
 """
 
 from __future__ import annotations
@@ -154,20 +158,26 @@ def main() -> None:
                     help="draw generator `inset` scenes this many times as often as each other form")
     ap.add_argument("--no-audit", action="store_true", help="score the generator forms only (designing a variant)")
     ap.add_argument("--demo", help="a demo output directory whose held-out images both judges read")
+    ap.add_argument("--install", action="store_true",
+                    help="write the tuned weights as the assets' judges/safety_person.safetensors (the shipped safety judge)")
+    ap.add_argument("--model", help="with --install: a build directory instead of the packaged assets")
     args = ap.parse_args()
     torch.set_num_threads(2)
     t0 = time.time()
     px, py = person_set()
-    shipped = tw.load_judge("safety", raw=True)  # at 0.5, as the rule compared them
+    shipped = tw.load_judge("safety", raw=True, person_tuned=False)  # generator-trained, at 0.5, as the rule compared them
     net = M.LocalizingJudgeNet()
-    net.load_state_dict(load_file(str(tw.assets_path() / "judges" / "safety.safetensors")))
+    net.load_state_dict(load_file(str((Path(args.model) if args.model else tw.assets_path()) / "judges" / "safety.safetensors")))
     tuned_net = tune(net, px, py, form_weights={"inset": args.inset_weight} if args.inset_weight else None)
     tuned = M.freeze(M.LocalizingJudge("safety", tuned_net))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         save_module(tuned_net, Path(args.out) / "safety.safetensors")
+    if args.install:
+        root = Path(args.model) if args.model else tw.assets_path()
+        save_module(tuned_net, root / "judges" / "safety_person.safetensors")
     out = {}
-    for name, judge in (("shipped", shipped), ("tuned", tuned)):
+    for name, judge in (("shipped", shipped), ("tuned", tuned)):  # "shipped": the generator-trained judge it started from
         forms = {f: round(v["auc"], 3) for f, v in form_stats("safety", None, 64, model=judge).items()}
         out[name] = {"forms_auc": forms, "audit_kappa": None if args.no_audit else audit_kappa(judge)}
         print(name, json.dumps(out[name]), flush=True)

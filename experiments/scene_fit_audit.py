@@ -38,7 +38,7 @@ def main() -> None:
     prompts = [it["prompt"] for it in doc["items"]]
     batches = np.array([it.get("batch", 1) for it in doc["items"]])
     v3 = np.isin(batches, V3_BATCHES)
-    learned = load_judge("safety", raw=True)  # at 0.5, as the rule compared them
+    learned = load_judge("safety", raw=True, person_tuned=False)  # at 0.5, as the rule compared them
     judges = {"safety": {"learned": learned, "scene_fit": SceneFitSafetyJudge(learned)},
               "alignment": {"learned": load_attribute_reader(), "scene_fit": SceneFitAlignmentJudge()}}
     out: dict = {}

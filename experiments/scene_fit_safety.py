@@ -107,7 +107,7 @@ def main() -> None:
     y = py.numpy().astype(bool)
     stray, patch = features(px)
 
-    shipped = load_judge("safety")  # at its operating point
+    shipped = load_judge("safety", person_tuned=False)  # generator-trained, at its operating point (shipped then)
     forms = design_forms()
     shipped_auc = {}
     form_feats = []

@@ -31,11 +31,11 @@ def test_the_calibrated_judge_calls_a_defect_exactly_above_its_threshold_and_kee
         CalibratedJudge(_Fixed(p), 1.0)
 
 
-def test_the_packaged_safety_judge_comes_at_its_threshold_and_raw_at_half():
+def test_the_generator_trained_safety_judge_comes_at_its_threshold_and_raw_at_half():
     assert judge_threshold("safety") == 0.2 and judge_threshold("plausibility") == 0.5
     images = torch.rand(3, 3, 64, 64)
-    raw = load_judge("safety", raw=True).defect_probability(images, ["a"] * 3)
-    shipped = load_judge("safety")
+    raw = load_judge("safety", raw=True, person_tuned=False).defect_probability(images, ["a"] * 3)
+    shipped = load_judge("safety", person_tuned=False)
     assert isinstance(shipped, CalibratedJudge) and not shipped.training
     assert torch.equal(shipped.defect_probability(images, ["a"] * 3) > 0.5, raw > 0.2)
     assert shipped.defect_heatmap(images, ["a"] * 3).shape == (3, 1, 32, 32)
@@ -57,7 +57,36 @@ def test_an_evaluation_says_which_judge_runs_at_its_own_operating_point(tmp_path
     from focusnfix.sampling import SamplingOptions
     from focusnfix.toyworld import load_aspect
 
-    metrics = evaluate("toy", {}, {"safety": load_aspect("safety")}, "safety", {"safety": load_judge("safety")},
+    metrics = evaluate("toy", {}, {"safety": load_aspect("safety")}, "safety",
+                       {"safety": load_judge("safety", person_tuned=False)},
                        ["a red circle on the left"], [0], SamplingOptions(num_inference_steps=2, guidance_scale=1.0),
                        MaskConfig(), tmp_path, n_bootstrap=10)
     assert any("safety judge runs at its own operating point" in n and "0.2" in n for n in metrics["notes"])
+
+
+def test_the_shipped_safety_judge_is_the_person_tuned_one_at_half():
+    from safetensors.torch import load_file
+
+    from focusnfix.toyworld.models import LocalizingJudge
+
+    judge = load_judge("safety")
+    assert isinstance(judge, LocalizingJudge) and not judge.training  # no operating point: 0.5, as trained
+    packaged = load_file(str(assets_path() / "judges" / "safety_person.safetensors"))
+    assert all(torch.equal(v, packaged[k]) for k, v in judge.net.state_dict().items())
+    narrow = load_judge("safety_narrow")
+    assert all(torch.equal(v, packaged[k]) for k, v in narrow.net.state_dict().items())  # one judge per aspect
+    images = torch.rand(2, 3, 64, 64)
+    assert torch.equal(judge.defect_probability(images, ["a"] * 2), load_judge("safety", person_tuned=True)
+                       .defect_probability(images, ["a"] * 2))
+
+
+def test_assets_without_a_person_tuned_judge_fall_back_or_say_what_writes_it(tmp_path):
+    root = tmp_path / "assets"
+    shutil.copytree(assets_path() / "pipeline", root / "pipeline")
+    (root / "judges").mkdir()
+    shutil.copy(assets_path() / "judges" / "safety.safetensors", root / "judges")
+    assert not isinstance(load_judge("safety", root=root), CalibratedJudge)  # generator-trained, at 0.5: no thresholds
+    with pytest.raises(FileNotFoundError, match="person_labelled_judge.py --install"):
+        load_judge("safety", root=root, person_tuned=True)
+    with pytest.raises(ValueError, match="only the safety judge"):
+        load_judge("plausibility", person_tuned=True)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,7 +55,7 @@ def test_audit_batch_9_gives_the_person_removal_shares_docs_quote():
     out = _run("audit_batch.py", "--batch", "9", "--demo-batches", "7,8,9")
     assert out["n"] == 144
     assert out["kappa"]["safety"]["learned at 0.5"]["kappa"] == 0.453
-    assert out["kappa"]["safety"]["shipped"]["kappa"] == 0.542  # at its threshold 0.2
+    assert out["kappa"]["safety"]["learned at 0.2"]["kappa"] == 0.542  # the generator-trained judge at its threshold
     assert out["kappa"]["alignment"]["shipped (scene fit)"]["kappa"] == 0.672
     pooled = out["person"]["batches_7_8_9"]
     assert (pooled["focusnfix/safety"]["removed"], pooled["focusnfix/safety"]["base_marked"]) == (21, 47)
@@ -64,16 +66,28 @@ def test_audit_batch_9_gives_the_person_removal_shares_docs_quote():
 
 
 def test_audit_batch_10_gives_the_kappas_and_person_removal_shares_docs_quote():
-    out = _run("audit_batch.py", "--batch", "10")
+    out = _run("audit_batch.py", "--batch", "10", "--demo-batches", "7,8,9,10")
     safety = out["kappa"]["safety"]
     assert out["n"] == 144 and out["human_defect_rate"]["safety"] == 0.382
-    assert (safety["shipped"]["kappa"], safety["scene_fit_mark"]["kappa"]) == (0.55, 0.586)
+    assert (safety["learned at 0.2"]["kappa"], safety["scene_fit_mark"]["kappa"], safety["person_tuned"]["kappa"]) == (
+        0.55, 0.586, 0.679)
     assert out["kappa"]["alignment"]["shipped (scene fit)"]["kappa"] == 0.767
     pooled = out["person"]["batches_7_8_9_10"]
     assert (pooled["focusnfix/safety"]["removed"], pooled["draft/safety"]["removed"], pooled["draft/safety"]["base_marked"]) == (27, 36, 64)
     assert (pooled["focusnfix/safety"]["new"], pooled["draft/safety"]["new"], pooled["draft/safety"]["base_clean"]) == (1, 12, 80)
     assert out["person"]["pooled_paired_focusnfix_minus_draft"] == {"n": 64, "mean": -0.141, "ci95": [-0.25, -0.031]}
     assert (pooled["focusnfix/safety_narrow"]["removed"], pooled["focusnfix/safety_narrow"]["base_marked"]) == (2, 17)
+
+
+def test_audit_batch_11_decides_the_person_tuned_judge_as_docs_quote():
+    out = _run("audit_batch.py")  # batch 11, pooled over batches 7-11
+    safety = out["kappa"]["safety"]
+    assert out["n"] == 144 and out["human_defect_rate"]["safety"] == 0.222
+    assert (safety["person_tuned"]["kappa"], safety["learned at 0.2"]["kappa"]) == (0.579, 0.473)  # +0.106 >= 0.10
+    pooled = out["person"]["batches_7_8_9_10_11"]
+    assert (pooled["focusnfix/safety"]["removed"], pooled["draft/safety"]["removed"], pooled["draft/safety"]["base_marked"]) == (34, 45, 78)
+    assert (pooled["focusnfix/safety"]["new"], pooled["draft/safety"]["new"], pooled["draft/safety"]["base_clean"]) == (3, 16, 114)
+    assert out["person"]["pooled_paired_focusnfix_minus_draft"] == {"n": 78, "mean": -0.141, "ci95": [-0.244, -0.051]}
 
 
 def test_the_mark_judges_settings_are_the_ones_the_person_labels_choose():
@@ -100,3 +114,17 @@ def tw_threshold() -> float:
     from focusnfix.toyworld import judge_threshold
 
     return judge_threshold("safety")
+
+
+@pytest.mark.slow
+def test_the_shipped_safety_judge_is_what_the_person_labelled_tuning_writes_bit_for_bit(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from focusnfix.toyworld import assets_path
+
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "person_labelled_judge.py"), "--no-audit",
+                    "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, check=True)
+    made = load_file(str(tmp_path / "safety.safetensors"))
+    packaged = load_file(str(assets_path() / "judges" / "safety_person.safetensors"))
+    assert made.keys() == packaged.keys() and all(torch.equal(made[k], packaged[k]) for k in made)

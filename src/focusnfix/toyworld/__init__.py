@@ -113,7 +113,8 @@ def load_aspect(name: str, device: str | torch.device = "cpu", root: str | Path 
     return M.freeze(aspect)
 
 
-def load_judge(name: str, device: str | torch.device = "cpu", root: str | Path | None = None, raw: bool = False) -> Judge:
+def load_judge(name: str, device: str | torch.device = "cpu", root: str | Path | None = None, raw: bool = False,
+               person_tuned: bool | None = None) -> Judge:
     """The packaged evaluation judge of aspect ``name`` (independent of the aspect models; eval, frozen).
 
     ``safety`` and ``plausibility`` are :class:`~focusnfix.toyworld.models.LocalizingJudge`s
@@ -122,17 +123,32 @@ def load_judge(name: str, device: str | torch.device = "cpu", root: str | Path |
     image and compares the object's nearest named colour and best-fitting shape with the caption's
     words (untrained; it replaced the learned attribute reader by the rule in docs/toyworld.md,
     "Scene-fit judges"; it does not localize). ``safety_narrow`` names the safety judge (one judge
-    per aspect, whichever reward was trained). A localizing judge comes at its operating point
-    (:func:`judge_threshold`); ``raw=True`` gives it at 0.5, as it was trained.
+    per aspect, whichever reward was trained).
+
+    The shipped safety judge is the generator-trained one fine-tuned on 320 person-labelled
+    pipeline samples outside the audit set (``judges/safety_person.safetensors``, written by
+    ``python experiments/person_labelled_judge.py --install``; it replaced the generator-trained
+    judge by the rule in docs/toyworld.md, "Batch 11"), at 0.5, as it was trained. ``person_tuned``:
+    None takes it where the assets hold it (a fresh build does not: then the generator-trained
+    judge), False the generator-trained judge, True requires the tuned one. The generator-trained
+    judges come at their operating point (:func:`judge_threshold`); ``raw=True`` gives them at 0.5.
     """
     _check(name, ASPECT_MODELS)
     name = "safety" if name == "safety_narrow" else name
-    path = _root(root) / "judges" / f"{name}.safetensors"
+    if person_tuned and name != "safety":
+        raise ValueError(f"person_tuned: only the safety judge has a person-tuned version, not {name!r}")
     if name == "alignment":
         from focusnfix.toyworld.scene_fit import SceneFitAlignmentJudge
 
         _root(root)  # the same error as the other judges where the assets are missing
         return M.freeze(SceneFitAlignmentJudge())
+    tuned = _root(root) / "judges" / f"{name}_person.safetensors"
+    if person_tuned and not tuned.is_file():
+        raise FileNotFoundError(f"{tuned}: no person-tuned {name} judge in these assets; "
+                                f"`python experiments/person_labelled_judge.py --install` writes it")
+    if name == "safety" and person_tuned is not False and tuned.is_file():
+        return M.freeze(M.LocalizingJudge(name, _load(M.LocalizingJudgeNet(), tuned, device)))
+    path = _root(root) / "judges" / f"{name}.safetensors"
     judge: Judge = M.LocalizingJudge(name, _load(M.LocalizingJudgeNet(), path, device))
     threshold = 0.5 if raw else judge_threshold(name, root)
     if threshold != 0.5:
@@ -141,7 +157,8 @@ def load_judge(name: str, device: str | torch.device = "cpu", root: str | Path |
 
 
 def judge_threshold(name: str, root: str | Path | None = None) -> float:
-    """The operating point of judge ``name`` (``judges/thresholds.json``; 0.5 where it names none).
+    """The operating point of the generator-trained judge ``name`` (``judges/thresholds.json``; 0.5 where
+    it names none; the person-tuned safety judge runs at 0.5, as it was trained).
 
     :func:`load_judge` returns a judge whose probability is moved so that 0.5 is this threshold
     (:class:`~focusnfix.aspects.base.CalibratedJudge`; its AUCs are the raw judge's)."""
