@@ -32,7 +32,8 @@ def test_the_calibrated_judge_calls_a_defect_exactly_above_its_threshold_and_kee
 
 
 def test_the_generator_trained_safety_judge_comes_at_its_threshold_and_raw_at_half():
-    assert judge_threshold("safety") == 0.2 and judge_threshold("plausibility") == 0.5
+    assert judge_threshold("safety") == 0.2 and judge_threshold("plausibility") == 0.7
+    assert judge_threshold("alignment") == 0.5  # none named: as trained
     images = torch.rand(3, 3, 64, 64)
     raw = load_judge("safety", raw=True, person_tuned=False).defect_probability(images, ["a"] * 3)
     shipped = load_judge("safety", person_tuned=False)

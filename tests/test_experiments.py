@@ -110,6 +110,16 @@ def test_the_safety_judges_threshold_is_the_one_the_person_labels_choose():
     assert (out["audit_6_9"]["at_0.5"]["kappa"], out["audit_6_9"]["at_0.2"]["kappa"]) == (0.528, 0.531)
 
 
+def test_the_plausibility_judges_threshold_is_the_one_the_person_labels_choose():
+    from focusnfix.toyworld import judge_threshold
+
+    out = _run("plausibility_threshold.py")
+    assert out["chosen_threshold"] == 0.7 == judge_threshold("plausibility")
+    assert out["person_set"] == {"n": 256, "marked": 34, "judge_flags_at_0.5": 56}
+    assert (out["person_set_kappa_by_threshold"]["0.5"], out["person_set_kappa_by_threshold"]["0.7"]) == (0.388, 0.399)
+    assert (out["audit_6_11"]["at_0.5"]["kappa"], out["audit_6_11"]["at_0.7"]["kappa"]) == (0.252, 0.347)
+
+
 def tw_threshold() -> float:
     from focusnfix.toyworld import judge_threshold
 
