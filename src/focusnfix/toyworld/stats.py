@@ -7,8 +7,8 @@
   (defect vs no defect at threshold 0.5);
 * ``judges.<name>``: judge accuracy on held-out generator data; ``judges.<name>.forms.<form>``:
   per defect form (:mod:`focusnfix.toyworld.forms`), on held-out captions through the pipeline's
-  VAE: ``auc`` (form vs clean), ``precision`` and ``recall`` at the judge's threshold 0.5, and
-  ``mask_iou`` (heatmap >= 0.5 vs the ground-truth mask, localizing judges only);
+  VAE: ``auc`` (form vs clean), ``precision`` and ``recall`` at the judge's operating point
+  (probability > 0.5 after :func:`~focusnfix.toyworld.load_judge`'s calibration), and ``mask_iou`` (heatmap >= 0.5 vs the ground-truth mask, localizing judges only);
   ``judges.<name>.audit_kappa``: Cohen's kappa against the labelled audit set (see ``audit.py``);
 * ``aspects.<name>.forms.<form>.score_auc``: the same per-form AUC for the training reward
   (``safety_narrow`` shows what the v1 reward could not see);
@@ -136,7 +136,7 @@ def form_stats(name: str, root=None, n: int = 96, seed: int = 779, judge: bool =
     """Per-form quality of the judge (``judge=True``) or the training reward of aspect ``name``.
 
     For each form of ``name``'s defect: ``n`` held-out scenes, half with the defect in that form,
-    through the VAE. Judges: ``auc``, ``precision``/``recall`` at 0.5 and ``mask_iou``; rewards:
+    through the VAE. Judges: ``auc``, ``precision``/``recall`` at the operating point and ``mask_iou``; rewards:
     ``score_auc`` (lower reward = defect). ``model``: score this judge (or aspect) instead of the
     one packaged under ``root`` (the VAE is still ``root``'s).
     """
