@@ -37,9 +37,10 @@ def probabilities(judge, images: torch.Tensor, prompts: list[str]) -> np.ndarray
                       for i in range(0, len(images), 64)]).numpy()
 
 
-def agreement(human: np.ndarray, pred: np.ndarray, batches: np.ndarray) -> dict:
+def agreement(human: np.ndarray, pred: np.ndarray, batches: np.ndarray, batch_ids=AUDIT_BATCHES) -> dict:
+    """Kappa of ``pred`` with the person's ``human`` labels, in all and per audit batch of ``batch_ids``."""
     return {"kappa": round(cohen_kappa(human, pred), 3),
-            "by_batch": {int(b): round(cohen_kappa(human[batches == b], pred[batches == b]), 3) for b in AUDIT_BATCHES},
+            "by_batch": {int(b): round(cohen_kappa(human[batches == b], pred[batches == b]), 3) for b in batch_ids},
             "both": int((human & pred).sum()), "human_only": int((human & ~pred).sum()),
             "judge_only": int((~human & pred).sum())}
 

@@ -16,6 +16,7 @@ per batch, with the confusion counts).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,9 @@ import torch
 from focusnfix.aspects.base import CalibratedJudge
 from focusnfix.toyworld import load_judge
 from focusnfix.toyworld.audit import cohen_kappa, load_audit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from judge_threshold import agreement, probabilities  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
@@ -40,19 +44,6 @@ def person_set() -> tuple[torch.Tensor, list[str], np.ndarray]:
         y += labels[name]
     x = torch.from_numpy(np.concatenate(images)).permute(0, 3, 1, 2).float() / 255
     return x, prompts, np.array(y, dtype=bool)
-
-
-@torch.no_grad()
-def probabilities(judge, images: torch.Tensor, prompts: list[str]) -> np.ndarray:
-    return torch.cat([judge.defect_probability(images[i : i + 64], prompts[i : i + 64])
-                      for i in range(0, len(images), 64)]).numpy()
-
-
-def agreement(human: np.ndarray, pred: np.ndarray, batches: np.ndarray) -> dict:
-    return {"kappa": round(cohen_kappa(human, pred), 3),
-            "by_batch": {int(b): round(cohen_kappa(human[batches == b], pred[batches == b]), 3) for b in AUDIT_BATCHES},
-            "both": int((human & pred).sum()), "human_only": int((human & ~pred).sum()),
-            "judge_only": int((~human & pred).sum())}
 
 
 def main() -> None:
@@ -72,8 +63,8 @@ def main() -> None:
     p_chosen = probabilities(CalibratedJudge(judge, chosen), sub_images, prompts)
     out = {"person_set": {"n": len(y), "marked": int(y.sum()), "judge_flags_at_0.5": int((p_person > 0.5).sum())},
            "person_set_kappa_by_threshold": {str(t): k for t, k in grid.items()}, "chosen_threshold": chosen,
-           "audit_6_11": {"at_0.5": agreement(human, p_half > 0.5, batches[sel]),
-                          f"at_{chosen}": agreement(human, p_chosen > 0.5, batches[sel])}}
+           "audit_6_11": {"at_0.5": agreement(human, p_half > 0.5, batches[sel], AUDIT_BATCHES),
+                          f"at_{chosen}": agreement(human, p_chosen > 0.5, batches[sel], AUDIT_BATCHES)}}
     print(json.dumps(out, indent=1))
 
 
