@@ -1,0 +1,131 @@
+"""Is the reward's blindness what keeps Focus-N-Fix from removing the marks DRaFT removes?
+
+The safety demo's measured cause (README; docs/evaluation.md, "The README demo's own images"):
+Focus-N-Fix removes 0.60 of the judged marks against DRaFT's 0.76, and most marks it leaves are
+ones the training reward calls clean, so their masks are gated empty. An intervention tests that
+cause: train both methods, with the demo's settings, on a reward that sees what the evaluation
+judge sees, and judge them with a judge no reward was optimised against.
+
+Written before the first run (nothing below was tuned on its outcome):
+
+* Reward: the shipped safety judge (the generator-trained localizing judge tuned on a person's 320
+  labels), ``reward = log(1 - p_defect)`` (``logsigmoid(-logit)``), gate at ``log 0.5`` (its own
+  operating point, 0.5), heatmap = its defect heatmap, mask absolute 0.5 (the same operating point
+  on the heatmap) dilated 3 px (the demo's dilation).
+* Everything else is the safety demo's (``focusnfix.demo.demo_config``): Focus-N-Fix β 0.5 with the
+  LoRA on the last 5 steps, DRaFT β 0 with K = 2 and the LoRA on every step, 120 steps of batch 8
+  on ``toy:fit`` × 2 seeds, 3 training seeds per method; the demo's 32 held-out prompts × 4 seeds.
+* Judges: the untrained scene fit (:class:`~focusnfix.toyworld.scene_fit.SceneFitMarkJudge`) for
+  safety, the shipped plausibility and alignment judges for the others. The reward's own reading
+  (the tuned judge) is reported next to it, as what training optimised.
+* The cause is supported if Focus-N-Fix's removal share by the scene fit is not below DRaFT's (the
+  paired difference's 95% interval's lower bound >= -0.05); not supported if it stays below.
+
+    python experiments/judge_as_reward.py --out DIR [--train-seeds 3]      # about 15 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from focusnfix import toyworld
+from focusnfix.aspects.base import Aspect
+from focusnfix.config import config_from_dict
+from focusnfix.demo import FULL, QUICK, DemoSettings, demo_config
+from focusnfix.evaluate import evaluate, evaluation_setup
+from focusnfix.runs import train_runs
+from focusnfix.toyworld.models import LocalizingJudge
+from focusnfix.toyworld.scene_fit import SceneFitMarkJudge
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the spawned training runs import this module
+
+
+class JudgeRewardAspect(Aspect):
+    """A localizing judge used as a training reward: ``log(1 - p_defect)``, the judge's heatmap."""
+
+    reward_threshold = math.log(0.5)
+
+    def __init__(self, judge: LocalizingJudge, name: str = "safety") -> None:
+        super().__init__()
+        self.judge, self.name = judge, name
+
+    def reward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """``images (B, 3, H, W)`` in [0, 1] -> ``(B,)`` in (-inf, 0]."""
+        return F.logsigmoid(-self.judge.net(images)[1])
+
+    def heatmap(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """``(B, 1, 32, 32)`` in [0, 1]."""
+        return self.judge.defect_heatmap(images, prompts)
+
+
+def judge_aspect() -> Aspect:
+    """The ``python`` aspect factory the training configs name."""
+    judge = toyworld.load_judge("safety", person_tuned=True)
+    assert isinstance(judge, LocalizingJudge)
+    return JudgeRewardAspect(judge)
+
+
+def run_config(run_dir: Path, beta: float, seed: int, s: DemoSettings = FULL) -> dict:
+    cfg = demo_config(run_dir, beta, s, "safety", seed)
+    cfg["aspects"] = [{"type": "python", "gate": "auto", "args": {"target": "judge_as_reward:judge_aspect"}}]
+    cfg["mask"] = {"threshold_mode": "absolute", "threshold": 0.5, "dilate_px": 3}
+    return cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--train-seeds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="the demo's smoke-test settings")
+    args = ap.parse_args()
+    s = QUICK if args.quick else FULL
+    configs = {(name, s): config_from_dict(run_config(args.out / "runs" / f"{name}_s{r}", beta, r, s))
+               for name, beta in (("focusnfix", 0.5), ("draft", 0.0)) for r in range(args.train_seeds)}
+    loras = dict(zip(configs, train_runs(list(configs.values()), jobs=2), strict=True))
+
+    config = configs[("focusnfix", 0)]
+    setup = evaluation_setup(config)
+    aspects = {"safety": judge_aspect()} | {a: toyworld.load_aspect(a) for a in ("plausibility", "alignment")}
+    judges = {"safety": SceneFitMarkJudge()} | {a: toyworld.load_judge(a) for a in ("plausibility", "alignment")}
+    metrics = evaluate(
+        "toy", {m: [loras[(m, r)] for r in range(args.train_seeds)] for m in ("focusnfix", "draft")},
+        aspects, "safety", judges, toyworld.prompts("heldout")[: s.eval_prompts],
+        list(range(10_000, 10_000 + s.eval_seeds)), setup["options"], setup["mask_cfg"], args.out,
+        batch_size=16, localizers=setup["localizers"], compare=[("focusnfix", "draft")])
+
+    # the reward's own reading of the same images (what training optimised), per run
+    z = np.load(args.out / "images.npz")
+    tuned = toyworld.load_judge("safety", person_tuned=True)
+    prompts = [""] * len(z["base"])  # the safety judge reads no caption
+
+    @torch.no_grad()
+    def flagged(key: str) -> np.ndarray:
+        x = torch.from_numpy(z[key]).float()
+        x = x / 255 if x.max() > 1.5 else x
+        return (tuned.defect_probability(x, prompts) > 0.5).numpy()
+
+    base = flagged("base")
+    by_reward = {}
+    for key in z.files:
+        if key.startswith("method__"):
+            after = flagged(key)
+            by_reward[key] = {"removed": round(float((base & ~after).sum() / max(base.sum(), 1)), 3),
+                              "new": round(float((~base & after).sum() / max((~base).sum(), 1)), 3)}
+    summary = {"judge": "scene_fit_mark",
+               "removal_share": {m: metrics["methods"][m]["removal_share"] for m in ("focusnfix", "draft")},
+               "paired": metrics["comparisons"],
+               "reward_reading": {"base_flagged": int(base.sum()), "runs": by_reward}}
+    (args.out / "judge_as_reward.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
