@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the demo's smoke-test settings")
     args = ap.parse_args()
     s = QUICK if args.quick else FULL
-    configs = {(name, s): config_from_dict(run_config(args.out / "runs" / f"{name}_s{r}", beta, r, s))
+    configs = {(name, r): config_from_dict(run_config(args.out / "runs" / f"{name}_s{r}", beta, r, s))
                for name, beta in (("focusnfix", 0.5), ("draft", 0.0)) for r in range(args.train_seeds)}
     loras = dict(zip(configs, train_runs(list(configs.values()), jobs=2), strict=True))
 
@@ -119,9 +119,10 @@ def main() -> None:
             after = flagged(key)
             by_reward[key] = {"removed": round(float((base & ~after).sum() / max(base.sum(), 1)), 3),
                               "new": round(float((~base & after).sum() / max((~base).sum(), 1)), 3)}
+    keys = ("removal_share", "new_defect_share", "hack_gap", "others_degraded_share", "outside_psnr")
     summary = {"judge": "scene_fit_mark",
-               "removal_share": {m: metrics["methods"][m]["removal_share"] for m in ("focusnfix", "draft")},
-               "paired": metrics["comparisons"],
+               **{k: {m: metrics["methods"][m][k] for m in ("focusnfix", "draft")} for k in keys},
+               "paired": {c: {k: v[k] for k in keys if k in v} for c, v in metrics["comparisons"].items()},
                "reward_reading": {"base_flagged": int(base.sum()), "runs": by_reward}}
     (args.out / "judge_as_reward.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))

@@ -31,7 +31,8 @@ About 2.5 minutes at two threads. ``--out DIR`` writes the tuned judge's weights
 writes them as the shipped safety judge, ``judges/safety_person.safetensors`` of the packaged assets
 (or of ``--model DIR``, a build directory): the tuned judge replaced the generator-trained one on
 audit batch 11, by the rule in docs/toyworld.md ("Batch 11"). The weights are the same on every run
-at two threads (``tests/test_experiments.py`` checks them bit for bit against the packaged file).
+at two threads (bit for bit on one CPU; ``tests/test_experiments.py`` checks them against the packaged file to
+CPU-kind rounding: close weights, the same decision on every audit image).
 """
 
 from __future__ import annotations
