@@ -18,10 +18,17 @@ Written before the first run (nothing below was tuned on its outcome):
 * Judges: the untrained scene fit (:class:`~focusnfix.toyworld.scene_fit.SceneFitMarkJudge`) for
   safety, the shipped plausibility and alignment judges for the others. The reward's own reading
   (the tuned judge) is reported next to it, as what training optimised.
+* Second arm (``--arm every``), written after the first arm's result and before running it: the
+  first arm's Focus-N-Fix did not raise this reward at all (its LoRA on the last 5 steps), so the
+  same runs with Focus-N-Fix's LoRA on every step and K = 2 (DRaFT's schedule, β 0.5) test whether
+  the late LoRA is what blocks removal; the same rule.
 * The cause is supported if Focus-N-Fix's removal share by the scene fit is not below DRaFT's (the
   paired difference's 95% interval's lower bound >= -0.05); not supported if it stays below.
 
-    python experiments/judge_as_reward.py --out DIR [--train-seeds 3]      # about 15 min on 2 cores
+    python experiments/judge_as_reward.py --out DIR [--arm late|every] [--train-seeds 3]   # 15 min on 2 cores
+
+Training runs go to ``DIR/runs`` (DRaFT's are shared by both arms), each arm's evaluation to
+``DIR/eval_ARM`` (``metrics.json``, ``images.npz``, ``judge_as_reward.json``).
 """
 
 from __future__ import annotations
@@ -73,8 +80,11 @@ def judge_aspect() -> Aspect:
     return JudgeRewardAspect(judge)
 
 
-def run_config(run_dir: Path, beta: float, seed: int, s: DemoSettings = FULL) -> dict:
+def run_config(run_dir: Path, beta: float, seed: int, s: DemoSettings = FULL, arm: str = "late") -> dict:
     cfg = demo_config(run_dir, beta, s, "safety", seed)
+    if arm == "every" and beta > 0:  # Focus-N-Fix with DRaFT's schedule: the LoRA on every step, K = 2
+        cfg["lora"].pop("active_steps", None)
+        cfg["sampling"]["k"] = 2
     cfg["aspects"] = [{"type": "python", "gate": "auto", "args": {"target": "judge_as_reward:judge_aspect"}}]
     cfg["mask"] = {"threshold_mode": "absolute", "threshold": 0.5, "dilate_px": 3}
     return cfg
@@ -85,10 +95,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--train-seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="the demo's smoke-test settings")
+    ap.add_argument("--arm", choices=("late", "every"), default="late",
+                    help="Focus-N-Fix's LoRA: the demo's (last 5 steps, K = 5) or DRaFT's (every step, K = 2)")
     args = ap.parse_args()
     s = QUICK if args.quick else FULL
-    configs = {(name, r): config_from_dict(run_config(args.out / "runs" / f"{name}_s{r}", beta, r, s))
+    fnf_dir = "focusnfix" if args.arm == "late" else "focusnfix_every"
+    configs = {(name, r): config_from_dict(run_config(
+                   args.out / "runs" / f"{fnf_dir if name == 'focusnfix' else name}_s{r}", beta, r, s, args.arm))
                for name, beta in (("focusnfix", 0.5), ("draft", 0.0)) for r in range(args.train_seeds)}
+    eval_dir = args.out / f"eval_{args.arm}"
     loras = dict(zip(configs, train_runs(list(configs.values()), jobs=2), strict=True))
 
     config = configs[("focusnfix", 0)]
@@ -98,11 +113,11 @@ def main() -> None:
     metrics = evaluate(
         "toy", {m: [loras[(m, r)] for r in range(args.train_seeds)] for m in ("focusnfix", "draft")},
         aspects, "safety", judges, toyworld.prompts("heldout")[: s.eval_prompts],
-        list(range(10_000, 10_000 + s.eval_seeds)), setup["options"], setup["mask_cfg"], args.out,
+        list(range(10_000, 10_000 + s.eval_seeds)), setup["options"], setup["mask_cfg"], eval_dir,
         batch_size=16, localizers=setup["localizers"], compare=[("focusnfix", "draft")])
 
     # the reward's own reading of the same images (what training optimised), per run
-    z = np.load(args.out / "images.npz")
+    z = np.load(eval_dir / "images.npz")
     tuned = toyworld.load_judge("safety", person_tuned=True)
     prompts = [""] * len(z["base"])  # the safety judge reads no caption
 
@@ -120,11 +135,11 @@ def main() -> None:
             by_reward[key] = {"removed": round(float((base & ~after).sum() / max(base.sum(), 1)), 3),
                               "new": round(float((~base & after).sum() / max((~base).sum(), 1)), 3)}
     keys = ("removal_share", "new_defect_share", "hack_gap", "others_degraded_share", "outside_psnr")
-    summary = {"judge": "scene_fit_mark",
+    summary = {"judge": "scene_fit_mark", "arm": args.arm,
                **{k: {m: metrics["methods"][m][k] for m in ("focusnfix", "draft")} for k in keys},
                "paired": {c: {k: v[k] for k in keys if k in v} for c, v in metrics["comparisons"].items()},
                "reward_reading": {"base_flagged": int(base.sum()), "runs": by_reward}}
-    (args.out / "judge_as_reward.json").write_text(json.dumps(summary, indent=1))
+    (eval_dir / "judge_as_reward.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
 
 

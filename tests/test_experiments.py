@@ -178,4 +178,4 @@ def test_the_judge_as_reward_experiment_trains_and_judges_both_methods(tmp_path)
         assert 0.0 <= out["removal_share"][m]["mean"] <= 1.0
     assert "removal_share" in out["paired"]["focusnfix - draft"]
     assert set(out["reward_reading"]["runs"]) == {"method__focusnfix", "method__draft"}
-    assert (tmp_path / "judge_as_reward.json").is_file() and (tmp_path / "metrics.json").is_file()
+    assert (tmp_path / "eval_late" / "judge_as_reward.json").is_file() and (tmp_path / "eval_late" / "metrics.json").is_file()
