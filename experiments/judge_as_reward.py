@@ -90,6 +90,26 @@ def run_config(run_dir: Path, beta: float, seed: int, s: DemoSettings = FULL, ar
     return cfg
 
 
+def write_grid(out: Path, n: int = 10) -> Path | None:
+    """Once both arms are evaluated: ``out/grid.png``, rows base / Focus-N-Fix late / Focus-N-Fix
+    every step / DRaFT (training seed 0) on ``n`` base images the scene fit flags, evenly spaced."""
+    from PIL import Image
+
+    if not all((out / f"eval_{arm}" / "images.npz").is_file() for arm in ("late", "every")):
+        return None
+    late, every = np.load(out / "eval_late" / "images.npz"), np.load(out / "eval_every" / "images.npz")
+    with torch.no_grad():
+        flagged = SceneFitMarkJudge().defect_probability(torch.from_numpy(late["base"]).float() / 255, []) > 0.5
+    idx = np.flatnonzero(flagged.numpy())
+    idx = idx[:: max(1, len(idx) // n)][:n]
+    rows = [late["base"], late["method__focusnfix"], every["method__focusnfix"], late["method__draft"]]
+    grid = np.concatenate([np.concatenate([np.pad(r[i].transpose(1, 2, 0), ((2, 2), (2, 2), (0, 0)), constant_values=255)
+                                           for i in idx], 1) for r in rows], 0)
+    path = out / "grid.png"
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -140,6 +160,7 @@ def main() -> None:
                "paired": {c: {k: v[k] for k in keys if k in v} for c, v in metrics["comparisons"].items()},
                "reward_reading": {"base_flagged": int(base.sum()), "runs": by_reward}}
     (eval_dir / "judge_as_reward.json").write_text(json.dumps(summary, indent=1))
+    write_grid(args.out)
     print(json.dumps(summary, indent=1))
 
 
