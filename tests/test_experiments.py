@@ -172,10 +172,13 @@ def test_the_judge_as_reward_is_log_one_minus_its_defect_probability_and_localiz
 
 @pytest.mark.slow
 def test_the_judge_as_reward_experiment_trains_and_judges_both_methods(tmp_path):
-    out = _run("judge_as_reward.py", "--out", str(tmp_path), "--quick", "--train-seeds", "1")
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "judge_as_reward.py"), "--out", str(tmp_path), "--quick",
+                    "--train-seeds", "1"], capture_output=True, text=True, cwd=ROOT, check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})  # stdout also holds the training runs' lines
+    out = json.loads((tmp_path / "eval_late" / "judge_as_reward.json").read_text())
     assert out["judge"] == "scene_fit_mark"
     for m in ("focusnfix", "draft"):
         assert 0.0 <= out["removal_share"][m]["mean"] <= 1.0
     assert "removal_share" in out["paired"]["focusnfix - draft"]
     assert set(out["reward_reading"]["runs"]) == {"method__focusnfix", "method__draft"}
-    assert (tmp_path / "eval_late" / "judge_as_reward.json").is_file() and (tmp_path / "eval_late" / "metrics.json").is_file()
+    assert (tmp_path / "eval_late" / "metrics.json").is_file() and (tmp_path / "eval_late" / "images.npz").is_file()
