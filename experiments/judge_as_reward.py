@@ -24,11 +24,23 @@ Written before the first run (nothing below was tuned on its outcome):
   the late LoRA is what blocks removal; the same rule.
 * The cause is supported if Focus-N-Fix's removal share by the scene fit is not below DRaFT's (the
   paired difference's 95% interval's lower bound >= -0.05); not supported if it stays below.
+* Third arm (``--arm select``), written after both arms' held-out results (late 0.03, every step
+  0.43 against DRaFT's 0.94) and before any run of it: neither arm's setting was chosen for this
+  reward; the every-step arm was one point. Here the selection protocol (docs/evaluation.md) chooses
+  them for this reward, then the held-out evaluation runs once. Validation grid, fixed now: the
+  LoRA on every step (K = 2) at β 0.25, 0.5, 1, 2 with DRaFT (β 0, the others' reference), and
+  the LoRA on the last 10 steps (K = 10) at β 0.25, 0.5; 120 steps, 1 training seed each, the 16
+  validation captions × 2 seeds, judges not loaded; the plausibility and alignment rewards ride
+  along with weight 0 (the rule's others' signal). Rule unchanged (``focusnfix select``: outside
+  PSNR >= 35 dB, others' drop share <= max(0.10, half of DRaFT's); the highest target reward, else
+  the largest β). The selected point is trained with 3 training seeds and judged as above against
+  the same DRaFT runs; the same cause rule, and #9's removal target (>= 0.60) read off it.
 
-    python experiments/judge_as_reward.py --out DIR [--arm late|every] [--train-seeds 3]   # 15 min on 2 cores
+    python experiments/judge_as_reward.py --out DIR [--arm late|every|select] [--train-seeds 3]   # 15 min on 2 cores
 
-Training runs go to ``DIR/runs`` (DRaFT's are shared by both arms), each arm's evaluation to
-``DIR/eval_ARM`` (``metrics.json``, ``images.npz``, ``judge_as_reward.json``).
+Training runs go to ``DIR/runs`` (DRaFT's are shared by every arm), each arm's evaluation to
+``DIR/eval_ARM`` (``metrics.json``, ``images.npz``, ``judge_as_reward.json``); the third arm's
+validation sweeps to ``DIR/select/`` (``sweep.json`` there holds every point and the selection).
 """
 
 from __future__ import annotations
@@ -80,14 +92,59 @@ def judge_aspect() -> Aspect:
     return JudgeRewardAspect(judge)
 
 
-def run_config(run_dir: Path, beta: float, seed: int, s: DemoSettings = FULL, arm: str = "late") -> dict:
+#: the third arm's validation grid, fixed before its run: span -> (LoRA's active steps or None = every
+#: step, K, betas); beta 0 is DRaFT (every step, K = 2), the others' reference of the rule
+SELECT_GRID: dict[str, tuple[int | None, int, tuple[float, ...]]] = {
+    "every": (None, 2, (0.0, 0.25, 0.5, 1.0, 2.0)),
+    "last10": (10, 10, (0.25, 0.5)),
+}
+
+
+def run_config(run_dir: Path, beta: float, seed: int, s: DemoSettings = FULL, arm: str = "late",
+               span: str | None = None) -> dict:
+    """One training run's config: the demo's, with the judge as the reward and its mask settings.
+
+    ``arm == "every"`` (or ``span``, a key of :data:`SELECT_GRID`) sets Focus-N-Fix's LoRA span and K;
+    DRaFT (``beta == 0``) keeps the demo's (every step, K = 2).
+    """
     cfg = demo_config(run_dir, beta, s, "safety", seed)
-    if arm == "every" and beta > 0:  # Focus-N-Fix with DRaFT's schedule: the LoRA on every step, K = 2
+    span = "every" if arm == "every" else span
+    if span is not None and beta > 0:
+        active, k, _ = SELECT_GRID[span]
         cfg["lora"].pop("active_steps", None)
-        cfg["sampling"]["k"] = 2
+        if active is not None:
+            cfg["lora"]["active_steps"] = min(active, s.num_inference_steps)
+        cfg["sampling"]["k"] = min(k, s.num_inference_steps)
     cfg["aspects"] = [{"type": "python", "gate": "auto", "args": {"target": "judge_as_reward:judge_aspect"}}]
     cfg["mask"] = {"threshold_mode": "absolute", "threshold": 0.5, "dilate_px": 3}
     return cfg
+
+
+def select_on_validation(out: Path, s: DemoSettings) -> dict:
+    """The third arm's choice: one ``focusnfix sweep`` per span of :data:`SELECT_GRID` on the
+    validation captions (judges not loaded), combined by ``focusnfix select``'s rule.
+
+    The other aspects' rewards ride along with weight 0 (not localizing): the rule's others' signal.
+    Returns the selection with its ``span``; writes ``out/select/sweep.json``.
+    """
+    import yaml
+
+    from focusnfix.sweep import combine_sweeps, sweep
+
+    sweeps = {}
+    for span, (_, _, betas) in SELECT_GRID.items():
+        cfg = run_config(out / "select" / span, 0.5, 0, s, span=span)
+        cfg["aspects"] += [{"type": "toyworld", "weight": 0.0, "localize": False, "args": {"aspect": a}}
+                           for a in ("plausibility", "alignment")]
+        path = out / "select" / f"{span}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        sweeps[span] = out / "select" / span
+        sweep(path, list(betas), sweeps[span], prompts=toyworld.prompts("validation"), judges=False, jobs=2)
+    doc = combine_sweeps([d / "sweep.json" for d in sweeps.values()], out / "select")
+    chosen = doc["selection"]
+    chosen["span"] = next(span for span, d in sweeps.items() if str(chosen["run_dir"]).startswith(str(d)))
+    return chosen
 
 
 def write_grid(out: Path, n: int = 10) -> Path | None:
@@ -115,14 +172,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--train-seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="the demo's smoke-test settings")
-    ap.add_argument("--arm", choices=("late", "every"), default="late",
-                    help="Focus-N-Fix's LoRA: the demo's (last 5 steps, K = 5) or DRaFT's (every step, K = 2)")
+    ap.add_argument("--arm", choices=("late", "every", "select"), default="late",
+                    help="Focus-N-Fix's LoRA span and beta: the demo's (last 5 steps, K = 5), DRaFT's (every "
+                         "step, K = 2), or chosen on validation by the selection protocol")
     args = ap.parse_args()
     s = QUICK if args.quick else FULL
-    fnf_dir = "focusnfix" if args.arm == "late" else "focusnfix_every"
+    fnf_dir, beta, span = {"late": ("focusnfix", 0.5, None), "every": ("focusnfix_every", 0.5, "every")}.get(
+        args.arm, (None, None, None))
+    chosen = None
+    if args.arm == "select":
+        chosen = select_on_validation(args.out, s)
+        print(json.dumps({"selected": chosen}, indent=1), flush=True)
+        fnf_dir, beta, span = f"focusnfix_select_{chosen['span']}_b{chosen['beta']:g}", chosen["beta"], chosen["span"]
     configs = {(name, r): config_from_dict(run_config(
-                   args.out / "runs" / f"{fnf_dir if name == 'focusnfix' else name}_s{r}", beta, r, s, args.arm))
-               for name, beta in (("focusnfix", 0.5), ("draft", 0.0)) for r in range(args.train_seeds)}
+                   args.out / "runs" / f"{fnf_dir if name == 'focusnfix' else name}_s{r}", b, r, s, span=span))
+               for name, b in (("focusnfix", beta), ("draft", 0.0)) for r in range(args.train_seeds)}
     eval_dir = args.out / f"eval_{args.arm}"
     loras = dict(zip(configs, train_runs(list(configs.values()), jobs=2), strict=True))
 
@@ -155,7 +219,7 @@ def main() -> None:
             by_reward[key] = {"removed": round(float((base & ~after).sum() / max(base.sum(), 1)), 3),
                               "new": round(float((~base & after).sum() / max((~base).sum(), 1)), 3)}
     keys = ("removal_share", "new_defect_share", "hack_gap", "others_degraded_share", "outside_psnr")
-    summary = {"judge": "scene_fit_mark", "arm": args.arm,
+    summary = {"judge": "scene_fit_mark", "arm": args.arm, "selected": chosen,
                **{k: {m: metrics["methods"][m][k] for m in ("focusnfix", "draft")} for k in keys},
                "paired": {c: {k: v[k] for k in keys if k in v} for c, v in metrics["comparisons"].items()},
                "reward_reading": {"base_flagged": int(base.sum()), "runs": by_reward}}
