@@ -291,4 +291,4 @@ def test_sample_rejects_a_lora_of_another_model(tiny_sd_dir, tmp_path, capsys):
     assert main(["sample", "--model", "toy", "--lora", str(tmp_path / "tiny_lora"), "--prompt", "a", "--steps", "1",
                  "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "does not fit the model" in err, err
+    assert len(err.splitlines()) == 1 and "does not fit this StableDiffusionPipeline" in err, err

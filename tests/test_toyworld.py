@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from focusnfix.aspects.base import Aspect, Judge
+from focusnfix.errors import InputError
 from focusnfix.toyworld import ASPECTS, generate, load_aspect, load_judge, pipeline_path, prompts
 from focusnfix.toyworld import generator as gen
 from focusnfix.toyworld.stats import _auc, heatmap_quality
@@ -359,8 +360,8 @@ def test_cli_registers_and_path(capsys):
 def test_cli_path_missing_model(tmp_path, capsys):
     parser = _parser()
     args = parser.parse_args(["toyworld", "path", "--model", str(tmp_path)])
-    assert _run(args) == 1
-    assert "not found" in capsys.readouterr().err
+    with pytest.raises(InputError, match="--model: toy world weights not found"):
+        _run(args)
 
 
 def test_the_shipped_decoder_draws_renders_back_faithfully():

@@ -13,6 +13,7 @@ bars (diffusers, transformers) are off in every command; the commands' own progr
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -36,6 +37,38 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def torch_device(text: str) -> str:
+    """A device string torch parses (cpu, cuda, cuda:1, mps, ...); availability is checked when used."""
+    import torch
+
+    try:
+        torch.device(text)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"not a torch device (e.g. cpu, cuda, cuda:1, mps): {text!r}") from err
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,11 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds (several: a row)")
     p.add_argument("--steps", type=int, help="DDIM steps (default: the run's, else 20)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's, else 7.5)")
+    p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: the run's, else 7.5)")
     p.add_argument("--height", type=int, help="pixels, a multiple of the VAE scale factor (default: the model's)")
     p.add_argument("--width", type=int, help="pixels, a multiple of the VAE scale factor (default: the model's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the run's, else float32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=torch_device, default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func="cmd_sample")
 
@@ -78,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--prompt", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=int, default=4, help="pixel upscaling of the picture")
+    p.add_argument("--scale", type=positive_int, default=4, help="pixel upscaling of the picture")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func="cmd_mask")
 
@@ -87,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes), for CI")
     p.add_argument("--reward", default="safety", choices=["safety", "safety_narrow", "plausibility"],
                    help="the toy reward trained on: safety (robust), safety_narrow (hackable), plausibility")
-    p.add_argument("--train-seeds", type=int, default=None, help="training seeds per method (default 3, quick 1)")
-    p.add_argument("--jobs", type=int, default=None, help="runs trained side by side (default 2 where 2 cores)")
+    p.add_argument("--train-seeds", type=positive_int, default=None, help="training seeds per method (default 3, quick 1)")
+    p.add_argument("--jobs", type=positive_int, default=None, help="runs trained side by side (default 2 where 2 cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func="cmd_demo")
 
@@ -103,14 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="the training config (default: the runs' own config.yaml; they must agree)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--prompts", default="toy:heldout", help="prompt file (one per line) or toy:heldout")
-    p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
-    p.add_argument("--seed-offset", type=int, default=10000, help="first seed (default keeps clear of training seeds)")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: the training config's)")
-    p.add_argument("--guidance", type=float, help="guidance scale (default: the training config's)")
+    p.add_argument("--max-prompts", type=non_negative_int, default=0, help="use only the first N prompts (0 = all)")
+    p.add_argument("--seeds", type=positive_int, default=2, help="seeds per prompt")
+    p.add_argument("--seed-offset", type=non_negative_int, default=10000, help="first seed (default keeps clear of training seeds)")
+    p.add_argument("--steps", type=positive_int, help="DDIM steps (default: the training config's)")
+    p.add_argument("--guidance", type=finite_float, help="guidance scale (default: the training config's)")
     p.add_argument("--sld", action="store_true", help="also run the Safe Latent Diffusion baseline (method 'sld')")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per interval")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples per interval")
     p.add_argument("--votes", action="append", default=[], metavar="FILE", help="fold human votes into metrics.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="output directory")
@@ -124,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("diagnose", help="where each method's fixes happened and whether the mask allowed them "
                                         "(after the fact; toy-world judges)")
     p.add_argument("dir", help="evaluation directory")
-    p.add_argument("--min-psnr", type=float, default=35.0, help="outside-mask PSNR (dB) of a regional fix")
+    p.add_argument("--min-psnr", type=finite_float, default=35.0, help="outside-mask PSNR (dB) of a regional fix")
     p.set_defaults(func="cmd_diagnose")
 
     p = sub.add_parser("oracle", help="what the objective asks for without the LoRA: each reference image's latents "
@@ -132,11 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="a training config (its model, aspects, mask, sampling, norm)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--prompts", help="prompts (default: the config's training prompts; keep held-out prompts out)")
-    p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
+    p.add_argument("--max-prompts", type=non_negative_int, default=0, help="use only the first N prompts (0 = all)")
     p.add_argument("--seeds", type=positive_int, default=1, help="seeds per prompt, from the config's seed_offset")
     p.add_argument("--betas", default=None, help="comma-separated (default: 0 and the config's beta and beta_end)")
-    p.add_argument("--steps", type=int, default=200, help="Adam steps per image")
-    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate in latent units")
+    p.add_argument("--steps", type=positive_int, default=200, help="Adam steps per image")
+    p.add_argument("--lr", type=positive_float, default=0.05, help="Adam learning rate in latent units")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--no-judges", action="store_true", help="do not judge the images (toy world judges otherwise)")
     p.add_argument("--out", required=True, help="directory for oracle.json and oracle.png")
@@ -149,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-log", action="append", default=[], metavar="NAME=PATH",
                    help="a training log.jsonl (or run directory) to plot (repeatable)")
     p.add_argument("--sweep", help="sweep.json for the beta trade-off curve")
-    p.add_argument("--max-examples", type=int, default=32)
+    p.add_argument("--max-examples", type=non_negative_int, default=32)
     p.add_argument("--markdown", action="store_true",
                    help="print the claim table as markdown (the README's tables) instead of writing HTML")
     p.set_defaults(func="cmd_report")
@@ -158,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="evaluation directory")
     p.add_argument("--out", help="HTML file (default: DIR/rate.html)")
     p.add_argument("--seed", type=int, default=0, help="seed of the task order")
-    p.add_argument("--max-examples", type=int)
+    p.add_argument("--max-examples", type=positive_int)
     p.set_defaults(func="cmd_rate")
 
     p = sub.add_parser("sweep", help="train one LoRA per beta and evaluate the trade-off (beta 0 = DRaFT)")
@@ -169,13 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-set", action="append", default=[], metavar="KEY=VALUE",
                    help="overrides of the beta 0 (DRaFT) run only, e.g. lora.active_steps=null, sampling.k=2")
     p.add_argument("--prompts", help="evaluation prompts (default: the config's training prompts)")
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--seed-offset", type=int, default=10000)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--seeds", type=positive_int, default=2)
+    p.add_argument("--seed-offset", type=non_negative_int, default=10000)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--bootstrap", type=positive_int, default=1000)
     p.add_argument("--no-judges", action="store_true",
                    help="do not load the judges (choosing beta on validation prompts: training-time signals only)")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained side by side, one process each")
+    p.add_argument("--jobs", type=positive_int, default=1, help="runs trained side by side, one process each")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func="cmd_sweep")
 
@@ -188,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a run directory, its lora/ directory or a pytorch_lora_weights.safetensors")
     p.add_argument("--format", default="kohya", choices=["kohya"], help="target format")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha, only for files without adapter metadata")
+    p.add_argument("--alpha", type=positive_float, default=None, help="LoRA alpha, only for files without adapter metadata")
     p.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size)")
     p.set_defaults(func="cmd_export")
 
@@ -222,14 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func="cmd_toyworld_path")
     p = tw_sub.add_parser("stats", help="measure the toy world and print JSON")
     p.add_argument("--model", default=None, help="a build directory (default: the packaged assets)")
-    p.add_argument("--n", type=int, default=192, help="pipeline samples (held-out prompts x seeds)")
+    p.add_argument("--n", type=positive_int, default=192, help="pipeline samples (held-out prompts x seeds)")
     p.add_argument("--grid", default=None, help="also save a PNG grid of the first 64 samples")
     p.add_argument("--guidance", type=float, default=7.5,
                    help="CFG scale of the pipeline samples (default 7.5; the toy presets train at 5)")
     p.set_defaults(func="cmd_toyworld_stats")
     p = tw_sub.add_parser("calibrate", help="localizer recall and mask area vs the generator's exact defect masks")
     p.add_argument("--aspect", default="safety", help="toy aspect: safety, safety_narrow or plausibility")
-    p.add_argument("--n", type=int, default=512, help="calibration images (training captions, about half defective)")
+    p.add_argument("--n", type=positive_int, default=512, help="calibration images (training captions, about half defective)")
     p.add_argument("--min-recall", type=float, default=0.95, help="recall the chosen setting must reach")
     p.add_argument("--source", choices=("renders", "pipeline"), default="renders",
                    help="renders: generator renders with exact masks; pipeline: render / fixed-twin pairs "
@@ -239,14 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = tw_sub.add_parser("ceiling", help="outside-mask PSNR a perfect regional fix reaches through the toy VAE, "
                                           "and how far the decoder spreads a latent change")
     p.add_argument("--aspect", default="safety", help="toy aspect: safety or plausibility")
-    p.add_argument("--n", type=int, default=256, help="training-caption scenes drawn with the defect")
+    p.add_argument("--n", type=positive_int, default=256, help="training-caption scenes drawn with the defect")
     p.add_argument("--dilate", default="3,5,8", help="mask dilations in pixels, comma-separated")
     p.set_defaults(func="cmd_toyworld_ceiling")
     p = tw_sub.add_parser("robustness", help="how often pixel and decoder (latent) attacks inside a mark fool a "
                                              "safety reward, on held-out generator scenes (JSON)")
     p.add_argument("--aspect", default="safety", help="safety or safety_narrow")
     p.add_argument("--model", default=None, help="a build directory (default: the packaged assets)")
-    p.add_argument("--n", type=int, default=192, help="held-out scenes, each with a mark in a random form")
+    p.add_argument("--n", type=positive_int, default=192, help="held-out scenes, each with a mark in a random form")
     p.add_argument("--steps", default="5,10,20", help="attack lengths, comma-separated")
     p.set_defaults(func="cmd_toyworld_robustness")
     p = tw_sub.add_parser("audit-sheets", help="sample a new audit batch from trained runs: shuffled images, "
@@ -255,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a training run and the source name it is recorded under (repeatable); "
                         "SOURCE 'base' samples the run's base model (no LoRA)")
     p.add_argument("--prompts", default="toy:heldout", help="prompts: toy:heldout or a file (default toy:heldout)")
-    p.add_argument("--n-prompts", type=int, default=15, help="the first N prompts (default 15)")
+    p.add_argument("--n-prompts", type=positive_int, default=15, help="the first N prompts (default 15)")
     p.add_argument("--seeds", default="50000,50001", help="sampling seeds, comma-separated")
     p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the blind order")
     p.add_argument("--out", required=True, help="batch directory")
@@ -272,12 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     _richhf_data_args(p)
     p.add_argument("--out", required=True, help="output directory (model + train_log.jsonl)")
     p.add_argument("--config", default=None, help="YAML/JSON training config (see focusnfix.rahf.train.RAHFTrainConfig)")
-    p.add_argument("--steps", type=int, default=None, help="override the config's steps")
+    p.add_argument("--steps", type=positive_int, default=None, help="override the config's steps")
     p.set_defaults(func="cmd_rahf_train")
     p = rahf_sub.add_parser("eval", help="heatmap (MSE, CC, KLD, SIM, NSS, AUC-Judd) and score (PLCC, SRCC) metrics")
     _richhf_data_args(p)
     p.add_argument("--model", required=True, help="directory written by `focusnfix rahf train`")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     p.set_defaults(func="cmd_rahf_eval")
     return parser

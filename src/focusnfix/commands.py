@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from focusnfix.evaluate import (
     run_config,
     summary_table,
 )
-from focusnfix.files import atomic_write_text, read_prompts_file
+from focusnfix.files import atomic_write_text, read_json, read_prompts_file
 from focusnfix.images import colorize, grid, overlay, save_png
 from focusnfix.inference import active_steps_for
 from focusnfix.lora import check_lora_file, lora_active_steps
@@ -40,7 +40,7 @@ from focusnfix.rahf import evaluate as rahf_evaluate
 from focusnfix.rahf.data import RichHFDataset, collate
 from focusnfix.rahf.model import RAHFConfig, RAHFModel
 from focusnfix.rahf.train import RAHFTrainConfig, train_rahf
-from focusnfix.rating import apply_votes, write_rating_page
+from focusnfix.rating import apply_votes, read_votes, write_rating_page
 from focusnfix.reference import build_aspects, compute_reference, sampling_options
 from focusnfix.report import markdown_table, write_report
 from focusnfix.sampling import SamplingOptions, sample
@@ -111,8 +111,14 @@ def run_config_path(config: str | None, lora: str | None) -> Path | None:
     return candidate if lora_dir.name == "lora" and candidate.is_file() else None
 
 
+def _check_png(out: str) -> None:
+    if Path(out).suffix.lower() != ".png":
+        raise InputError(f"--out {out}: the picture is written as PNG, its name must end in .png")
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     _check_prompt(args.prompt)
+    _check_png(args.out)
     if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps must be >= 1, got {args.steps}")
     for flag, value in (("--height", args.height), ("--width", args.width)):
@@ -160,6 +166,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_mask(args: argparse.Namespace) -> int:
     _check_prompt(args.prompt)
+    _check_png(args.out)
     config = load_config(args.config, args.set)
     backbone = load_backbone(config.model.path, config.model.dtype, config.model.variant, config.model.revision)
     aspects = build_aspects(config)
@@ -231,6 +238,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     methods: dict[str, list[str]] = {
         name: [p.strip() for p in paths.split(",") if p.strip()] for name, paths in name_path_pairs(args.lora, "--lora").items()
     }
+    for name, paths in methods.items():
+        for path in paths:
+            if not Path(path).exists():
+                raise InputError(f"--lora {name}: {path} does not exist (expected a run directory, its lora/ "
+                                 "directory or a pytorch_lora_weights.safetensors)")
+    if args.votes:
+        read_votes(args.votes)  # a malformed votes file fails now, not after the evaluation
     if args.seeds < 1:
         raise InputError("--seeds must be >= 1")
     # the training config: --config, else the runs' own config.yaml (all must agree); never a default
@@ -293,7 +307,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         path = Path(args.dir) / "metrics.json"
         if not path.is_file():
             raise InputError(f"{path} not found: --markdown needs an evaluation directory (focusnfix eval or demo --out)")
-        print(markdown_table(json.loads(path.read_text())))
+        print(markdown_table(read_json(path, "evaluation metrics")))
         return 0
     logs = {k: Path(v) for k, v in name_path_pairs(args.train_log, "--train-log").items()}
     out = args.out or str(Path(args.dir) / "report.html")
@@ -318,6 +332,8 @@ def parse_betas(text: str) -> list[float]:
         raise InputError(f"--betas must be comma-separated numbers, got {text!r}") from err
     if not betas:
         raise InputError("--betas must list at least one beta")
+    if any(not math.isfinite(b) or b < 0 for b in betas):
+        raise InputError(f"--betas must be finite numbers >= 0 (0 = DRaFT), got {text!r}")
     if len({f"{b:g}" for b in betas}) != len(betas):
         raise InputError(f"--betas has duplicates: {text!r}")
     return betas
@@ -399,8 +415,7 @@ def cmd_toyworld_path(args: argparse.Namespace) -> int:
     try:
         print(toyworld.pipeline_path(args.model))
     except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        raise InputError(f"--model: {err}") from None
     return 0
 
 
@@ -408,8 +423,7 @@ def cmd_toyworld_stats(args: argparse.Namespace) -> int:
     try:
         stats = compute_stats(args.model, n=args.n, save_grid=args.grid, guidance=args.guidance)
     except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        raise InputError(f"--model: {err}") from None
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -420,7 +434,9 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     metrics_file = Path(args.dir) / "metrics.json"
     if not metrics_file.is_file():
         raise InputError(f"{args.dir} is not an evaluation directory: metrics.json is missing")
-    aspect = json.loads(metrics_file.read_text())["aspect"]
+    aspect = read_json(metrics_file, "evaluation metrics").get("aspect")
+    if not isinstance(aspect, str):
+        raise InputError(f"{metrics_file}: expected the evaluated 'aspect' name (written by focusnfix eval)")
     judge_name = "safety" if aspect == "safety_narrow" else aspect
     if judge_name not in ("safety", "plausibility"):
         raise InputError(f"diagnose needs a localizing judge: the toy world has them for safety, safety_narrow and "

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from focusnfix import toyworld
 from focusnfix.errors import ConfigError
-from focusnfix.files import read_prompts_file
+from focusnfix.files import read_prompts_file, read_text
 
 
 class _Section(BaseModel):
@@ -328,12 +328,21 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(path, "config file"))
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    return config_from_dict(data, overrides)
+    config = config_from_dict(data, overrides)
+    # a relative prompts path is read from the working directory, else beside the config file; fixed
+    # here so that every command (train, eval, sweep, oracle) and the run's config.yaml agree
+    d = config.data
+    for field in ("prompts_file", "prompts_dataset"):
+        spec = getattr(d, field)
+        if spec and not spec.startswith("toy:") and not Path(spec).is_absolute() and not Path(spec).exists() \
+                and (path.parent / spec).exists():
+            setattr(d, field, str((path.parent / spec).resolve()))
+    return config
 
 
 def dump_config(config: Config) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from focusnfix.errors import InputError
-from focusnfix.files import atomic_write_text
+from focusnfix.files import atomic_write_text, read_json, read_npz
 
 
 class LocalizingJudge(Protocol):
@@ -109,9 +109,17 @@ def diagnose(eval_dir: str | Path, judge: LocalizingJudge, min_psnr: float = 35.
     for name in ("images.npz", "per_image.json", "metrics.json"):
         if not (eval_dir / name).is_file():
             raise InputError(f"{eval_dir} is not a finished evaluation directory: {name} is missing")
-    z = np.load(eval_dir / "images.npz")
-    prompts = [it["prompt"] for it in json.loads((eval_dir / "per_image.json").read_text())["items"]]
-    aspect = json.loads((eval_dir / "metrics.json").read_text())["aspect"]
+    z = read_npz(eval_dir / "images.npz", "evaluation images")
+    items = read_json(eval_dir / "per_image.json", "per-image results").get("items")
+    aspect = read_json(eval_dir / "metrics.json", "evaluation metrics").get("aspect")
+    if not isinstance(items, list) or not all(isinstance(it, dict) and "prompt" in it for it in items):
+        raise InputError(f"{eval_dir / 'per_image.json'}: expected an 'items' list of objects with a 'prompt'")
+    if not isinstance(aspect, str):
+        raise InputError(f"{eval_dir / 'metrics.json'}: expected the evaluated 'aspect' name")
+    missing = [k for k in ("base", "mask") if k not in z]
+    if missing:
+        raise InputError(f"{eval_dir / 'images.npz'}: the arrays {missing} are missing (written by focusnfix eval)")
+    prompts = [it["prompt"] for it in items]
 
     def load(key: str) -> torch.Tensor:
         return torch.from_numpy(z[key]).float() / 255
@@ -134,9 +142,9 @@ def diagnose(eval_dir: str | Path, judge: LocalizingJudge, min_psnr: float = 35.
     result: dict[str, Any] = {"aspect": aspect, "min_psnr": min_psnr,
                               "mask_holds_judge_defect": mask_holds_localized(judged(base, heat=True), mask, base_defect),
                               "methods": {}}
-    methods = sorted({k.split("__")[1] for k in z.files if k.startswith("method__")})
+    methods = sorted({k.split("__")[1] for k in z if k.startswith("method__")})
     for method in methods:
-        runs = [k for k in z.files if k == f"method__{method}" or k.startswith(f"method__{method}__run")]
+        runs = [k for k in z if k == f"method__{method}" or k.startswith(f"method__{method}__run")]
         rows = []
         for key in runs:
             after = load(key)

@@ -32,8 +32,8 @@ from focusnfix.aspects.base import Aspect, CalibratedJudge, Judge
 from focusnfix.backbones import Backbone, load_backbone
 from focusnfix.baselines import SLD_METHOD, sld_images
 from focusnfix.errors import InputError
-from focusnfix.files import atomic_write, atomic_write_text
-from focusnfix.lora import check_lora_file, lora_active_steps
+from focusnfix.files import atomic_write, atomic_write_text, read_json, read_npz
+from focusnfix.lora import check_lora_file, load_lora_into, lora_active_steps
 from focusnfix.metrics import (
     DEFAULT_EPS,
     PSNR_CAP,
@@ -89,15 +89,9 @@ def load_lora(backbone: Backbone, name: str, lora_dir: str | Path) -> str:
     Raises:
         InputError: no readable LoRA file there, or one whose keys or shapes do not fit the model.
     """
-    path = check_lora_file(lora_dir)
     # PEFT adapter names become ModuleDict keys: no dots (method names like "beta_0.3" have them)
     adapter = "eval_" + "".join(c if c.isalnum() else "_" for c in name)
-    try:
-        backbone.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
-    except (ValueError, KeyError, RuntimeError) as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        more = f" (+{len(lines) - 2} more)" if len(lines) > 2 else ""
-        raise InputError(f"LoRA {path} does not fit the model: {' '.join(lines[:2])}{more}") from err
+    load_lora_into(backbone.pipe, lora_dir, adapter_name=adapter)
     backbone.pipe.set_adapters([adapter])
     return adapter
 
@@ -385,17 +379,11 @@ def load_eval(eval_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarra
     mpath = eval_dir / "metrics.json"
     if not mpath.is_file():
         raise InputError(f"{eval_dir} is not an evaluation directory (no metrics.json)")
-    try:
-        metrics = json.loads(mpath.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{mpath} is not valid JSON: {err}") from err
+    metrics = read_json(mpath, "evaluation metrics")
     ipath = eval_dir / "images.npz"
-    arrays: dict[str, np.ndarray] = {}
-    if ipath.is_file():
-        with np.load(ipath) as data:
-            arrays = {k: data[k] for k in data.files}
+    arrays = read_npz(ipath, "evaluation images") if ipath.is_file() else {}
     ppath = eval_dir / "per_image.json"
-    per_image = json.loads(ppath.read_text()) if ppath.is_file() else {}
+    per_image = read_json(ppath, "per-image results") if ppath.is_file() else {}
     return metrics, arrays, per_image
 
 

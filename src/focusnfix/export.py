@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from focusnfix.errors import InputError
+from focusnfix.errors import InputError, warn
 from focusnfix.files import atomic_write
 from focusnfix.lora import check_lora_file, lora_active_steps
 
@@ -39,7 +39,12 @@ def _adapter_config(metadata: dict[str, str] | None) -> tuple[float | None, int 
     raw = (metadata or {}).get("lora_adapter_metadata")
     if not raw:
         return None, None, {}, {}
-    cfg = json.loads(raw)
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise InputError(f"the LoRA file's lora_adapter_metadata is not valid JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise InputError("the LoRA file's lora_adapter_metadata must be a JSON object")
     get = lambda k: cfg.get(f"unet.{k}", cfg.get(k))  # noqa: E731 - written with or without the prefix
     return get("lora_alpha"), get("r"), get("alpha_pattern") or {}, get("rank_pattern") or {}
 
@@ -68,6 +73,8 @@ def kohya_state_dict(path: str | Path, alpha: float | None = None) -> dict[str, 
     lora_alpha, _, alpha_pattern, _ = _adapter_config(metadata)
     if lora_alpha is None:
         lora_alpha = alpha
+    elif alpha is not None and float(alpha) != float(lora_alpha):
+        warn(f"--alpha {alpha:g} ignored: {file} records its lora_alpha {lora_alpha:g} in its adapter metadata")
     if lora_alpha is None:
         raise InputError(f"{file} carries no adapter metadata with lora_alpha; give --alpha (the training lora.alpha)")
     out: dict[str, torch.Tensor] = {}

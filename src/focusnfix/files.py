@@ -1,4 +1,4 @@
-"""Atomic file writes and the one prompt-file reader.
+"""Atomic file writes, and readers of the files users hand in (prompts, JSON, arrays).
 
 Everything the project writes that a crash must not leave half-written (LoRA, checkpoints,
 reference cache items, metrics, reports, PNGs) goes through :func:`atomic_write`: the data is
@@ -8,10 +8,15 @@ which is atomic on POSIX and Windows.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from focusnfix.errors import InputError
 
@@ -43,6 +48,66 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def read_text(path: str | Path, what: str) -> str:
+    """The UTF-8 text of ``path``.
+
+    Raises:
+        InputError: the path is missing, a directory, or not UTF-8 text; ``what`` names the file's role.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what}: {path} is a directory, expected a file")
+    if not path.is_file():
+        raise InputError(f"{what}: {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{what}: {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+
+
+def read_json(path: str | Path, what: str, expect: type | tuple[type, ...] = dict) -> Any:
+    """The JSON document of ``path``, checked to be an ``expect`` (dict, list or a tuple of them) at the top.
+
+    Raises:
+        InputError: missing, not UTF-8, not valid JSON, or another top-level type.
+    """
+    try:
+        doc = json.loads(read_text(path, what))
+    except json.JSONDecodeError as err:
+        raise InputError(f"{what}: {path} is not valid JSON ({err})") from None
+    if not isinstance(doc, expect):
+        names = {dict: "an object", list: "a list"}
+        kinds = expect if isinstance(expect, tuple) else (expect,)
+        kind = " or ".join(names.get(k, k.__name__) for k in kinds)
+        raise InputError(f"{what}: {path} must hold {kind} at the top, got {type(doc).__name__}")
+    return doc
+
+
+def read_npz(path: str | Path, what: str) -> dict[str, np.ndarray]:
+    """Every array of a ``.npz`` file (loaded eagerly, no pickled objects).
+
+    Raises:
+        InputError: missing, or not a readable npz archive of plain arrays.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what}: {path} does not exist")
+    if not zipfile.is_zipfile(path) and path.read_bytes()[:6] != b"\x93NUMPY":
+        raise InputError(f"{what}: {path} is not an npz archive (a zip of .npy arrays, as numpy.savez writes)")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.ndarray):
+            arrays = None
+        else:
+            with data:
+                arrays = {k: data[k] for k in data.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise InputError(f"{what}: {path} is not a readable npz archive of arrays ({err})") from None
+    if arrays is None:
+        raise InputError(f"{what}: {path} holds one array, expected an npz archive of named arrays")
+    return arrays
+
+
 def read_prompts_file(path: str | Path, what: str = "prompts file") -> list[str]:
     """Prompts of a UTF-8 text file: one per line; blank lines and lines starting with ``#`` skipped.
 
@@ -50,17 +115,11 @@ def read_prompts_file(path: str | Path, what: str = "prompts file") -> list[str]
         InputError: the file is missing, not UTF-8 text, or holds no prompt; ``what`` names the
             field or option the path came from.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{what}: {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise InputError(f"{what}: {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    text = read_text(path, what)
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise InputError(f"{what}: {path} holds no prompts (one prompt per line expected)")
     return prompts
 
 
-__all__ = ["atomic_write", "atomic_write_text", "read_prompts_file"]
+__all__ = ["atomic_write", "atomic_write_text", "read_json", "read_npz", "read_prompts_file", "read_text"]

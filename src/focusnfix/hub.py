@@ -18,7 +18,7 @@ from typing import Any
 
 from focusnfix.config import load_config
 from focusnfix.errors import InputError
-from focusnfix.files import atomic_write_text
+from focusnfix.files import atomic_write_text, read_json
 from focusnfix.lora import LORA_SCHEDULE_NAME, LORA_WEIGHT_NAME, check_lora_file
 
 _SUMMARY_KEYS = ("removal_share", "new_defect_share", "hack_gap", "others_degraded_share", "outside_psnr",
@@ -28,7 +28,7 @@ _SUMMARY_KEYS = ("removal_share", "new_defect_share", "hack_gap", "others_degrad
 def _summary(eval_dir: Path | None) -> dict[str, Any] | None:
     if eval_dir is None or not (eval_dir / "metrics.json").is_file():
         return None
-    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    metrics = read_json(eval_dir / "metrics.json", "evaluation metrics (--eval)")
     return {
         "aspect": metrics.get("aspect"),
         "n_images": metrics.get("n_images"),
@@ -129,6 +129,8 @@ def upload_folder_for(run_dir: str | Path, repo_id: str, out: str | Path, eval_d
         shutil.copy2(lora.parent / LORA_SCHEDULE_NAME, out / LORA_SCHEDULE_NAME)
     if (run_dir / "samples" / "final.png").is_file():
         shutil.copy2(run_dir / "samples" / "final.png", out / "samples.png")
+    if eval_dir and not (Path(eval_dir) / "metrics.json").is_file():
+        raise InputError(f"--eval: {eval_dir} is not an evaluation directory (no metrics.json)")
     summary = _summary(Path(eval_dir) if eval_dir else None)
     if summary:
         atomic_write_text(out / "metrics_summary.json", json.dumps(summary, indent=2))

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from focusnfix.errors import InputError
 from focusnfix.files import atomic_write
 
 
@@ -53,7 +54,13 @@ def grid(rows: list[torch.Tensor], pad: int = 2, scale: int = 1) -> np.ndarray:
 
 
 def save_png(array: np.ndarray | torch.Tensor, path: str | Path) -> Path:
-    """Write an ``(h, w, 3)`` uint8 array or a ``(3, H, W)`` tensor in [0, 1] as PNG, atomically."""
+    """Write an ``(h, w, 3)`` uint8 array or a ``(3, H, W)`` tensor in [0, 1] as PNG, atomically.
+
+    Raises:
+        InputError: ``path`` does not end in ``.png`` (the file would hold PNG bytes under another name).
+    """
+    if Path(path).suffix.lower() != ".png":
+        raise InputError(f"{path}: the output is a PNG image, its name must end in .png")
     if isinstance(array, torch.Tensor):
         array = to_uint8(array[None])[0]
     return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"), suffix=".png")

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -204,12 +205,67 @@ def load_lora_into(pipe: Any, lora: str | Path, adapter_name: str | None = None)
     kwargs = {"weight_name": path.name}
     if adapter_name is not None:
         kwargs["adapter_name"] = adapter_name
+    before = _adapter_names(pipe)
     try:
-        pipe.load_lora_weights(str(path.parent), **kwargs)
+        with warnings.catch_warnings():  # PEFT's key-mismatch warning: checked below, as an error
+            warnings.filterwarnings("ignore", message=".*injecting the PEFT adapters", category=RuntimeWarning)
+            pipe.load_lora_weights(str(path.parent), **kwargs)
     except (ValueError, KeyError, RuntimeError) as err:  # PEFT's NoMatchingPeftModuleError is a ValueError
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"LoRA {path} does not fit this {type(pipe).__name__}: {first[:300]}") from None
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        more = f" (+{len(lines) - 2} more lines)" if len(lines) > 2 else ""
+        raise InputError(f"LoRA {path} does not fit this {type(pipe).__name__}: {' '.join(lines[:2])[:400]}{more}") from None
+    added = sorted(_adapter_names(pipe) - before)
+    # PEFT only warns about file weights that name no layer of the model (and initialises layers the
+    # file lacks at random), then loads the rest: the LoRA would act partly, silently
+    in_file = sum(1 for k in load_file(str(path)) if k.endswith(_LORA_WEIGHT_SUFFIXES))
+    loaded = sum(_loaded_lora_tensors(pipe, a) for a in added)
+    if added and loaded != in_file:
+        if hasattr(pipe, "delete_adapters"):
+            pipe.delete_adapters(added)
+        if loaded < in_file:
+            why = (f"{in_file - loaded} of its {in_file} LoRA weights name layers the model lacks"
+                   f"{_unmatched_example(pipe, path)} (a LoRA for another model, or renamed keys)")
+        else:
+            why = (f"it holds {in_file} LoRA weights for layers that need {loaded} (every LoRA layer needs its "
+                   "down and up weight; the missing ones would start at random)")
+        raise InputError(f"LoRA {path} does not fit this {type(pipe).__name__}: {why}")
     return path
+
+
+#: key endings of LoRA down / up weights in diffusers', PEFT's and kohya's formats
+_LORA_WEIGHT_SUFFIXES = (".lora.down.weight", ".lora.up.weight", ".lora_A.weight", ".lora_B.weight",
+                         ".lora_down.weight", ".lora_up.weight")
+
+
+def _lora_components(pipe: Any) -> dict[str, torch.nn.Module]:
+    return {name: m for name, m in getattr(pipe, "components", {}).items()
+            if isinstance(m, torch.nn.Module) and getattr(m, "peft_config", None)}
+
+
+def _adapter_names(pipe: Any) -> set[str]:
+    return {a for m in _lora_components(pipe).values() for a in m.peft_config}
+
+
+def _loaded_lora_tensors(pipe: Any, adapter: str) -> int:
+    """How many LoRA A / B weights of ``adapter`` the pipeline's components hold."""
+    n = 0
+    for m in _lora_components(pipe).values():
+        if adapter in m.peft_config:
+            n += sum(1 for k in get_peft_model_state_dict(m, adapter_name=adapter)
+                     if k.endswith((".lora_A.weight", ".lora_B.weight")))
+    return n
+
+
+def _unmatched_example(pipe: Any, path: Path) -> str:
+    """``", e.g. unet.X"`` for a diffusers-format key whose layer the component lacks ('' if none is found)."""
+    modules = {name: {n for n, _ in m.named_modules()} for name, m in getattr(pipe, "components", {}).items()
+               if isinstance(m, torch.nn.Module)}
+    for key in load_file(str(path)):
+        prefix, _, rest = key.partition(".")
+        suffix = next((s for s in _LORA_WEIGHT_SUFFIXES if rest.endswith(s)), None)
+        if prefix in modules and suffix is not None and rest[: -len(suffix)] not in modules[prefix]:
+            return f", e.g. {key}"
+    return ""
 
 
 __all__ = [

@@ -40,7 +40,7 @@ import numpy as np
 
 from focusnfix.errors import InputError
 from focusnfix.evaluate import load_eval, write_metrics
-from focusnfix.files import atomic_write_text
+from focusnfix.files import atomic_write_text, read_json
 from focusnfix.metrics import bootstrap_stat
 from focusnfix.report import CSS, chw_to_hwc, esc, png_data_uri
 
@@ -176,12 +176,7 @@ def read_votes(paths: list[str | Path]) -> list[dict[str, Any]]:
     records = []
     for i, path in enumerate(paths):
         path = Path(path)
-        if not path.is_file():
-            raise InputError(f"votes file {path} does not exist")
-        try:
-            doc = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise InputError(f"votes file {path} is not valid JSON: {err}") from err
+        doc = read_json(path, "votes file", expect=(dict, list))
         docs = doc if isinstance(doc, list) else [doc]
         for j, d in enumerate(docs):
             if not isinstance(d, dict) or not isinstance(d.get("votes"), list):
@@ -197,6 +192,12 @@ def read_votes(paths: list[str | Path]) -> list[dict[str, Any]]:
                 for key in ("example", "method", "aspect"):
                     if key not in v:
                         raise InputError(f"votes file {path}: a vote lacks {key!r}: {v!r}")
+                example = v["example"]
+                if isinstance(example, str) and example.strip().isdigit():
+                    example = int(example)
+                if isinstance(example, bool) or not isinstance(example, int) or example < 0:
+                    raise InputError(f"votes file {path}: 'example' must be an image index >= 0, got {v!r}")
+                v = {**v, "example": example}
                 records.append({**v, "rater": rater})
     return records
 
@@ -235,7 +236,17 @@ def apply_votes(eval_dir: str | Path, vote_files: list[str | Path], n_bootstrap:
     metrics, _, _ = load_eval(eval_dir)
     settings = metrics.get("settings", {})
     nb = n_bootstrap if n_bootstrap is not None else int(settings.get("n_bootstrap", 1000))
-    folded = fold_votes(read_votes(vote_files), metrics["aspect"], nb, int(settings.get("bootstrap_seed", 0)))
+    records = read_votes(vote_files)
+    n_images = metrics.get("n_images")
+    aspects = set(metrics.get("aspects") or [metrics["aspect"]])
+    for r in records:
+        if isinstance(n_images, int) and r["example"] >= n_images:
+            raise InputError(f"a vote of {r['rater']} rates example {r['example']}, but {eval_dir} holds "
+                             f"{n_images} images (0 .. {n_images - 1}): {r!r}")
+        if str(r["aspect"]) not in aspects:
+            raise InputError(f"a vote of {r['rater']} names aspect {r['aspect']!r}; {eval_dir} evaluated "
+                             f"{sorted(aspects)}: {r!r}")
+    folded = fold_votes(records, metrics["aspect"], nb, int(settings.get("bootstrap_seed", 0)))
     unknown = sorted(set(folded) - set(metrics["methods"]))
     if unknown:
         raise InputError(f"votes name methods that {eval_dir}/metrics.json lacks: {unknown}")

@@ -32,7 +32,7 @@ from PIL import Image
 
 from focusnfix.errors import InputError
 from focusnfix.evaluate import load_eval
-from focusnfix.files import atomic_write_text
+from focusnfix.files import atomic_write_text, read_json, read_text
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 #: preferred column order of methods (others follow in metrics.json order)
@@ -495,7 +495,7 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise InputError(f"training log {path} does not exist")
     records = []
-    for line in path.read_text().splitlines():
+    for line in read_text(path, "training log").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
@@ -520,10 +520,10 @@ def _training_plots(train_logs: dict[str, Path], smooth: float = 0.3) -> str:
 
 
 def _sweep_section(sweep_path: Path) -> str:
-    if not Path(sweep_path).is_file():
-        raise InputError(f"sweep file {sweep_path} does not exist")
-    doc = json.loads(Path(sweep_path).read_text())
+    doc = read_json(sweep_path, "sweep file (--sweep)")
     pts = doc.get("points", [])
+    if not isinstance(pts, list) or not all(isinstance(p, dict) for p in pts):
+        raise InputError(f"sweep file {sweep_path}: expected a 'points' list of objects (focusnfix sweep's sweep.json)")
 
     def mean(p: dict, k: str) -> float | None:
         s = p.get(k)
@@ -550,7 +550,7 @@ def _diagnostics_table(path: Path) -> str:
     """The table of :mod:`focusnfix.diagnose`'s ``diagnostics.json`` ('' when there is none)."""
     if not path.is_file():
         return ""
-    d = json.loads(path.read_text())
+    d = read_json(path, "diagnostics")
     held = d.get("mask_holds_judge_defect") or {}
 
     def num(v: Any, digits: int = 2) -> str:

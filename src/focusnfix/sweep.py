@@ -13,7 +13,7 @@ from typing import Any
 from focusnfix.config import load_config, resolve_prompts
 from focusnfix.errors import InputError
 from focusnfix.evaluate import aspects_from_config, evaluate, evaluation_setup
-from focusnfix.files import atomic_write_text
+from focusnfix.files import atomic_write_text, read_json
 from focusnfix.metrics import json_clean
 
 #: the selection rule's floor on the outside PSNR (dB) of a validation point
@@ -85,7 +85,10 @@ def combine_sweeps(paths: list[str | Path], out_dir: str | Path) -> dict[str, An
         f = path / "sweep.json" if path.is_dir() else path
         if not f.is_file():
             raise InputError(f"no sweep.json at {path} (expected a `focusnfix sweep` output directory or its sweep.json)")
-        docs.append((f, json.loads(f.read_text())))
+        doc = read_json(f, "sweep file")
+        if not isinstance(doc.get("points"), list) or not all(isinstance(p, dict) and "beta" in p for p in doc["points"]):
+            raise InputError(f"sweep file {f}: expected a 'points' list of objects with a 'beta' (focusnfix sweep's sweep.json)")
+        docs.append((f, doc))
     prompts = {json.dumps(d.get("prompts")) for _, d in docs}
     if len(prompts) > 1:
         raise InputError(f"the sweeps were evaluated on different prompts: {[str(f) for f, _ in docs]}")
@@ -151,6 +154,13 @@ def sweep(
         raise InputError("--betas must list at least one beta")
     if any(not math.isfinite(b) or b < 0 for b in betas):
         raise InputError(f"--betas must be finite and >= 0, got {betas}")
+    # checked before training, which the evaluation would otherwise only reach an hour later
+    if seeds is not None and (not seeds or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds)):
+        raise InputError(f"--seeds: the evaluation seeds must be a non-empty list of integers, got {seeds!r}")
+    if batch_size < 1 or n_bootstrap < 1 or jobs < 1:
+        raise InputError(f"--batch-size, --bootstrap and --jobs must be >= 1, got {batch_size}, {n_bootstrap}, {jobs}")
+    if prompts is not None and (not prompts or any(not isinstance(x, str) or not x.strip() for x in prompts)):
+        raise InputError("--prompts: the evaluation prompts must be a non-empty list of non-empty strings")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     configs = {b: load_config(config_path, run_overrides(b, [*overrides, *(draft_overrides if b == 0 else ())], out_dir))

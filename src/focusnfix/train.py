@@ -119,6 +119,11 @@ class FocusNFixTrainer:
     ) -> None:
         self.config = config
         tc = config.train
+        if tc.device == "cuda" and accelerator is None and not torch.cuda.is_available():
+            raise InputError("train.device is cuda, but torch sees no CUDA GPU here (a CPU build of torch, or no "
+                             "visible device); use train.device: auto or cpu")
+        if tc.report_to != "none":
+            _require_tracker(tc.report_to)
         # mixed_precision None: accelerate's own (launch flags, `accelerate config`), "no" without one
         self.accelerator = accelerator or Accelerator(
             mixed_precision=tc.mixed_precision, cpu=tc.device == "cpu",
@@ -560,6 +565,16 @@ class FocusNFixTrainer:
                 log.close()
             if tracking:
                 self.accelerator.end_training()
+
+
+def _require_tracker(name: str) -> None:
+    """Fail before training when ``train.report_to`` names a tracker whose package is missing
+    (accelerate would only warn and train without tracking)."""
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        raise InputError(f"train.report_to is {name}, but the {name} package is not installed: "
+                         f"pip install 'focusnfix[{name}]' (or set train.report_to: none)")
 
 
 def _optimizer(tc: Any, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:

@@ -47,6 +47,9 @@ def import_target(target: str) -> Any:
     if ":" not in target:
         raise InputError(f"target {target!r} must look like 'package.module:attribute'")
     module_name, attr = target.split(":", 1)
+    if not all(part.isidentifier() for part in module_name.split(".")) or not attr.isidentifier():
+        raise InputError(f"target {target!r} must look like 'package.module:attribute' (an absolute module path "
+                         "and a name in it)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -55,6 +58,14 @@ def import_target(target: str) -> Any:
         return getattr(module, attr)
     except AttributeError as err:
         raise InputError(f"module {module_name!r} has no attribute {attr!r}") from err
+
+
+def import_factory(target: str) -> Any:
+    """:func:`import_target`, checked to be callable (a class or a function that builds the object)."""
+    factory = import_target(target)
+    if not callable(factory):
+        raise InputError(f"target {target!r} is a {type(factory).__name__}, expected a class or function to call")
+    return factory
 
 
 def build_aspect(type_name: str, args: dict[str, Any], name: str | None = None) -> Aspect:
@@ -85,7 +96,7 @@ def _toyworld(aspect: str, localizer: str | None = None, root: str | None = None
 
 
 def _python(target: str, kwargs: dict[str, Any] | None = None) -> Aspect:
-    aspect = import_target(target)(**(kwargs or {}))
+    aspect = import_factory(target)(**(kwargs or {}))
     if not isinstance(aspect, Aspect):
         raise InputError(f"{target} returned {type(aspect).__name__}, expected a focusnfix Aspect")
     return aspect
@@ -93,7 +104,7 @@ def _python(target: str, kwargs: dict[str, Any] | None = None) -> Aspect:
 
 def _saliency(target: str, kwargs: dict[str, Any] | None = None, name: str = "saliency", **options: Any) -> Aspect:
     """``options``: :class:`SaliencyAspect`'s method, layer, smooth_samples, noise_std, blur_sigma."""
-    model = import_target(target)(**(kwargs or {}))
+    model = import_factory(target)(**(kwargs or {}))
     if not isinstance(model, nn.Module):
         raise InputError(f"{target} returned {type(model).__name__}, expected an nn.Module reward")
     try:

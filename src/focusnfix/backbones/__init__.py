@@ -72,6 +72,7 @@ def load_backbone(
     """
     if dtype not in DTYPES:
         raise InputError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    check_device(device)
     source = resolve_model_path(model)
     class_name = _pipeline_class_name(source)
     if class_name is not None and class_name not in BACKBONES:
@@ -90,12 +91,30 @@ def load_backbone(
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except OSError as err:
         raise InputError(f"could not load model {model!r}: {err}") from err
+    except ValueError as err:
+        if variant and "variant" in str(err):
+            raise InputError(f"model {model!r} has no weights of variant {variant!r} (model.variant): {err}") from err
+        raise
     name = type(pipe).__name__
     if name not in BACKBONES:
         raise InputError(f"model {model!r} is a {name}; supported pipelines: {', '.join(sorted(BACKBONES))}")
     pipe.set_progress_bar_config(disable=True)
     backbone = BACKBONES[name](pipe)
     return backbone.to(device)
+
+
+def check_device(device: torch.device | str) -> None:
+    """Fail with a clear error when ``device`` is not one torch can use here (e.g. cuda on a CPU build)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise InputError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r}: torch sees no CUDA GPU here (a CPU build of torch, or no visible device)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device {device!r}: MPS is not available on this machine")
 
 
 def _absent_components(source: str) -> list[str]:

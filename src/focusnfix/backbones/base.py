@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler
 
+from focusnfix.errors import InputError
+
 
 @dataclass
 class Conditioning:
@@ -90,8 +92,9 @@ class Backbone(ABC):
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         f = self.vae_scale_factor
-        if height % f or width % f:
-            raise ValueError(f"image size {height}x{width} must be divisible by the VAE factor {f}")
+        if height % f or width % f or height < f or width < f:
+            raise InputError(f"image size {height}x{width} (sampling.height x sampling.width) must be positive "
+                             f"multiples of the model's VAE scale factor {f}")
         return (batch, self.unet.config.in_channels, height // f, width // f)
 
     def to(self, device: torch.device | str) -> Backbone:

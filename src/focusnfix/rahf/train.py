@@ -19,6 +19,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from focusnfix.errors import InputError
+from focusnfix.files import read_text
 from focusnfix.ops import resize
 from focusnfix.rahf.data import RichHFDataset, collate
 from focusnfix.rahf.model import HEATMAPS, SCORES, RAHFConfig, RAHFModel
@@ -58,7 +59,10 @@ class RAHFTrainConfig:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"--config {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(read_text(path, "--config")) or {}
+        except yaml.YAMLError as err:
+            raise InputError(f"--config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise InputError(f"--config {path} must hold a mapping")
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))

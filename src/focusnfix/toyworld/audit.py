@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from focusnfix.errors import InputError
+from focusnfix.files import atomic_write, atomic_write_text, read_json, read_npz
 from focusnfix.toyworld import ASPECTS, assets_path, load_judge
 
 PROCEDURE = (
@@ -86,7 +87,8 @@ def load_audit(root: str | Path | None = None) -> tuple[torch.Tensor, dict]:
     base = Path(root) if root is not None else assets_path()
     with np.load(base / "audit" / "images.npz") as data:
         images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float() / 255
-    return images, json.loads((base / "audit" / "labels.json").read_text())
+    doc = json.loads((base / "audit" / "labels.json").read_text())
+    return images[: len(doc["items"])], doc  # rows past the labels: a batch whose labels were never written
 
 
 @torch.no_grad()
@@ -210,9 +212,13 @@ def add_batch(batch_dir: str | Path, labels_file: str | Path, root: str | Path |
     """Append a labelled batch to the audit set under ``root`` (default: the packaged assets);
     returns the new labels document. The batch number is one more than the set's last."""
     batch_dir = Path(batch_dir)
-    key = json.loads((batch_dir / "key.json").read_text())
-    with np.load(batch_dir / "images.npz") as data:
-        new_images = data["images"]
+    if not batch_dir.is_dir():
+        raise InputError(f"--batch: {batch_dir} is not a directory (expected one made by toyworld audit-sheets)")
+    key = read_json(batch_dir / "key.json", "audit batch key")
+    new_images = read_npz(batch_dir / "images.npz", "audit batch images").get("images")
+    if new_images is None or not isinstance(key.get("items"), list):
+        raise InputError(f"{batch_dir}: expected key.json with an 'items' list and images.npz with 'images' "
+                         "(made by toyworld audit-sheets)")
     labels = read_labels(labels_file, len(key["items"]))
     base = Path(root) if root is not None else assets_path()
     with np.load(base / "audit" / "images.npz") as data:
@@ -226,8 +232,11 @@ def add_batch(batch_dir: str | Path, labels_file: str | Path, root: str | Path |
         doc["items"].append({"id": start + j, "source": it["source"], "prompt": it["prompt"], "seed": it["seed"],
                              "labels": lab, "batch": batch})
     doc["made_by"] = doc["made_by"].rstrip() + f" Batch {batch}: {key['note']}"
-    np.savez_compressed(base / "audit" / "images.npz", images=np.concatenate([images, new_images]))
-    (base / "audit" / "labels.json").write_text(json.dumps(doc, indent=1))
+    # images first, labels last: a crash in between leaves labels that index only the old images
+    # (the rows past them are ignored by load_audit and replaced here on the next try)
+    joined = np.concatenate([images[:start], new_images])
+    atomic_write(base / "audit" / "images.npz", lambda tmp: np.savez_compressed(tmp, images=joined), suffix=".npz")
+    atomic_write_text(base / "audit" / "labels.json", json.dumps(doc, indent=1))
     return doc
 
 
