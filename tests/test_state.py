@@ -267,3 +267,74 @@ def test_lora_active_steps_beyond_the_schedule_and_a_bad_schedule_file_are_one_l
     (lora_dir / LORA_SCHEDULE_NAME).write_text("not json")
     with pytest.raises(InputError, match="expected JSON with an integer 'active_steps'"):
         lora_active_steps(lora_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# batches of runs (sweeps, the demo) and result folders after a kill
+# ---------------------------------------------------------------------------------------------
+def test_a_killed_run_of_a_batch_continues_from_its_checkpoint_to_the_uninterrupted_lora(
+        tiny_sd_dir, tmp_path, monkeypatch):
+    from focusnfix import runs
+
+    straight = base_config(str(tiny_sd_dir), str(tmp_path / "straight"), steps=4, checkpoint_every=2)
+    _trainer(straight).train()
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "killed"), steps=4, checkpoint_every=2)
+    train_until_crash(_trainer(cfg), monkeypatch, crash_step=3)  # killed after the step-2 checkpoint
+    monkeypatch.undo()
+    steps_run = []
+    real = FocusNFixTrainer.train_step
+    monkeypatch.setattr(FocusNFixTrainer, "train_step", lambda self, step: steps_run.append(step) or real(self, step))
+    runs.train_runs([config_from_dict(cfg)])
+    assert steps_run == [2, 3]  # steps 3 and 4, not all four again
+    assert [r["step"] for r in _log(tmp_path / "killed")] == [1, 2, 3, 4]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "straight" / "lora" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_batch_refuses_a_finished_run_of_another_config_unless_told_to_replace_it(tiny_sd_dir, tmp_path):
+    from focusnfix import runs
+
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=1)
+    runs.train_runs([config_from_dict(cfg)])
+    lora = tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors"
+    first = lora.stat().st_mtime_ns
+    runs.train_runs([config_from_dict(cfg)])  # the same config: reused
+    assert lora.stat().st_mtime_ns == first
+    other = base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=1, learning_rate=1e-2)
+    with pytest.raises(InputError, match="finished run of another config"):
+        runs.train_runs([config_from_dict(other)])
+    runs.train_runs([config_from_dict(other)], replace=True)
+    assert runs.finished(config_from_dict(other)) and not runs.finished(config_from_dict(cfg))
+
+
+def test_a_lora_swap_cut_short_between_its_renames_is_put_back(tmp_path):
+    from focusnfix.lora import replace_dir, restore_replaced
+
+    dst, new = tmp_path / "lora", tmp_path / ".lora.new"
+    dst.mkdir()
+    (dst / "w").write_text("old")
+    os.replace(dst, tmp_path / ".lora.old-123")  # killed after the first rename of replace_dir
+    assert restore_replaced(dst) and (dst / "w").read_text() == "old"
+    new.mkdir()
+    (new / "w").write_text("new")
+    replace_dir(new, dst)
+    assert (dst / "w").read_text() == "new" and not list(tmp_path.glob(".lora.*"))
+    assert oct(dst.stat().st_mode & 0o777) == "0o755"
+
+
+def test_an_evaluation_folder_with_files_of_two_evaluations_is_refused(tmp_path):
+    import numpy as np
+
+    from focusnfix.evaluate import load_eval
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"eval_id": "a", "aspect": "x", "methods": {}}))
+    (tmp_path / "per_image.json").write_text(json.dumps({"eval_id": "a", "items": []}))
+    np.savez(tmp_path / "images.npz", base=np.zeros((1, 3, 2, 2), np.uint8), eval_id=np.array("a"))
+    metrics, arrays, _ = load_eval(tmp_path)
+    assert set(arrays) == {"base"}
+    np.savez(tmp_path / "images.npz", base=np.zeros((1, 3, 2, 2), np.uint8), eval_id=np.array("b"))
+    with pytest.raises(InputError, match="images.npz come from another evaluation"):
+        load_eval(tmp_path)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from focusnfix.config import config_from_dict
 from focusnfix.diagnose import diagnose
 from focusnfix.errors import InputError
 from focusnfix.evaluate import aspects_from_config, evaluate, evaluation_setup
+from focusnfix.lora import replace_dir
 from focusnfix.rating import write_rating_page
 from focusnfix.report import write_report
 from focusnfix.runs import train_runs
@@ -142,21 +144,25 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True, reward
     configs = {}
     for name, b in (("focusnfix", beta), ("draft", 0.0)):
         for seed in range(n_seeds):
+            # a rerun into the same --out keeps finished runs of the same config, continues killed
+            # ones from their last checkpoint, and retrains runs of other settings (train_runs)
             run_dir = out / "runs" / f"{name}_s{seed}"
-            if run_dir.exists():  # a demo is a fresh run: never mix with an older one
-                shutil.rmtree(run_dir)
             configs[(name, seed)] = config_from_dict(demo_config(run_dir, b, s, reward, seed))
     end = DEMO_SETTINGS.get(reward, {}).get("beta_end")
     shown = f"{beta:g}" if end is None else f"{beta:g}, ramped to {end:g} from half way"
     print(f"[demo] training Focus-N-Fix (beta = {shown}) and DRaFT on the {reward} reward, {n_seeds} seed(s) each, "
           f"{s.steps} steps, {jobs} at a time", flush=True)
-    loras = dict(zip(configs, train_runs(list(configs.values()), jobs=jobs, progress=progress and jobs == 1),
-                     strict=True))
+    loras = dict(zip(configs, train_runs(list(configs.values()), jobs=jobs, progress=progress and jobs == 1,
+                                         replace=True), strict=True))
     for name in ("focusnfix", "draft"):
         final = out / "lora" / name
-        if final.exists():
-            shutil.rmtree(final)
-        shutil.copytree(loras[(name, 0)], final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
+        try:
+            shutil.copytree(loras[(name, 0)], tmp, dirs_exist_ok=True)
+            replace_dir(tmp, final)  # the previous copy stays until this one is whole
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"[demo] evaluating on {s.eval_prompts} held-out prompts x {s.eval_seeds} seeds", flush=True)
     config = configs[("focusnfix", 0)]

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from focusnfix.errors import InputError
-from focusnfix.files import atomic_write_text, read_json, read_npz
+from focusnfix.evaluate import load_eval
+from focusnfix.files import atomic_write_text
 
 
 class LocalizingJudge(Protocol):
@@ -109,9 +110,8 @@ def diagnose(eval_dir: str | Path, judge: LocalizingJudge, min_psnr: float = 35.
     for name in ("images.npz", "per_image.json", "metrics.json"):
         if not (eval_dir / name).is_file():
             raise InputError(f"{eval_dir} is not a finished evaluation directory: {name} is missing")
-    z = read_npz(eval_dir / "images.npz", "evaluation images")
-    items = read_json(eval_dir / "per_image.json", "per-image results").get("items")
-    aspect = read_json(eval_dir / "metrics.json", "evaluation metrics").get("aspect")
+    metrics, z, per_image = load_eval(eval_dir)  # checks that the three files are of one evaluation
+    items, aspect = per_image.get("items"), metrics.get("aspect")
     if not isinstance(items, list) or not all(isinstance(it, dict) and "prompt" in it for it in items):
         raise InputError(f"{eval_dir / 'per_image.json'}: expected an 'items' list of objects with a 'prompt'")
     if not isinstance(aspect, str):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -317,7 +318,11 @@ def evaluate(
             notes.append(f"The {name} judge runs at its own operating point: its probability is moved so that "
                          f"{judge_threshold} on it is {judge.threshold} on the judge as trained.")
     h, w = base.shape[-2:]
+    # one id in all three files: load_eval refuses a directory whose files come from two evaluations
+    # (each file is written atomically, but a kill between them would leave new images by old metrics)
+    eval_id = uuid.uuid4().hex
     metrics = {
+        "eval_id": eval_id,
         "aspect": target,
         "n_images": n,
         "methods": entries,
@@ -350,12 +355,12 @@ def evaluate(
         "empty_mask_share": float((mask.flatten(1).amax(1) <= 0).float().mean()),
         "notes": notes,
     }
-    arrays = {"base": _to_u8(base), "heatmap": _to_u8(heatmap), "mask": _to_u8(mask)}
+    arrays = {"base": _to_u8(base), "heatmap": _to_u8(heatmap), "mask": _to_u8(mask), "eval_id": np.array(eval_id)}
     for k, vs in images.items():
         for r, v in enumerate(vs):
             arrays[f"method__{k}" + (f"__run{r}" if r else "")] = _to_u8(v)
     atomic_write(out_dir / "images.npz", lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
-    per_image_doc = {"items": [{"prompt": p, "seed": s} for p, s in items], "methods": per_image_out}
+    per_image_doc = {"eval_id": eval_id, "items": [{"prompt": p, "seed": s} for p, s in items], "methods": per_image_out}
     atomic_write_text(out_dir / "per_image.json", json.dumps(json_clean(tolists(per_image_doc))))
     metrics = json_clean(metrics)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
@@ -384,6 +389,12 @@ def load_eval(eval_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarra
     arrays = read_npz(ipath, "evaluation images") if ipath.is_file() else {}
     ppath = eval_dir / "per_image.json"
     per_image = read_json(ppath, "per-image results") if ppath.is_file() else {}
+    ids = {"images.npz": str(arrays.pop("eval_id")) if "eval_id" in arrays else None,
+           "per_image.json": per_image.get("eval_id")}
+    mixed = [name for name, i in ids.items() if i is not None and i != metrics.get("eval_id")]
+    if mixed:
+        raise InputError(f"{eval_dir}: {', '.join(mixed)} come from another evaluation than metrics.json (an "
+                         "evaluation stopped while writing its files?); run the evaluation again")
     return metrics, arrays, per_image
 
 

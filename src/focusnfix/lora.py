@@ -136,14 +136,37 @@ def save_lora_weights(
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move directory ``src`` to ``dst``, replacing ``dst`` if it exists (never leaving neither)."""
+    """Move directory ``src`` to ``dst``, replacing ``dst`` if it exists.
+
+    Two renames: ``dst`` aside to ``.NAME.old-PID``, ``src`` in. A kill between them leaves only the
+    old copy aside, which :func:`restore_replaced` (called here and by ``runs.finished``) puts back.
+    """
+    restore_replaced(dst)
+    os.chmod(src, 0o755)  # mkdtemp's 0700 would stay on the final folder
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(dst, old)
     os.replace(src, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_replaced(dst: Path) -> bool:
+    """Put back the newest ``.NAME.old-*`` copy of ``dst`` where :func:`replace_dir` was cut short
+    (``dst`` missing); returns whether it did. Copies left beside an existing ``dst`` are removed."""
+    dst = Path(dst)
+    olds = sorted(dst.parent.glob(f".{dst.name}.old-*"), key=lambda p: p.stat().st_mtime) if dst.parent.is_dir() else []
+    if not olds:
+        return False
+    restored = False
+    if not dst.exists():
+        os.replace(olds.pop(), dst)
+        restored = True
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+    return restored
 
 
 def check_lora_file(lora_dir: str | Path) -> Path:
@@ -279,6 +302,7 @@ __all__ = [
     "lora_parameters",
     "lora_state_dict",
     "replace_dir",
+    "restore_replaced",
     "save_file",
     "save_lora_weights",
 ]

@@ -133,8 +133,9 @@ def sweep(
     (plus ``overrides``; :func:`run_overrides`: beta 0 drops a ``beta_end`` schedule). All LoRAs are evaluated together against one base in
     ``out_dir/eval/`` (methods ``beta_<b>``), on ``prompts`` (default: the config's training
     prompts) x ``seeds`` (default: 10000, 10001, i.e. noise never used in training), with the
-    masks training used. A finished run (its ``lora/`` exists) is not retrained; an unfinished
-    one is trained again from step 0. ``jobs`` runs train side by side (:func:`train_runs`).
+    masks training used. A finished run of the same config is not retrained, a killed one continues
+    from its last checkpoint, and a folder holding a run of another config is refused
+    (:func:`~focusnfix.runs.train_runs`). ``jobs`` runs train side by side.
     ``draft_overrides`` apply to the beta 0 run only (the paper's DRaFT: ``lora.active_steps=null``,
     ``sampling.k=2`` where the config trains a late LoRA); that point is also the DRaFT reference
     of :func:`select_beta`'s others' limit.
