@@ -170,6 +170,25 @@ def test_the_judge_as_reward_is_log_one_minus_its_defect_probability_and_localiz
     assert aspect.reward_threshold == pytest.approx(math.log(0.5))  # gated at the judge's own 0.5
 
 
+def test_the_judge_as_reward_arms_set_focusnfix_span_and_keep_draft_the_papers():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from judge_as_reward import SELECT_GRID, run_config
+
+    from focusnfix.config import config_from_dict
+    from focusnfix.demo import FULL
+
+    def span(beta, **kw):
+        c = config_from_dict(run_config(Path("/tmp/unused"), beta, 0, FULL, **kw))
+        return c.lora.active_steps, c.sampling.k, c.aspects[0].args["target"], c.mask.dilate_px
+
+    assert span(0.5) == (5, 5, "judge_as_reward:judge_aspect", 3)  # the demo's late LoRA
+    assert span(0.5, arm="every") == (None, 2, "judge_as_reward:judge_aspect", 3)
+    for name, (active, k, _betas) in SELECT_GRID.items():
+        assert span(0.5, span=name)[:2] == (active, k)
+        assert span(0.0, span=name)[:2] == (None, 2)  # DRaFT: every step, K = 2, whatever the span
+    assert 0.0 in SELECT_GRID["every"][2]  # the others' reference of the rule
+
+
 @pytest.mark.slow
 def test_the_judge_as_reward_experiment_trains_and_judges_both_methods(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "experiments" / "judge_as_reward.py"), "--out", str(tmp_path), "--quick",
