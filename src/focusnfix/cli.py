@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompts", type=non_negative_int, default=0, help="use only the first N prompts (0 = all)")
     p.add_argument("--seeds", type=positive_int, default=1, help="seeds per prompt, from the config's seed_offset")
     p.add_argument("--betas", default=None, help="comma-separated (default: 0 and the config's beta and beta_end)")
-    p.add_argument("--steps", type=positive_int, default=200, help="Adam steps per image")
+    p.add_argument("--steps", type=int, default=200, help="Adam steps per image")
     p.add_argument("--lr", type=positive_float, default=0.05, help="Adam learning rate in latent units")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--no-judges", action="store_true", help="do not judge the images (toy world judges otherwise)")
