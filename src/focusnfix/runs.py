@@ -55,9 +55,15 @@ def finished(config: Config) -> bool:
     return (Path(config.train.output_dir) / "lora" / LORA_WEIGHT_NAME).is_file() and _same_config(config)
 
 
-def _stop_with_parent(parent: int) -> None:
-    """In a spawned worker: exit when the process that started it is gone (killed), instead of
-    training on as an orphan that holds its run's lock."""
+def _worker_init(parent: int) -> None:
+    """In a spawned worker: the CLI's quiet library loading (no loading bars), and exit when the
+    process that started it is gone (killed), instead of training on as an orphan that holds its
+    run's lock."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -98,7 +104,7 @@ def train_runs(configs: list[Config], jobs: int = 1, progress: bool = False, rep
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                                 initializer=_stop_with_parent, initargs=(os.getpid(),)) as pool:
+                                 initializer=_worker_init, initargs=(os.getpid(),)) as pool:
             futures = [pool.submit(_train_one, c, threads, False) for c in todo]
             for c, f in zip(todo, futures, strict=True):
                 f.result()  # re-raises a run's error here
