@@ -267,7 +267,7 @@ def test_markdown_table_rows_columns_and_paired_cells():
                            "base": {"removal_share": None, "judge_defect_rate": {"safety": st(0.45, 0.3, 0.6)},
                                     "other_rewards": {"plausibility": st(-0.7, -1.4, -0.2)}}}}
     lines = markdown_table(metrics).splitlines()
-    assert lines[0] == "|  | base | focusnfix | draft | focusnfix - draft (paired) |"
+    assert lines[0] == "|  | base | Focus-N-Fix | DRaFT | Focus-N-Fix - DRaFT (paired) |"
     assert lines[1] == "|---|---|---|---|---|"
     assert lines[2] == "| defect removed (judge) ↑ | – | 0.90 [0.80, 0.99] | 1.00 [1.00, 1.00] | -0.10 [-0.20, 0.00] |"
     assert "| outside-mask PSNR vs base (dB) ↑ | – | 35.5 [34.0, 37.0] | – | – |" in lines

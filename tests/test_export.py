@@ -172,6 +172,9 @@ def test_a_late_lora_keeps_its_schedule_in_the_upload_card_and_kohya_metadata(ti
     assert json.loads((out / LORA_SCHEDULE_NAME).read_text())["active_steps"] == 2
     card = (out / "README.md").read_text()
     assert "last 2 of 4 sampling steps" in card and "late_lora_callback" in card
+    # the card's snippet runs as written: the callback gets a local folder, the sampling is the run's
+    assert 'late_lora_callback(pipe, snapshot_download("me/late"), num_inference_steps=4)' in card
+    assert "num_inference_steps=4, guidance_scale=3, callback_on_step_end=callback" in card
     assert main(["export", str(run), "--out", str(tmp_path / "k.safetensors")]) == 0
     assert "act on the last 2 sampling steps only" in capsys.readouterr().err
     with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:

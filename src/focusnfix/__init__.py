@@ -1,8 +1,10 @@
 """focusnfix: region-aware reward fine-tuning of text-to-image diffusion models (Focus-N-Fix).
 
 The Python API (docs/api.md): :class:`FocusNFixTrainer`, the :class:`Aspect` and :class:`Judge`
-interfaces, :func:`config_from_dict` / :func:`load_config`, :func:`evaluate`, :func:`export_kohya`.
-They are imported on first use, so ``import focusnfix`` stays cheap.
+interfaces, :func:`config_from_dict` / :func:`load_config`, :func:`export_kohya`. They are imported
+on first use, so ``import focusnfix`` stays cheap. The evaluation harness is
+``from focusnfix.evaluate import evaluate``: ``focusnfix.evaluate`` is its module (a function of the
+same name exported here would be shadowed by the submodule once anything imported it).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ _EXPORTS = {
     "Config": "focusnfix.config",
     "config_from_dict": "focusnfix.config",
     "load_config": "focusnfix.config",
-    "evaluate": "focusnfix.evaluate",
     "export_kohya": "focusnfix.export",
 }
 __all__ = ["__version__", *_EXPORTS]

@@ -32,6 +32,16 @@ COMMANDS = ("train", "sample", "mask", "demo", "eval", "votes", "diagnose", "ora
             "export", "push", "toyworld", "rahf")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default (where it has one that is not None or False and the
+    help text does not already say it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -80,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "other processes leave idle: cpu_count - 1-minute load average, at least 1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
 
-    p = sub.add_parser("train", help="fine-tune a LoRA with Focus-N-Fix (beta = 0: DRaFT)")
+    p = sub.add_parser("train", formatter_class=HelpFormatter, help="fine-tune a LoRA with Focus-N-Fix (beta = 0: DRaFT)")
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--resume", nargs="?", const="latest", default=False, metavar="PATH|latest",
@@ -90,12 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func="cmd_train")
 
-    p = sub.add_parser("sample", help="sample an image with the same sampler as training")
+    p = sub.add_parser("sample", formatter_class=HelpFormatter, help="sample an image with the same sampler as training")
     p.add_argument("--model", help="'toy', a diffusers pipeline directory or a hub id (default: the run's, else toy)")
     p.add_argument("--lora", help="directory with pytorch_lora_weights.safetensors")
     p.add_argument("--config", help="a run's config.yaml: model and sampling settings (default: RUN_DIR/config.yaml "
                                     "when --lora is RUN_DIR/lora)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the prompt to draw")
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds (several: a row)")
     p.add_argument("--steps", type=int, help="DDIM steps (default: the run's, else 20)")
     p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: the run's, else 7.5)")
@@ -106,18 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func="cmd_sample")
 
-    p = sub.add_parser("mask", help="show what training would fix: Î0 | heatmap | mask | overlay")
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("mask", formatter_class=HelpFormatter, help="show what training would fix: Î0 | heatmap | mask | overlay")
+    p.add_argument("--config", required=True, help="a training config (its model, aspects, mask settings)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--prompt", required=True, help="the prompt whose frozen-model image is masked")
+    p.add_argument("--seed", type=int, default=0, help="initial-noise seed")
     p.add_argument("--scale", type=positive_int, default=4, help="pixel upscaling of the picture")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func="cmd_mask")
 
-    p = sub.add_parser("demo", help="train Focus-N-Fix and DRaFT on the toy world, evaluate, report")
+    p = sub.add_parser("demo", formatter_class=HelpFormatter, help="train Focus-N-Fix and DRaFT on the toy world, evaluate, report")
     p.add_argument("--out", required=True, help="output directory (metrics.json, report.html, lora/)")
-    p.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes), for CI")
+    p.add_argument("--quick", action="store_true", help="1 seed, 6 training steps per method, 16 evaluation images (about 1 minute on 2 cores): a smoke test")
     p.add_argument("--reward", default="safety", choices=["safety", "safety_narrow", "plausibility"],
                    help="the toy reward trained on: safety (robust), safety_narrow (hackable), plausibility")
     p.add_argument("--train-seeds", type=positive_int, default=None, help="training seeds per method (default 3, quick 1)")
@@ -125,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func="cmd_demo")
 
-    p = sub.add_parser("eval", help="evaluate base vs LoRAs (and SLD) on held-out prompts and seeds")
+    p = sub.add_parser("eval", formatter_class=HelpFormatter, help="evaluate base vs LoRAs (and SLD) on held-out prompts and seeds")
     p.add_argument("--model", help="'toy', a diffusers pipeline directory or a hub id (default: config's or toy)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR[,DIR...]",
                    help="a method: name and run (or LoRA) directory, repeatable, e.g. focusnfix=runs/fnf; "
@@ -138,32 +148,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default="toy:heldout", help="prompt file (one per line) or toy:heldout")
     p.add_argument("--max-prompts", type=non_negative_int, default=0, help="use only the first N prompts (0 = all)")
     p.add_argument("--seeds", type=positive_int, default=2, help="seeds per prompt")
-    p.add_argument("--seed-offset", type=non_negative_int, default=10000, help="first seed (default keeps clear of training seeds)")
+    p.add_argument("--seed-offset", type=non_negative_int, default=10000, help="first seed (clear of the training seeds)")
     p.add_argument("--steps", type=positive_int, help="DDIM steps (default: the training config's)")
     p.add_argument("--guidance", type=finite_float, help="guidance scale (default: the training config's)")
     p.add_argument("--sld", action="store_true", help="also run the Safe Latent Diffusion baseline (method 'sld')")
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per sampling and scoring batch")
     p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples per interval")
     p.add_argument("--votes", action="append", default=[], metavar="FILE", help="fold human votes into metrics.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func="cmd_eval")
 
-    p = sub.add_parser("votes", help="fold rating-page votes into an evaluation's metrics.json")
+    p = sub.add_parser("votes", formatter_class=HelpFormatter, help="fold rating-page votes into an evaluation's metrics.json")
     p.add_argument("dir", help="evaluation directory")
     p.add_argument("--votes", action="append", required=True, metavar="FILE", help="votes JSON (repeatable)")
     p.set_defaults(func="cmd_votes")
 
-    p = sub.add_parser("diagnose", help="where each method's fixes happened and whether the mask allowed them "
+    p = sub.add_parser("diagnose", formatter_class=HelpFormatter, help="where each method's fixes happened and whether the mask allowed them "
                                         "(after the fact; toy-world judges)")
     p.add_argument("dir", help="evaluation directory")
     p.add_argument("--min-psnr", type=finite_float, default=35.0, help="outside-mask PSNR (dB) of a regional fix")
     p.set_defaults(func="cmd_diagnose")
 
-    p = sub.add_parser("oracle", help="what the objective asks for without the LoRA: each reference image's latents "
+    p = sub.add_parser("oracle", formatter_class=HelpFormatter, help="what the objective asks for without the LoRA: each reference image's latents "
                                       "optimized alone under the config's reward, mask and beta")
     p.add_argument("--config", required=True, help="a training config (its model, aspects, mask, sampling, norm)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--prompts", help="prompts (default: the config's training prompts; keep held-out prompts out)")
     p.add_argument("--max-prompts", type=non_negative_int, default=0, help="use only the first N prompts (0 = all)")
     p.add_argument("--seeds", type=positive_int, default=1, help="seeds per prompt, from the config's seed_offset")
@@ -173,51 +183,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--no-judges", action="store_true", help="do not judge the images (toy world judges otherwise)")
     p.add_argument("--out", required=True, help="directory for oracle.json and oracle.png")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func="cmd_oracle")
 
-    p = sub.add_parser("report", help="write a self-contained HTML report of an evaluation")
+    p = sub.add_parser("report", formatter_class=HelpFormatter, help="write a self-contained HTML report of an evaluation")
     p.add_argument("dir", help="evaluation directory")
     p.add_argument("--out", help="HTML file (default: DIR/report.html)")
     p.add_argument("--train-log", action="append", default=[], metavar="NAME=PATH",
                    help="a training log.jsonl (or run directory) to plot (repeatable)")
     p.add_argument("--sweep", help="sweep.json for the beta trade-off curve")
-    p.add_argument("--max-examples", type=non_negative_int, default=32)
+    p.add_argument("--max-examples", type=non_negative_int, default=32, help="example images shown (chosen to show the range)")
     p.add_argument("--markdown", action="store_true",
                    help="print the claim table as markdown (the README's tables) instead of writing HTML")
     p.set_defaults(func="cmd_report")
 
-    p = sub.add_parser("rate", help="write the static human-rating page of an evaluation")
+    p = sub.add_parser("rate", formatter_class=HelpFormatter, help="write the static human-rating page of an evaluation")
     p.add_argument("dir", help="evaluation directory")
     p.add_argument("--out", help="HTML file (default: DIR/rate.html)")
     p.add_argument("--seed", type=int, default=0, help="seed of the task order")
-    p.add_argument("--max-examples", type=positive_int)
+    p.add_argument("--max-examples", type=positive_int, help="rate only the first N images (default: all)")
     p.set_defaults(func="cmd_rate")
 
-    p = sub.add_parser("sweep", help="train one LoRA per beta and evaluate the trade-off (beta 0 = DRaFT)")
-    p.add_argument("--config", required=True)
+    p = sub.add_parser("sweep", formatter_class=HelpFormatter, help="train one LoRA per beta and evaluate the trade-off (beta 0 = DRaFT)")
+    p.add_argument("--config", required=True, help="the training config every run starts from")
     p.add_argument("--betas", required=True, help="comma-separated, e.g. 0,0.3,1,3")
-    p.add_argument("--out", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", required=True, help="output directory: beta_<b>/ runs, eval/, sweep.json")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (every run)")
     p.add_argument("--draft-set", action="append", default=[], metavar="KEY=VALUE",
                    help="overrides of the beta 0 (DRaFT) run only, e.g. lora.active_steps=null, sampling.k=2")
     p.add_argument("--prompts", help="evaluation prompts (default: the config's training prompts)")
-    p.add_argument("--seeds", type=positive_int, default=2)
-    p.add_argument("--seed-offset", type=non_negative_int, default=10000)
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--bootstrap", type=positive_int, default=1000)
+    p.add_argument("--seeds", type=positive_int, default=2, help="evaluation seeds per prompt")
+    p.add_argument("--seed-offset", type=non_negative_int, default=10000, help="first evaluation seed (clear of training seeds)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="evaluation batch size")
+    p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples per interval")
     p.add_argument("--no-judges", action="store_true",
                    help="do not load the judges (choosing beta on validation prompts: training-time signals only)")
     p.add_argument("--jobs", type=positive_int, default=1, help="runs trained side by side, one process each")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func="cmd_sweep")
 
-    p = sub.add_parser("select", help="the validation selection rule over several sweeps (a grid beyond beta)")
+    p = sub.add_parser("select", formatter_class=HelpFormatter, help="the validation selection rule over several sweeps (a grid beyond beta)")
     p.add_argument("sweeps", nargs="+", help="`focusnfix sweep` output directories (or their sweep.json)")
     p.add_argument("--out", required=True, help="writes OUT/sweep.json: every point and the selection")
     p.set_defaults(func="cmd_select")
 
-    p = sub.add_parser("export", help="write a run's LoRA in another format (kohya: ComfyUI, AUTOMATIC1111)")
+    p = sub.add_parser("export", formatter_class=HelpFormatter, help="write a run's LoRA in another format (kohya: ComfyUI, AUTOMATIC1111)")
     p.add_argument("run", help="a run directory, its lora/ directory or a pytorch_lora_weights.safetensors")
     p.add_argument("--format", default="kohya", choices=["kohya"], help="target format")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
@@ -225,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size)")
     p.set_defaults(func="cmd_export")
 
-    p = sub.add_parser("push", help="upload a run's LoRA with a model card to the Hugging Face Hub")
+    p = sub.add_parser("push", formatter_class=HelpFormatter, help="upload a run's LoRA with a model card to the Hugging Face Hub")
     p.add_argument("run", help="run directory")
     p.add_argument("--repo-id", required=True, help="USER/NAME on the Hub")
     p.add_argument("--eval", default=None, help="an evaluation directory whose metrics go into the card")
@@ -233,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", metavar="DIR", default=None, help="only write the upload folder to DIR")
     p.set_defaults(func="cmd_push")
 
-    tw = sub.add_parser("toyworld", help="the embedded toy world: build, locate, measure")
+    tw = sub.add_parser("toyworld", formatter_class=HelpFormatter, help="the embedded toy world: build, locate, measure")
     tw_sub = tw.add_subparsers(dest="toyworld_command", required=True)
-    p = tw_sub.add_parser("build", help="train the toy pipeline, aspect models and judges (CPU)")
+    p = tw_sub.add_parser("build", formatter_class=HelpFormatter, help="train the toy pipeline, aspect models and judges (CPU)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quick", action="store_true", help="a few-minute, lower-quality build (for tests)")
     p.add_argument("--seed", type=int, default=0, help="build seed (default 0 = the shipped models)")
@@ -250,17 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the safety reward's hardening against long attacks alone; comma-separated, "
                         "run in this order)")
     p.set_defaults(func="cmd_toyworld_build")
-    p = tw_sub.add_parser("path", help="print the packaged toy pipeline directory")
+    p = tw_sub.add_parser("path", formatter_class=HelpFormatter, help="print the packaged toy pipeline directory")
     p.add_argument("--model", default=None, help="a build directory instead of the packaged assets")
     p.set_defaults(func="cmd_toyworld_path")
-    p = tw_sub.add_parser("stats", help="measure the toy world and print JSON")
+    p = tw_sub.add_parser("stats", formatter_class=HelpFormatter, help="measure the toy world and print JSON")
     p.add_argument("--model", default=None, help="a build directory (default: the packaged assets)")
     p.add_argument("--n", type=positive_int, default=192, help="pipeline samples (held-out prompts x seeds)")
     p.add_argument("--grid", default=None, help="also save a PNG grid of the first 64 samples")
     p.add_argument("--guidance", type=float, default=7.5,
                    help="CFG scale of the pipeline samples (default 7.5; the toy presets train at 5)")
     p.set_defaults(func="cmd_toyworld_stats")
-    p = tw_sub.add_parser("calibrate", help="localizer recall and mask area vs the generator's exact defect masks")
+    p = tw_sub.add_parser("calibrate", formatter_class=HelpFormatter, help="localizer recall and mask area vs the generator's exact defect masks")
     p.add_argument("--aspect", default="safety", help="toy aspect: safety, safety_narrow or plausibility")
     p.add_argument("--n", type=positive_int, default=512, help="calibration images (training captions, about half defective)")
     p.add_argument("--min-recall", type=float, default=0.95, help="recall the chosen setting must reach")
@@ -269,20 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "through the base pipeline image-to-image, mask = where the outputs differ")
     p.add_argument("--out", default=None, help="also write every row as JSON here")
     p.set_defaults(func="cmd_toyworld_calibrate")
-    p = tw_sub.add_parser("ceiling", help="outside-mask PSNR a perfect regional fix reaches through the toy VAE, "
+    p = tw_sub.add_parser("ceiling", formatter_class=HelpFormatter, help="outside-mask PSNR a perfect regional fix reaches through the toy VAE, "
                                           "and how far the decoder spreads a latent change")
     p.add_argument("--aspect", default="safety", help="toy aspect: safety or plausibility")
     p.add_argument("--n", type=positive_int, default=256, help="training-caption scenes drawn with the defect")
     p.add_argument("--dilate", default="3,5,8", help="mask dilations in pixels, comma-separated")
     p.set_defaults(func="cmd_toyworld_ceiling")
-    p = tw_sub.add_parser("robustness", help="how often pixel and decoder (latent) attacks inside a mark fool a "
+    p = tw_sub.add_parser("robustness", formatter_class=HelpFormatter, help="how often pixel and decoder (latent) attacks inside a mark fool a "
                                              "safety reward, on held-out generator scenes (JSON)")
     p.add_argument("--aspect", default="safety", help="safety or safety_narrow")
     p.add_argument("--model", default=None, help="a build directory (default: the packaged assets)")
     p.add_argument("--n", type=positive_int, default=192, help="held-out scenes, each with a mark in a random form")
     p.add_argument("--steps", default="5,10,20", help="attack lengths, comma-separated")
     p.set_defaults(func="cmd_toyworld_robustness")
-    p = tw_sub.add_parser("audit-sheets", help="sample a new audit batch from trained runs: shuffled images, "
+    p = tw_sub.add_parser("audit-sheets", formatter_class=HelpFormatter, help="sample a new audit batch from trained runs: shuffled images, "
                                                "labelling sheets, a labels template (docs/toyworld.md)")
     p.add_argument("--run", action="append", required=True, metavar="SOURCE=RUN_DIR",
                    help="a training run and the source name it is recorded under (repeatable); "
@@ -293,21 +303,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the blind order")
     p.add_argument("--out", required=True, help="batch directory")
     p.set_defaults(func="cmd_toyworld_audit_sheets")
-    p = tw_sub.add_parser("audit-add", help="append a labelled audit batch to the audit set")
+    p = tw_sub.add_parser("audit-add", formatter_class=HelpFormatter, help="append a labelled audit batch to the audit set")
     p.add_argument("--batch", required=True, help="a directory made by audit-sheets")
     p.add_argument("--labels", required=True, help="its filled-in labels file")
     p.add_argument("--model", default=None, help="a build directory instead of the packaged assets")
     p.set_defaults(func="cmd_toyworld_audit_add")
 
-    rahf = sub.add_parser("rahf", help="train / evaluate a RAHF-style heatmap and score model on RichHF-18K")
+    rahf = sub.add_parser("rahf", formatter_class=HelpFormatter, help="train / evaluate a RAHF-style heatmap and score model on RichHF-18K")
     rahf_sub = rahf.add_subparsers(dest="rahf_command", required=True)
-    p = rahf_sub.add_parser("train", help="train on RichHF-18K TFRecords + Pick-a-Pic images")
+    p = rahf_sub.add_parser("train", formatter_class=HelpFormatter, help="train on RichHF-18K TFRecords + Pick-a-Pic images")
     _richhf_data_args(p)
     p.add_argument("--out", required=True, help="output directory (model + train_log.jsonl)")
     p.add_argument("--config", default=None, help="YAML/JSON training config (see focusnfix.rahf.train.RAHFTrainConfig)")
     p.add_argument("--steps", type=positive_int, default=None, help="override the config's steps")
     p.set_defaults(func="cmd_rahf_train")
-    p = rahf_sub.add_parser("eval", help="heatmap (MSE, CC, KLD, SIM, NSS, AUC-Judd) and score (PLCC, SRCC) metrics")
+    p = rahf_sub.add_parser("eval", formatter_class=HelpFormatter, help="heatmap (MSE, CC, KLD, SIM, NSS, AUC-Judd) and score (PLCC, SRCC) metrics")
     _richhf_data_args(p)
     p.add_argument("--model", required=True, help="directory written by `focusnfix rahf train`")
     p.add_argument("--batch-size", type=positive_int, default=8)

@@ -80,29 +80,31 @@ def model_card(run_dir: Path, repo_id: str, summary: dict[str, Any] | None) -> s
         for name, vals in summary["methods"].items():
             lines.append(f"| {name} | " + " | ".join(_fmt(vals.get(k)) for k in _SUMMARY_KEYS) + " |")
         lines += ["", "Mean [95% interval]; definitions in focusnfix's docs/evaluation.md.", ""]
-    lines += [
-        "## Use",
-        "",
-        "```python",
-        "from diffusers import DiffusionPipeline",
-        "",
-        f'pipe = DiffusionPipeline.from_pretrained("{m.path}")',
-        f'pipe.load_lora_weights("{repo_id}")',
-        "```",
-        "",
-    ]
+    # the toy world's pipeline ships inside focusnfix ("toy" is no hub id)
+    load = (["from focusnfix import toyworld", "", "pipe = DiffusionPipeline.from_pretrained(str(toyworld.pipeline_path()))"]
+            if m.path == "toy" else ["", f'pipe = DiffusionPipeline.from_pretrained("{m.path}")'])
+    call = f"num_inference_steps={s.num_inference_steps}, guidance_scale={s.guidance_scale:g}"
     late = config.lora.active_steps
-    if late is not None:
+    lines += ["## Use", "", "```python", "from diffusers import DiffusionPipeline", *load,
+              f'pipe.load_lora_weights("{repo_id}")']
+    if late is None:
+        lines += [f"image = pipe(prompt, {call}).images[0]  # the sampling it was trained with", "```", ""]
+    else:
         lines += [
+            "```",
+            "",
             f"This LoRA acts only on the last {late} of {s.num_inference_steps} sampling steps (the steps before are "
             "the base model's), as it was trained; `focusnfix_lora.json` records them. Sample it so:",
             "",
             "```python",
+            "from huggingface_hub import snapshot_download",
             "from focusnfix.inference import late_lora_callback",
             "",
-            f'callback = late_lora_callback(pipe, LORA_DIR, num_inference_steps={s.num_inference_steps})',
-            f"image = pipe(prompt, num_inference_steps={s.num_inference_steps}, callback_on_step_end=callback).images[0]",
+            f'callback = late_lora_callback(pipe, snapshot_download("{repo_id}"), num_inference_steps={s.num_inference_steps})',
+            f"image = pipe(prompt, {call}, callback_on_step_end=callback).images[0]",
             "```",
+            "",
+            "The callback leaves the LoRA switched off after each call; `pipe.enable_lora()` puts it back on every step.",
             "",
         ]
     lines += [

@@ -84,6 +84,10 @@ def diff_map(image: np.ndarray, base: np.ndarray, gain: float = 4.0) -> np.ndarr
     return ramp(d * gain)
 
 
+#: how the markdown table titles the demo's methods (other names are shown as they are)
+METHOD_TITLES = {"focusnfix": "Focus-N-Fix", "draft": "DRaFT"}
+
+
 def method_order(names: list[str]) -> list[str]:
     first = [m for m in METHOD_ORDER if m in names]
     return first + [m for m in names if m not in first]
@@ -306,7 +310,10 @@ def markdown_table(metrics: dict[str, Any]) -> str:
     def get(entry: dict[str, Any], key: Any) -> Any:
         return (entry.get(key[0]) or {}).get(key[1]) if isinstance(key, tuple) else entry.get(key)
 
-    head = ["", *names, *(f"{c} (paired)" for c in comparisons)]
+    def shown(name: str) -> str:  # the README's names for the demo's two methods
+        return " - ".join(METHOD_TITLES.get(part, part) for part in name.split(" - "))
+
+    head = ["", *map(shown, names), *(f"{shown(c)} (paired)" for c in comparisons)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, key, digits, paired in rows:
         cells = [_md_stat(get(methods[n], key), digits) for n in names]
