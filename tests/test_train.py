@@ -35,22 +35,25 @@ def test_step_zero_policy_equals_reference_and_constraint_is_exactly_zero(tiny_s
 
 
 def test_reference_prefill_and_step_zero_reuse_give_the_computed_reference(tiny_sd_dir, tmp_path):
-    """Before step 1 every reference item but step 0's is computed in large batches; step 0's
-    come from the zero LoRA's own sample and equal compute_reference's items bit for bit."""
+    """Before step 1 every reference item that a later step draws is computed in large batches
+    (none that no step draws); step 0's come from the zero LoRA's own sample and equal
+    compute_reference's items bit for bit."""
     from focusnfix.cache import encode_item
     from focusnfix.reference import compute_reference
 
-    trainer = make_trainer(tiny_sd_dir, tmp_path, steps=1, batch_size=2)
+    trainer = make_trainer(tiny_sd_dir, tmp_path, steps=2, batch_size=2)
     trainer.config.data.cache_on_disk = False
     assert trainer.lora_is_zero()
-    step0 = trainer.step_zero_items()
+    step0, drawn = trainer.step_zero_items(), trainer.items_drawn(0, 2)
+    assert drawn == step0 | trainer.items_drawn(1, 2) and len(drawn) < len(trainer.pool)  # one item is never drawn
     stats = trainer.prefill_reference()
-    assert stats["items"] == len(trainer.pool) - len(step0)
-    missing = trainer.cache.missing([p for p, _ in trainer.pool], [s for _, s in trainer.pool])
-    assert set(missing) == step0  # left to step 0
+    assert stats["items"] == len(drawn - step0)
+    missing = set(trainer.cache.missing([p for p, _ in trainer.pool], [s for _, s in trainer.pool]))
+    assert missing == set(range(len(trainer.pool))) - (drawn - step0)  # step 0's left to step 0, the rest never
     trainer.loss_on(step=0, micro=0)
-    assert trainer.cache.missing([p for p, _ in trainer.pool], [s for _, s in trainer.pool]) == []
-    assert trainer.cache.stats["computed"] == len(trainer.pool)
+    assert set(trainer.cache.missing([p for p, _ in trainer.pool], [s for _, s in trainer.pool])) == \
+        set(range(len(trainer.pool))) - drawn
+    assert trainer.cache.stats["computed"] == len(drawn)
     prompts = [trainer.pool[i][0] for i in sorted(step0)]
     seeds = [trainer.pool[i][1] for i in sorted(step0)]
     fresh = compute_reference(trainer.backbone, trainer.aspects, trainer.localize, prompts, seeds, trainer.options,

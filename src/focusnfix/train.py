@@ -242,8 +242,15 @@ class FocusNFixTrainer:
         tc = self.config.train
         return {i for micro in range(tc.grad_accum) for i in batch_indices(len(self.pool), tc.batch_size, tc.seed, 0, micro)}
 
+    def items_drawn(self, start: int, stop: int) -> set[int]:
+        """Pool indices that the global batches of steps ``start .. stop - 1`` draw (every micro-batch)."""
+        tc = self.config.train
+        return {i for step in range(start, stop) for micro in range(tc.grad_accum)
+                for i in batch_indices(len(self.pool), tc.batch_size, tc.seed, step, micro)}
+
     def prefill_reference(self) -> dict[str, Any] | None:
-        """Compute every missing reference item before training, in batches of ``data.prefill_batch_size``.
+        """Compute the missing reference items that the remaining steps will draw, before training,
+        in batches of ``data.prefill_batch_size`` (a short trial run does not pay for the whole pool).
 
         Step 0's items are left to step 0 when the LoRA is still zero (its sample is Î0). With
         several processes each computes a share of the items on disk (``data.cache_on_disk``), then
@@ -255,7 +262,9 @@ class FocusNFixTrainer:
             return None
         t0 = time.perf_counter()
         skip = self.step_zero_items() if self.step == 0 and self.lora_is_zero() else set()
-        items = [pair for i, pair in enumerate(self.pool) if i not in skip][self.accelerator.process_index :: n_proc]
+        drawn = self.items_drawn(self.step, self.config.train.steps)
+        items = [pair for i, pair in enumerate(self.pool) if i in drawn and i not in skip]
+        items = items[self.accelerator.process_index :: n_proc]
         todo = [items[i] for i in self.cache.missing([p for p, _ in items], [s for _, s in items])]
         bs = dc.prefill_batch_size
         bar = tqdm(total=len(todo), disable=not (self.progress and self.accelerator.is_main_process) or not todo,
