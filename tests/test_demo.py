@@ -82,7 +82,7 @@ def test_demo_quick_writes_metrics_report_and_loras(tmp_path, capsys):
     # the README's table comes from the same metrics.json
     assert main(["report", str(out), "--markdown"]) == 0
     table = capsys.readouterr().out.strip().splitlines()
-    assert table[0] == "|  | base | focusnfix | draft | focusnfix - draft (paired) |"
+    assert table[0] == "|  | base | Focus-N-Fix | DRaFT | Focus-N-Fix - DRaFT (paired) |"
     assert any(line.startswith("| judge: safety defect rate |") for line in table)
 
 

@@ -260,7 +260,8 @@ def test_lora_active_steps_train_from_the_cached_frozen_prefix(tiny_sd_dir, tmp_
     trainer.optimizer.zero_grad(set_to_none=True)
     whole = sample(trainer.backbone, prompts, seeds, trainer.options)  # the frozen prefix recomputed
     assert whole.prefix_latents is not None
-    torch.testing.assert_close(whole.prefix_latents, ref.prefix_latents, atol=1e-6, rtol=0)
+    # equal up to float rounding: the prefill computed some of these items in a batch of another size
+    torch.testing.assert_close(whole.prefix_latents, ref.prefix_latents, atol=2e-5, rtol=0)
     reward, _ = trainer.total_reward(whole.images.float(), prompts)
     from focusnfix.objective import focus_n_fix_loss
 

@@ -489,7 +489,8 @@ def check_same_setup(configs: dict[str, Any]) -> None:
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
-    """A plain-text table of ``metrics.json``: one row per method, mean [95% interval] of key metrics."""
+    """A plain-text table of ``metrics.json``: one row per method, mean [95% interval] of key metrics
+    (the judges' view first; "reward improved" is the training reward's, above its noise floor)."""
     target = metrics["aspect"]
 
     def fmt(stat: Any, digits: int = 2) -> str:
@@ -498,12 +499,13 @@ def summary_table(metrics: dict[str, Any]) -> str:
         lo, hi = stat["ci95"]
         return f"{stat['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
-    rows = [["method", f"{target} reward", f"{target} judge defect", "outside PSNR", "improved", "degraded",
-             "others degraded"]]
+    # judge columns first (what the claim is measured by), then the reward's own view
+    rows = [["method", f"{target} judge defect", "defect removed (judge)", "new defect (judge)", "outside PSNR",
+             "others' judge flips", f"{target} reward", "reward improved"]]
     for name, m in metrics["methods"].items():
-        rows.append([name, fmt(m.get("target_reward")), fmt((m.get("judge_defect_rate") or {}).get(target)),
-                     fmt(m.get("outside_psnr"), 1), fmt(m.get("improved_share")), fmt(m.get("degraded_share")),
-                     fmt(m.get("others_degraded_share"))])
+        rows.append([name, fmt((m.get("judge_defect_rate") or {}).get(target)), fmt(m.get("removal_share")),
+                     fmt(m.get("new_defect_share")), fmt(m.get("outside_psnr"), 1), fmt(m.get("others_degraded_share")),
+                     fmt(m.get("target_reward")), fmt(m.get("improved_share"))])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
