@@ -37,12 +37,23 @@ Written before the first run (nothing below was tuned on its outcome):
   the same DRaFT runs; the same cause rule, and #9's removal target (>= 0.60) read off it.
   Result (docs/evaluation.md): the last 10 steps at β 0.25 selected; removal 0.51 [0.21, 0.78]
   (per seed 0.70 / 0.65 / 0.18), paired -0.43 [-0.72, -0.18]: not supported, target missed.
+* Fourth arm (``--arm steps``), written after the third arm's held-out result and before any run
+  of it: one of the three selected runs did not learn in 120 steps (its training reward flat) and
+  the other two were still rising, so training length is the open question. The protocol allows
+  choosing steps on validation: the grid adds the last 10 steps (K = 10) at β 0.25 and 0.5 trained
+  240 steps (1 training seed, the same validation captions × seeds, judges not loaded, the same
+  riders), combined with the third arm's seven 120-step points (the DRaFT reference stays its
+  120-step run, the demo's DRaFT); the rule unchanged. If a 240-step point is selected it is
+  trained with 3 training seeds for 240 steps and judged as above against the same 120-step DRaFT
+  runs (a K = 10 late step costs about what DRaFT's K = 2 step on every step does); if a 120-step
+  point is selected, nothing more is run.
 
-    python experiments/judge_as_reward.py --out DIR [--arm late|every|select] [--train-seeds 3]   # 13-15 min on 2 cores; select 40
+    python experiments/judge_as_reward.py --out DIR [--arm late|every|select|steps] [--train-seeds 3]   # 13-15 min on 2 cores; select 40
 
 Training runs go to ``DIR/runs`` (DRaFT's are shared by every arm), each arm's evaluation to
 ``DIR/eval_ARM`` (``metrics.json``, ``images.npz``, ``judge_as_reward.json``); the third arm's
-validation sweeps to ``DIR/select/`` (``sweep.json`` there holds every point and the selection).
+validation sweeps to ``DIR/select/`` (``sweep.json`` there holds every point and the selection); the
+fourth arm's to ``DIR/select_steps/`` (it needs the third arm's ``DIR/select/`` sweeps).
 """
 
 from __future__ import annotations
@@ -101,6 +112,16 @@ SELECT_GRID: dict[str, tuple[int | None, int, tuple[float, ...]]] = {
     "last10": (10, 10, (0.25, 0.5)),
 }
 
+#: the fourth arm's added points, fixed before its run: span -> (active steps, K, betas, training steps)
+STEPS_GRID: dict[str, tuple[int | None, int, tuple[float, ...], int]] = {
+    "last10_240steps": (10, 10, (0.25, 0.5), 240),
+}
+
+
+def _span(span: str) -> tuple[int | None, int, tuple[float, ...], int | None]:
+    """``(active steps, K, betas, training steps or None = the demo's)`` of a span of either grid."""
+    return STEPS_GRID[span] if span in STEPS_GRID else (*SELECT_GRID[span], None)
+
 
 def run_config(run_dir: Path, beta: float, seed: int, s: DemoSettings = FULL, arm: str = "late",
                span: str | None = None) -> dict:
@@ -112,38 +133,47 @@ def run_config(run_dir: Path, beta: float, seed: int, s: DemoSettings = FULL, ar
     cfg = demo_config(run_dir, beta, s, "safety", seed)
     span = "every" if arm == "every" else span
     if span is not None and beta > 0:
-        active, k, _ = SELECT_GRID[span]
+        active, k, _, steps = _span(span)
         cfg["lora"].pop("active_steps", None)
         if active is not None:
             cfg["lora"]["active_steps"] = min(active, s.num_inference_steps)
         cfg["sampling"]["k"] = min(k, s.num_inference_steps)
+        if steps is not None and s is FULL:  # --quick keeps its smoke-test length
+            cfg["train"]["steps"] = steps
+            cfg["train"]["checkpoint_every"] = max(1, steps // 2)
     cfg["aspects"] = [{"type": "python", "gate": "auto", "args": {"target": "judge_as_reward:judge_aspect"}}]
     cfg["mask"] = {"threshold_mode": "absolute", "threshold": 0.5, "dilate_px": 3}
     return cfg
 
 
-def select_on_validation(out: Path, s: DemoSettings) -> dict:
+def select_on_validation(out: Path, s: DemoSettings, arm: str = "select") -> dict:
     """The third arm's choice: one ``focusnfix sweep`` per span of :data:`SELECT_GRID` on the
-    validation captions (judges not loaded), combined by ``focusnfix select``'s rule.
+    validation captions (judges not loaded), combined by ``focusnfix select``'s rule; with ``arm ==
+    "steps"`` the fourth arm's: the spans of :data:`STEPS_GRID` swept to ``out/select_steps`` and
+    combined with the third arm's sweeps (run first if missing).
 
     The other aspects' rewards ride along with weight 0 (not localizing): the rule's others' signal.
-    Returns the selection with its ``span``; writes ``out/select/sweep.json``.
+    Returns the selection with its ``span``; writes ``out/select/sweep.json`` (``out/select_steps/``).
     """
     import yaml
 
     from focusnfix.sweep import combine_sweeps, sweep
 
+    grids = {"select": list(SELECT_GRID)} | ({"select_steps": list(STEPS_GRID)} if arm == "steps" else {})
     sweeps = {}
-    for span, (_, _, betas) in SELECT_GRID.items():
-        cfg = run_config(out / "select" / span, 0.5, 0, s, span=span)
-        cfg["aspects"] += [{"type": "toyworld", "weight": 0.0, "localize": False, "args": {"aspect": a}}
-                           for a in ("plausibility", "alignment")]
-        path = out / "select" / f"{span}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        sweeps[span] = out / "select" / span
-        sweep(path, list(betas), sweeps[span], prompts=toyworld.prompts("validation"), judges=False, jobs=2)
-    doc = combine_sweeps([d / "sweep.json" for d in sweeps.values()], out / "select")
+    for folder, spans in grids.items():
+        for span in spans:
+            betas = _span(span)[2]
+            cfg = run_config(out / folder / span, 0.5, 0, s, span=span)
+            cfg["aspects"] += [{"type": "toyworld", "weight": 0.0, "localize": False, "args": {"aspect": a}}
+                               for a in ("plausibility", "alignment")]
+            path = out / folder / f"{span}.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            sweeps[span] = out / folder / span
+            if not (sweeps[span] / "sweep.json").is_file():  # the third arm's sweeps are reused by the fourth
+                sweep(path, list(betas), sweeps[span], prompts=toyworld.prompts("validation"), judges=False, jobs=2)
+    doc = combine_sweeps([d / "sweep.json" for d in sweeps.values()], out / list(grids)[-1])
     chosen = doc["selection"]
     chosen["span"] = next(span for span, d in sweeps.items() if str(chosen["run_dir"]).startswith(str(d)))
     return chosen
@@ -177,17 +207,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--train-seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="the demo's smoke-test settings")
-    ap.add_argument("--arm", choices=("late", "every", "select"), default="late",
+    ap.add_argument("--arm", choices=("late", "every", "select", "steps"), default="late",
                     help="Focus-N-Fix's LoRA span and beta: the demo's (last 5 steps, K = 5), DRaFT's (every "
-                         "step, K = 2), or chosen on validation by the selection protocol")
+                         "step, K = 2), chosen on validation by the selection protocol, or so with 240-step "
+                         "points added")
     args = ap.parse_args()
     s = QUICK if args.quick else FULL
     fnf_dir, beta, span = {"late": ("focusnfix", 0.5, None), "every": ("focusnfix_every", 0.5, "every")}.get(
         args.arm, (None, None, None))
     chosen = None
-    if args.arm == "select":
-        chosen = select_on_validation(args.out, s)
+    if args.arm in ("select", "steps"):
+        chosen = select_on_validation(args.out, s, args.arm)
         print(json.dumps({"selected": chosen}, indent=1), flush=True)
+        if args.arm == "steps" and chosen["span"] not in STEPS_GRID:
+            print("a 120-step point is selected: the third arm's held-out result stands, nothing more to run")
+            return
         fnf_dir, beta, span = f"focusnfix_select_{chosen['span']}_b{chosen['beta']:g}", chosen["beta"], chosen["span"]
     configs = {(name, r): config_from_dict(run_config(
                    args.out / "runs" / f"{fnf_dir if name == 'focusnfix' else name}_s{r}", b, r, s, span=span))

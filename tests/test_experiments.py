@@ -172,7 +172,7 @@ def test_the_judge_as_reward_is_log_one_minus_its_defect_probability_and_localiz
 
 def test_the_judge_as_reward_arms_set_focusnfix_span_and_keep_draft_the_papers():
     sys.path.insert(0, str(ROOT / "experiments"))
-    from judge_as_reward import SELECT_GRID, run_config
+    from judge_as_reward import SELECT_GRID, STEPS_GRID, run_config
 
     from focusnfix.config import config_from_dict
     from focusnfix.demo import FULL
@@ -187,6 +187,10 @@ def test_the_judge_as_reward_arms_set_focusnfix_span_and_keep_draft_the_papers()
         assert span(0.5, span=name)[:2] == (active, k)
         assert span(0.0, span=name)[:2] == (None, 2)  # DRaFT: every step, K = 2, whatever the span
     assert 0.0 in SELECT_GRID["every"][2]  # the others' reference of the rule
+    for name, (active, k, _betas, steps) in STEPS_GRID.items():  # the fourth arm: longer training
+        c = config_from_dict(run_config(Path("/tmp/unused"), 0.5, 0, FULL, span=name))
+        assert (c.lora.active_steps, c.sampling.k, c.train.steps) == (active, k, steps)
+        assert config_from_dict(run_config(Path("/tmp/unused"), 0.0, 0, FULL, span=name)).train.steps == FULL.steps
 
 
 @pytest.mark.slow
