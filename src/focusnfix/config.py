@@ -223,7 +223,7 @@ class TrainConfig(_Section):
         description="autocast precision; unset: accelerate's (`accelerate launch --mixed_precision`, "
         "`accelerate config`), 'no' when none is configured. Set here, it wins over accelerate's.",
     )
-    seed: int = Field(0, ge=0, description="seed of batch order and DRaFT-LV noise.")
+    seed: int = Field(0, ge=0, description="seed of the LoRA initialisation, batch order and DRaFT-LV noise.")
     checkpoint_every: int = Field(50, ge=0, description="save a resumable checkpoint every N steps (0 = never).")
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep.")
     sample_every: int = Field(0, ge=0, description="save a sample grid every N steps (0 = only at the end).")

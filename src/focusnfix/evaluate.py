@@ -2,7 +2,7 @@
 
 :func:`evaluate` samples every (prompt, seed) pair (``N = len(prompts) * len(seeds)`` images,
 prompt-major order) with the base model and with each method, from the same x_T per seed, and
-writes ``out_dir/metrics.json`` in the schema of DESIGN.md plus what the report needs.
+writes ``out_dir/metrics.json`` (layout in docs/evaluation.md, "Metrics") plus what the report needs.
 
 The metrics and their exact definitions are in :mod:`focusnfix.metrics`; the SLD baseline is
 in :mod:`focusnfix.baselines`, the beta sweep (which trains) in :mod:`focusnfix.sweep`.

@@ -52,7 +52,8 @@ class Backbone(ABC):
             sampling in training and ``focusnfix sample``.
     """
 
-    #: default LoRA targets: the attention projections of the UNet
+    #: the LoRA targets recommended for this family (the presets' ``lora.target_modules``; the trainer
+    #: takes the config's, whose default is the UNet's attention projections below)
     default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
     def __init__(self, pipe: Any) -> None:
