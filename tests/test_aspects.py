@@ -30,8 +30,8 @@ def red_patch_images():
 @pytest.mark.parametrize("method", ["input_gradient", "smoothgrad", "gradcam"])
 def test_saliency_finds_the_defect(method):
     images, truth = red_patch_images()
-    aspect = SaliencyAspect("safety", RedClassifier(), method=method, layer="features", blur_sigma=0.0,
-                            smooth_samples=4, noise_std=0.05)
+    options = {"gradcam": {"layer": "features"}, "smoothgrad": {"smooth_samples": 4, "noise_std": 0.05}}.get(method, {})
+    aspect = SaliencyAspect("safety", RedClassifier(), method=method, blur_sigma=0.0, **options)
     hm = aspect.heatmap(images, ["", ""])
     assert hm.shape == (2, 1, 16, 16) and hm.min() >= 0 and hm.max() == 1
     inside = (hm * truth).sum() / truth.sum()

@@ -16,6 +16,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from focusnfix.backbones import load_backbone
 from focusnfix.backbones.flux import FluxBackbone, pack, unpack
 from focusnfix.config import config_from_dict
+from focusnfix.errors import InputError
 from focusnfix.lora import add_lora, lora_parameters
 from focusnfix.sampling import SamplingOptions, sample
 from focusnfix.train import FocusNFixTrainer
@@ -83,6 +84,13 @@ def test_flow_sampler_matches_the_flux_pipeline(tmp_path, guidance_embeds):
         theirs = _pipe_images(bb.pipe, PROMPTS[0], SEEDS[0])
     assert ours.shape == theirs.shape == (1, 3, 16, 16)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_a_negative_prompt_is_refused_not_dropped(tiny_flux_dir):
+    bb = load_backbone(str(tiny_flux_dir))
+    with pytest.raises(InputError, match="FLUX pipelines take no negative prompt"):
+        bb.encode_prompts(PROMPTS, "blurry")
+    assert bb.encode_prompts(PROMPTS, "").cond["encoder_hidden_states"].shape[0] == len(PROMPTS)
 
 
 def test_zero_lora_exact_and_gradient_through_the_last_k(tiny_flux_dir):

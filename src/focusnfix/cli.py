@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func="cmd_demo")
 
     p = sub.add_parser("eval", formatter_class=HelpFormatter, help="evaluate base vs LoRAs (and SLD) on held-out prompts and seeds")
-    p.add_argument("--model", help="'toy', a diffusers pipeline directory or a hub id (default: config's or toy)")
+    p.add_argument("--model", help="'toy', a diffusers pipeline directory or a hub id (default: the config's; "
+                   "loaded with the config's dtype, variant, revision and train.device)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR[,DIR...]",
                    help="a method: name and run (or LoRA) directory, repeatable, e.g. focusnfix=runs/fnf; "
                    "several comma-separated runs (training seeds) of one method are resampled together")
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-log", action="append", default=[], metavar="NAME=PATH",
                    help="a training log.jsonl (or run directory) to plot (repeatable)")
     p.add_argument("--sweep", help="sweep.json for the beta trade-off curve")
-    p.add_argument("--max-examples", type=non_negative_int, default=32, help="example images shown (chosen to show the range)")
+    p.add_argument("--max-examples", type=non_negative_int, help="example images shown (default: 32, chosen to show the range)")
     p.add_argument("--markdown", action="store_true",
                    help="print the claim table as markdown (the README's tables) instead of writing HTML")
     p.set_defaults(func="cmd_report")

@@ -28,12 +28,13 @@ from focusnfix.evaluate import (
     evaluate,
     evaluation_setup,
     load_lora,
+    model_loader,
     run_config,
     summary_table,
 )
 from focusnfix.files import atomic_write_text, read_json, read_prompts_file
 from focusnfix.images import colorize, grid, overlay, save_png
-from focusnfix.inference import active_steps_for
+from focusnfix.inference import lora_steps_for
 from focusnfix.lora import check_lora_file, lora_active_steps
 from focusnfix.masks import mask_area
 from focusnfix.rahf import evaluate as rahf_evaluate
@@ -153,10 +154,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if lora is not None:
         load_lora(backbone, "sample", lora)
         # a LoRA trained with lora.active_steps acts on the last steps only (by timestep for another N)
-        h, w = options.height or backbone.default_size[0], options.width or backbone.default_size[1]
-        timesteps = backbone.set_timesteps(options.num_inference_steps,
-                                           torch.zeros(backbone.latent_shape(1, h, w), device=backbone.device))
-        options.lora_steps = active_steps_for(lora, [int(t) for t in timesteps])
+        options.lora_steps = lora_steps_for(backbone, lora, options)
     with torch.no_grad():
         images = sample(backbone, [args.prompt] * len(args.seed), list(args.seed), options).images
     out = save_png(grid([images.cpu()], pad=0 if len(args.seed) == 1 else 2), args.out)
@@ -249,6 +247,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError("--seeds must be >= 1")
     # the training config: --config, else the runs' own config.yaml (all must agree); never a default
     configs: dict[str, Any] = {}
+    if args.set and not args.config:
+        raise InputError("--set overrides the --config file's fields; the runs' own config.yaml files are read as "
+                         "they are (give --config FILE with them)")
     if args.config:
         configs["--config"] = load_config(args.config, args.set)
     for name, paths in methods.items():
@@ -286,7 +287,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prompts = prompts[: args.max_prompts]
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     lora_specs: dict[str, Any] = {k: (v if len(v) > 1 else v[0]) for k, v in methods.items()}
-    metrics = evaluate(args.model or setup["model"], lora_specs, aspects, target, judges, prompts, seeds, options,
+    metrics = evaluate(model_loader(config, args.model) if args.model else setup["model"], lora_specs, aspects, target, judges, prompts, seeds, options,
                        setup["mask_cfg"], args.out, batch_size=args.batch_size, n_bootstrap=args.bootstrap,
                        sld=args.sld, progress=not args.no_progress, localizers=setup["localizers"], compare=compare)
     if args.votes:
@@ -304,6 +305,12 @@ def cmd_votes(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     if args.markdown:
+        html_only = [flag for flag, given in (("--out", args.out), ("--train-log", args.train_log),
+                                              ("--sweep", args.sweep), ("--max-examples", args.max_examples is not None))
+                     if given]
+        if html_only:
+            raise InputError(f"--markdown prints the table only; {', '.join(html_only)} shape the HTML report "
+                             "(run report again without --markdown for it)")
         path = Path(args.dir) / "metrics.json"
         if not path.is_file():
             raise InputError(f"{path} not found: --markdown needs an evaluation directory (focusnfix eval or demo --out)")
@@ -312,7 +319,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     logs = {k: Path(v) for k, v in name_path_pairs(args.train_log, "--train-log").items()}
     out = args.out or str(Path(args.dir) / "report.html")
     path = write_report(args.dir, out, train_logs=logs or None, sweep=Path(args.sweep) if args.sweep else None,
-                        max_examples=args.max_examples)
+                        max_examples=32 if args.max_examples is None else args.max_examples)
     print(f"wrote {path}")
     return 0
 

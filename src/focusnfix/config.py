@@ -72,7 +72,7 @@ class SamplingConfig(_Section):
     grad_mode: Literal["draft_k", "draft_lv", "full"] = Field(
         "draft_k",
         description="draft_k: gradient through the last k steps; draft_lv: k = 1 plus lv_n re-noisings; "
-        "full: all steps, checkpointed.",
+        "full: all steps (set checkpoint_unet, else every step's activations are kept).",
     )
     k: int = Field(2, ge=1, description="DRaFT-K: number of final sampling steps that carry gradient (paper: 2).")
     lv_n: int = Field(2, ge=0, description="DRaFT-LV: re-noisings of the final step (DRaFT paper: 2).")
@@ -150,6 +150,12 @@ class AspectConfig(_Section):
         "reward_threshold (toy world: log 0.5), none if it has none; off: never gate; a number: that reward.",
     )
     args: dict[str, Any] = Field(default_factory=dict, description="type-specific arguments.")
+
+    @model_validator(mode="after")
+    def _gate_needs_a_mask(self) -> AspectConfig:
+        if not self.localize and self.gate != "auto":
+            raise ValueError(f"gate {self.gate!r} gates this aspect's mask, but localize is false (it gives none)")
+        return self
 
 
 class DataConfig(_Section):
@@ -254,6 +260,10 @@ class Config(_Section):
     def _checks(self) -> Config:
         if not any(a.localize for a in self.aspects):
             raise ValueError("aspects: at least one aspect must have localize: true (it gives the mask)")
+        for i, a in enumerate(self.aspects):
+            if a.type == "mask_files" and (a.weight != 0 or not a.localize):  # its reward is 0: masks are all it gives
+                raise ValueError(f"aspects[{i}]: a mask_files aspect gives masks only (its reward is 0): set weight: 0 "
+                                 "and localize: true, and give the reward as another aspect")
         names = [a.name for a in self.aspects if a.name]
         if len(names) != len(set(names)):
             raise ValueError(f"aspects: names must be unique, got {names}")

@@ -76,8 +76,6 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     "plausibility": {"beta": 0.5, "active_steps": 5,
                      "mask": {"threshold_mode": "relative", "threshold": 0.2, "dilate_px": 4}},
 }
-#: Focus-N-Fix's constraint weight on the default reward (DRaFT is the same run with beta = 0)
-DEMO_BETA = DEMO_SETTINGS["safety"]["beta"]
 
 
 def demo_config(out: Path, beta: float, s: DemoSettings, reward: str = "safety", seed: int = 0) -> dict[str, Any]:

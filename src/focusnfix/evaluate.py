@@ -17,6 +17,7 @@ rewards, judge probabilities and metrics per method: ``(N,)`` lists, ``(R, N)`` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import uuid
@@ -34,7 +35,8 @@ from focusnfix.backbones import Backbone, load_backbone
 from focusnfix.baselines import SLD_METHOD, sld_images
 from focusnfix.errors import InputError
 from focusnfix.files import atomic_write, atomic_write_text, read_json, read_npz
-from focusnfix.lora import check_lora_file, load_lora_into, lora_active_steps
+from focusnfix.inference import lora_steps_for
+from focusnfix.lora import check_lora_file, load_lora_into
 from focusnfix.metrics import (
     DEFAULT_EPS,
     PSNR_CAP,
@@ -252,8 +254,9 @@ def evaluate(
                 images[name].append(_sample_all(backbone, ip, iseeds, options, batch_size, desc, progress))
                 continue
             adapter = load_lora(backbone, f"{name}_{r}", lora)
-            # a LoRA trained with lora.active_steps acts only on the last steps, as in its training
-            lora_options = dataclasses.replace(options, lora_steps=lora_active_steps(lora))
+            # a LoRA trained with lora.active_steps acts only on the last steps, as in its training (by
+            # timestep when evaluated with another step count)
+            lora_options = dataclasses.replace(options, lora_steps=lora_steps_for(backbone, lora, options))
             try:
                 images[name].append(_sample_all(backbone, ip, iseeds, lora_options, batch_size, desc, progress))
             finally:
@@ -438,17 +441,28 @@ def aspects_from_config(config: Any) -> tuple[dict[str, Aspect], str, dict[str, 
     return aspects, target, judges
 
 
+def model_loader(config: Any, path: str | None = None) -> Callable[[], Backbone]:
+    """A factory loading the config's model as training did: ``model.path`` (or ``path``), its
+    ``dtype``, ``variant`` and ``revision``, on ``train.device`` (``auto``: CUDA when available)."""
+    m = config.model
+    device = config.train.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return functools.partial(load_backbone, path or m.path, m.dtype, m.variant, m.revision, device)
+
+
 def evaluation_setup(config: Any) -> dict[str, Any]:
     """What evaluation takes from a training config so that it sees the images and masks training saw.
 
     Returns ``{"options": SamplingOptions, "mask_cfg": MaskConfig, "localizers": [(aspect, gate)],
-    "model": str}``: the run's sampling options, mask settings and localizing aspects with their
-    gates, each aspect built from the config's own entry (its localizer included), as in training.
+    "model": factory}``: the run's sampling options, mask settings and localizing aspects with their
+    gates, each aspect built from the config's own entry (its localizer included), as in training,
+    and :func:`model_loader`'s factory of the run's model (dtype, variant, revision, device).
     """
     built = build_aspects(config)
     localizers = [(a, c.gate) for a, c in zip(built, config.aspects, strict=True) if c.localize]
     return {"options": sampling_options(config), "mask_cfg": config.mask, "localizers": localizers,
-            "model": config.model.path}
+            "model": model_loader(config)}
 
 
 #: config fields that must agree between runs evaluated together (they shape Î0 and its mask)
@@ -516,6 +530,7 @@ __all__ = [
     "check_same_setup",
     "evaluate",
     "evaluation_setup",
+    "model_loader",
     "load_eval",
     "load_lora",
     "resolve_backbone",

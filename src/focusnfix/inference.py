@@ -41,6 +41,20 @@ def active_steps_for(lora: str | Path, timesteps: Sequence[int]) -> int | None:
     return sum(int(t) <= highest for t in timesteps)
 
 
+def lora_steps_for(backbone: Any, lora: str | Path, options: Any) -> int | None:
+    """``SamplingOptions.lora_steps`` for sampling ``lora`` on ``backbone`` with ``options``: its
+    active steps mapped onto ``options.num_inference_steps`` by timestep (:func:`active_steps_for`);
+    None when it acts on every step."""
+    if lora_active_steps(lora) is None:
+        return None
+    import torch
+
+    h, w = options.height or backbone.default_size[0], options.width or backbone.default_size[1]
+    latents = torch.zeros(backbone.latent_shape(1, h, w), device=backbone.device)
+    timesteps = backbone.set_timesteps(options.num_inference_steps, latents)
+    return active_steps_for(lora, [int(t) for t in timesteps])
+
+
 def _trained_steps(lora: str | Path) -> int | None:
     return json.loads((check_lora_file(lora).parent / LORA_SCHEDULE_NAME).read_text()).get("num_inference_steps")
 
@@ -80,4 +94,4 @@ class late_lora_callback:  # noqa: N801 (used like a function: callback = late_l
         return callback_kwargs
 
 
-__all__ = ["active_steps_for", "late_lora_callback"]
+__all__ = ["active_steps_for", "late_lora_callback", "lora_steps_for"]

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from focusnfix.errors import InputError
 from focusnfix.objective import regional_constraint
 from focusnfix.reference import compute_reference, gate_value
 
@@ -131,12 +132,21 @@ def objective_oracle(
     from focusnfix.files import atomic_write_text
     from focusnfix.metrics import json_clean
 
+    o = config.objective
+    if o.space != "pixel" or o.reward_input != "image":  # what optimize_latents implements
+        raise InputError(f"the oracle optimizes the paper's objective (objective.space: pixel, reward_input: image); "
+                         f"this config has space {o.space!r}, reward_input {o.reward_input!r}")
+    weighted = [c for c in config.aspects if c.weight != 0]
+    if len(weighted) > 1 or (weighted and weighted[0].weight != 1):
+        raise InputError("the oracle optimizes one reward at weight 1 against beta; this config weights "
+                         + ", ".join(f"{c.name or c.type} {c.weight:g}" for c in weighted)
+                         + " (give the others weight 0; for a target weight w, divide the betas by w)")
     aspects, target, judge_models = aspects_from_config(config)
     judge = judge_models.get(target) if judges else None
     setup = evaluation_setup(config)
-    backbone = resolve_backbone(config.model.path)
+    backbone = resolve_backbone(setup["model"])  # the run's dtype, variant, revision and device
     reward = aspects[target]
-    gate = gate_value(reward, "auto")
+    gate = gate_value(reward, weighted[0].gate if weighted else "auto")  # the config's gate of the target
     items = [(p, s) for p in prompts for s in seeds]
     if not items:
         raise ValueError("the oracle needs at least one prompt and seed")

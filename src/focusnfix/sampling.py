@@ -7,7 +7,8 @@ Gradient modes (how much of the sampling chain carries gradient to the LoRA):
   same LoRA gradient as detaching their outputs and is cheaper.
 * ``draft_lv``: DRaFT-LV. K = 1, plus ``lv_n`` re-noisings of the final sample to the last
   timestep, each denoised again with gradient; the reward is averaged over the 1 + n images.
-* ``full``: backprop through all N steps, each UNet call checkpointed (recomputed in backward).
+* ``full``: backprop through all N steps; with ``checkpoint_unet`` each UNet call is recomputed in
+  backward (memory of one call's activations), without it every call's activations are kept.
 
 Calls without gradient (the first N - K of DRaFT-K, every call of plain inference) run with the
 LoRA merged into the base weights (``SamplingOptions.merge_lora``, on by default), so they cost

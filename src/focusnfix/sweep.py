@@ -12,7 +12,7 @@ from typing import Any
 
 from focusnfix.config import load_config, resolve_prompts
 from focusnfix.errors import InputError
-from focusnfix.evaluate import aspects_from_config, evaluate, evaluation_setup
+from focusnfix.evaluate import aspects_from_config, check_same_setup, evaluate, evaluation_setup
 from focusnfix.files import atomic_write_text, read_json
 from focusnfix.metrics import json_clean
 
@@ -166,6 +166,8 @@ def sweep(
     out_dir.mkdir(parents=True, exist_ok=True)
     configs = {b: load_config(config_path, run_overrides(b, [*overrides, *(draft_overrides if b == 0 else ())], out_dir))
                for b in betas}
+    # every run is evaluated against one reference and mask: a --draft-set that changes them is refused
+    check_same_setup({f"beta {b:g}": c for b, c in configs.items()})
     train_runs(list(configs.values()), jobs=jobs, progress=progress)
     runs = {b: Path(c.train.output_dir) for b, c in configs.items()}
     config = configs[betas[0]]
@@ -177,7 +179,7 @@ def sweep(
     eval_seeds = seeds if seeds is not None else [10000, 10001]
     methods = {f"beta_{b:g}": runs[b] / "lora" for b in betas}
     metrics = evaluate(
-        config.model.path, methods, aspects, target, judge_models, eval_prompts, eval_seeds, setup["options"],
+        setup["model"], methods, aspects, target, judge_models, eval_prompts, eval_seeds, setup["options"],
         setup["mask_cfg"], out_dir / "eval", batch_size=batch_size, n_bootstrap=n_bootstrap, progress=progress,
         localizers=setup["localizers"],
     )

@@ -258,7 +258,12 @@ class FocusNFixTrainer:
         """
         dc = self.config.data
         n_proc = self.accelerator.num_processes
-        if not dc.prefill_reference or (n_proc > 1 and not dc.cache_on_disk):
+        if not dc.prefill_reference:
+            return None
+        if n_proc > 1 and not dc.cache_on_disk:  # the processes share the prefill through the disk cache only
+            if self.accelerator.is_main_process:
+                print(f"data.prefill_reference skipped: with {n_proc} processes it needs data.cache_on_disk: true; "
+                      "each reference item is computed in the step that first draws it")
             return None
         t0 = time.perf_counter()
         skip = self.step_zero_items() if self.step == 0 and self.lora_is_zero() else set()

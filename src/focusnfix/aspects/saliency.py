@@ -130,8 +130,8 @@ class SaliencyAspect(Aspect):
         reward_model: module called as ``reward_model(images, prompts) -> (B,)``, higher is better.
         method: ``"input_gradient"``, ``"smoothgrad"`` or ``"gradcam"``.
         layer: for Grad-CAM, the dotted name of a submodule of ``reward_model``.
-        smooth_samples: SmoothGrad copies (only for ``"smoothgrad"``).
-        noise_std: SmoothGrad noise in image units.
+        smooth_samples: SmoothGrad copies (only for ``"smoothgrad"``; default 8).
+        noise_std: SmoothGrad noise in image units (only for ``"smoothgrad"``; default 0.1).
         blur_sigma: blur of the saliency map in pixels; raw gradients are speckled, a blur of a
             few pixels turns them into regions.
     """
@@ -142,13 +142,20 @@ class SaliencyAspect(Aspect):
         reward_model: nn.Module,
         method: SaliencyMethod = "input_gradient",
         layer: str | None = None,
-        smooth_samples: int = 8,
-        noise_std: float = 0.1,
+        smooth_samples: int | None = None,
+        noise_std: float | None = None,
         blur_sigma: float = 1.0,
     ) -> None:
         super().__init__()
         if method not in ("input_gradient", "smoothgrad", "gradcam"):
             raise ValueError(f"saliency method must be input_gradient, smoothgrad or gradcam, got {method!r}")
+        # options of another method would be ignored: refuse them
+        if layer is not None and method != "gradcam":
+            raise ValueError(f"saliency layer {layer!r} is a Grad-CAM option; method {method!r} takes none")
+        if (smooth_samples is not None or noise_std is not None) and method != "smoothgrad":
+            raise ValueError(f"smooth_samples and noise_std are SmoothGrad options; method {method!r} takes neither")
+        smooth_samples = 8 if smooth_samples is None else smooth_samples
+        noise_std = 0.1 if noise_std is None else noise_std
         if method == "gradcam":
             if not layer:
                 raise ValueError("saliency method 'gradcam' needs a layer name")

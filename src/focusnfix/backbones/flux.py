@@ -22,6 +22,7 @@ import torch
 
 from focusnfix.backbones.base import Conditioning
 from focusnfix.backbones.sd3 import StableDiffusion3Backbone, calculate_shift
+from focusnfix.errors import InputError
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -81,6 +82,9 @@ class FluxBackbone(StableDiffusion3Backbone):
         return self.scheduler.timesteps
 
     def encode_prompts(self, prompts: list[str], negative_prompt: str = "", guidance: bool = True) -> Conditioning:
+        if negative_prompt:  # FLUX has no classifier-free guidance: a negative prompt would be dropped silently
+            raise InputError(f"sampling.negative_prompt {negative_prompt!r}: FLUX pipelines take no negative prompt "
+                             "(they guide by an embedded guidance scale); leave it empty")
         with torch.no_grad():
             pe, pooled, txt_ids = self.pipe.encode_prompt(list(prompts), None, device=self.device,
                                                           num_images_per_prompt=1,

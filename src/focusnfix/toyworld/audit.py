@@ -153,9 +153,10 @@ def sample_batch(runs: dict[str, str | Path], prompts: list[str], seeds: list[in
         config = run_config(run_dir)
         if config is None:
             raise InputError(f"audit run {source}={run_dir}: not a training run directory (config.yaml and lora/)")
-        backbone = backbone or resolve_backbone(config.model.path)
+        setup = evaluation_setup(config)
+        backbone = backbone or resolve_backbone(setup["model"])
         lora = Path(run_dir) / "lora"
-        options = evaluation_setup(config)["options"]
+        options = setup["options"]
         adapter = None
         if source != "base":
             options = dataclasses.replace(options, lora_steps=lora_active_steps(lora))

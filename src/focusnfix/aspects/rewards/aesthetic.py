@@ -104,7 +104,7 @@ class AestheticAspect(RewardModelAspect):
 
 
 def from_pretrained(
-    head: str, clip: str = "openai/clip-vit-large-patch14", tokenizer: str | None = None, **kwargs
+    head: str, clip: str = "openai/clip-vit-large-patch14", **kwargs
 ) -> AestheticAspect:
     """Aspect type ``aesthetic``: ``args: {head: PATH_TO_HEAD, clip: PATH_OR_HUB_ID}``."""
     try:
