@@ -40,7 +40,13 @@ def test_preset_dry_run(preset, capsys):
     data = yaml.safe_load(preset.read_text())
     if data.get("model", {}).get("path", "toy") == "toy" and (why := _toy_assets_missing()):
         pytest.skip(why)
-    assert main(["train", "--config", str(preset), "--dry-run"]) == 0
+    placeholders = [f"aspects.{i}.args.{k}" for i, a in enumerate(data["aspects"])
+                    for k, v in a.get("args", {}).items() if v == "/path/to/rahf_model"]
+    if placeholders:  # the plan names a placeholder path before anything loads; a real one passes
+        assert main(["train", "--config", str(preset), "--dry-run"]) == 2
+        assert "/path/to/rahf_model: no such file or directory" in capsys.readouterr().err
+    overrides = [x for key in placeholders for x in ("--set", f"{key}={preset.parent}")]
+    assert main(["train", "--config", str(preset), "--dry-run", *overrides]) == 0
     plan = json.loads(capsys.readouterr().out)
     if preset.name not in EXPECTED:
         return

@@ -74,6 +74,11 @@ def training_plan(config: Config) -> dict:
     for a in config.aspects:
         if a.type not in ASPECT_TYPES:
             raise InputError(f"aspects: unknown aspect type {a.type!r}; known: {', '.join(sorted(ASPECT_TYPES))}")
+    # local paths in aspect args that do not exist (a preset's placeholders): found now, not after loading
+    missing = [f"aspects[{i}].args.{k} = {v}" for i, a in enumerate(config.aspects) for k, v in a.args.items()
+               if isinstance(v, str) and v.startswith(("/", "./", "../", "~")) and not Path(v).expanduser().exists()]
+    if missing:
+        raise InputError(f"{'; '.join(missing)}: no such file or directory (a preset's placeholder?)")
     prompts = resolve_prompts(config.data)
     s, t = config.sampling, config.train
     grad_steps = {"draft_k": s.k, "draft_lv": 1, "full": s.num_inference_steps}[s.grad_mode]
