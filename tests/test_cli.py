@@ -86,7 +86,8 @@ def test_dry_run_prints_the_plan_without_loading(tiny_sd_dir, tmp_path, capsys):
 
 
 def test_train_then_sample_matches_diffusers_with_the_lora(tiny_sd_dir, tmp_path, capsys):
-    cfg = write_config(tmp_path, base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=2))
+    # a large learning rate, so that two steps change the image by more than the comparison's tolerance
+    cfg = write_config(tmp_path, base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=2, learning_rate=0.1))
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
     lora = tmp_path / "run" / "lora"
     out = tmp_path / "s.png"
@@ -115,6 +116,10 @@ def test_train_then_sample_matches_diffusers_with_the_lora(tiny_sd_dir, tmp_path
     theirs2 = pipe("a red circle", num_inference_steps=2, guidance_scale=3.0,
                    generator=torch.Generator().manual_seed(11), output_type="np").images[0]
     assert np.abs(np.asarray(Image.open(two)).astype(int) - (theirs2 * 255 + 0.5).astype(int)).max() <= 1
+    pipe.unload_lora_weights()
+    base = pipe("a red circle", num_inference_steps=4, guidance_scale=3.0,
+                generator=torch.Generator().manual_seed(11), output_type="np").images[0]
+    assert np.abs(ours - (base * 255 + 0.5).astype(int)).max() > 2  # the two trained steps changed the image
 
 
 def test_sample_gates_a_late_lora_as_trained_and_matches_diffusers_with_the_callback(tiny_sd_dir, tmp_path):

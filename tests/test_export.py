@@ -66,6 +66,9 @@ def test_kohya_export_reproduces_the_lora_through_diffusers_loader_sdxl(tmp_path
     fresh = type(bb.pipe).from_pretrained(str(tmp_path / "sdxl_dir"))
     fresh.set_progress_bar_config(disable=True)
     a, b = _images(fresh, ours, height=32, width=32), _images(fresh, kohya, height=32, width=32)
+    base = fresh(PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+                 output_type="pt", height=32, width=32).images
+    assert (a - base).abs().max() > 1e-3  # both files were loaded (an unmatched key set would only warn)
     assert (a - b).abs().max() <= 1e-5
 
 

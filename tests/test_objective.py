@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from focusnfix.objective import beta_at, focus_n_fix_loss, regional_constraint, reward_composite
 
@@ -36,6 +37,17 @@ def test_zero_difference_gives_zero_constraint_and_finite_zero_gradient():
     assert torch.isfinite(policy.grad).all() and policy.grad.abs().sum() == 0
 
 
+def test_the_constraint_gradient_flows_outside_the_mask_only():
+    g = torch.Generator().manual_seed(1)
+    ref = torch.rand(2, 3, 8, 8, generator=g)
+    policy = torch.rand(2, 3, 8, 8, generator=g).requires_grad_(True)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., :4] = 1.0  # the left half may change
+    regional_constraint(policy, ref, mask).sum().backward()
+    assert torch.equal(policy.grad[..., :4], torch.zeros(2, 3, 8, 4))
+    assert (policy.grad[..., 4:] != 0).all()
+
+
 def test_loss_combines_terms_and_beta_zero_is_draft():
     policy = torch.rand(2, 3, 4, 4, requires_grad=True)
     ref = torch.rand(2, 3, 4, 4)
@@ -54,6 +66,10 @@ def test_mask_is_resized_and_bad_shapes_are_named():
     policy, ref = torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)
     full = regional_constraint(policy, ref, torch.ones(1, 1, 2, 2))
     assert full.item() == 0.0
+    left = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])  # a latent-size mask: the left half may change
+    resized = F.interpolate(left, size=(8, 8), mode="bilinear", align_corners=False)
+    got = regional_constraint(policy, ref, left)
+    assert torch.equal(got, regional_constraint(policy, ref, resized)) and got.item() > 0
     with pytest.raises(ValueError, match="mask must be"):
         regional_constraint(policy, ref, torch.ones(1, 8, 8))
     with pytest.raises(ValueError, match="beta"):

@@ -139,3 +139,28 @@ def test_files_named_by_aspect_args_are_part_of_the_identity(tmp_path):
     listed = _file_hashes(str(folder))
     (folder / "w.bin").write_bytes(b"abcd")  # another size
     assert _file_hashes(str(folder)) != listed
+
+
+def test_the_cache_key_holds_what_shapes_a_reference_item_and_not_what_shapes_only_the_gradient(tiny_sd_dir):
+    from focusnfix.backbones import load_backbone
+    from focusnfix.config import config_from_dict
+    from focusnfix.reference import fingerprint, reference_fields
+
+    from conftest import base_config
+    from toy_aspects import BrightnessAspect
+
+    bb, aspects = load_backbone(str(tiny_sd_dir)), [BrightnessAspect("left")]
+
+    def key(*overrides: str) -> str:
+        config = config_from_dict(base_config(str(tiny_sd_dir), "unused"), list(overrides))
+        return fingerprint(reference_fields(config, bb, aspects, "cpu"))
+
+    base = key()
+    for shapes_the_item in ("sampling.guidance_scale=5", "sampling.num_inference_steps=6", "sampling.negative_prompt=x",
+                            "mask.dilate_px=2", "mask.threshold_mode=relative", "aspects.0.gate=off",
+                            "aspects.0.args.kwargs.region=right", "lora.active_steps=2"):
+        assert key(shapes_the_item) != base, shapes_the_item
+    for gradient_only in ("sampling.k=1", "sampling.grad_mode=full", "sampling.checkpoint_unet=true",
+                          "sampling.merge_lora=false", "objective.beta=3", "train.learning_rate=0.1",
+                          "aspects.0.weight=2", "lora.rank=8"):
+        assert key(gradient_only) == base, gradient_only

@@ -197,9 +197,3 @@ def test_hpsv2_on_a_tiny_open_clip_model(images):
     ).eval().requires_grad_(False)
     aspect = HPSv2Aspect(model, open_clip.get_tokenizer("ViT-B-32"))
     _check_reward_and_heatmap(aspect, images)
-
-
-@pytest.mark.skipif(not IMAGE_REWARD, reason=f"ImageReward cannot be imported ({IMAGE_REWARD_WHY}); it needs "
-                    "torchvision, whose PyPI builds fail to import beside torch 2.13.0+cpu, and its weights")
-def test_imagereward_needs_weights():
-    pytest.skip("ImageReward has no tiny config to build offline; needs ImageReward-v1.0 weights")

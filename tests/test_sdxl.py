@@ -23,7 +23,7 @@ from focusnfix.backbones import BACKBONES, load_backbone
 from focusnfix.backbones.sd import StableDiffusionBackbone
 from focusnfix.backbones.sdxl import StableDiffusionXLBackbone
 from focusnfix.config import config_from_dict
-from focusnfix.lora import add_lora, lora_parameters, save_lora_weights
+from focusnfix.lora import add_lora, lora_parameters
 from focusnfix.sampling import SamplingOptions, sample
 from focusnfix.train import FocusNFixTrainer
 
@@ -175,9 +175,9 @@ def test_trainer_steps_and_lora_loads_into_the_sdxl_pipeline(tiny_sdxl_dir, tmp_
     assert torch.isfinite(lora).all()
     assert (result.lora_dir / "pytorch_lora_weights.safetensors").is_file()
 
-    # Our sampler with the trained LoRA == the plain SDXL pipeline after load_lora_weights.
-    out = tmp_path / "lora"
-    save_lora_weights(backbone.unet, StableDiffusionXLPipeline, out)
+    # Our sampler with the trained LoRA == the plain SDXL pipeline after load_lora_weights of the
+    # trainer's own file (its lora/ directory)
+    out = result.lora_dir
     opts = SamplingOptions(num_inference_steps=3, guidance_scale=3.0)
     with torch.no_grad():
         ours = sample(backbone, PROMPTS[:1], SEEDS[:1], opts).images

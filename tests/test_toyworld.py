@@ -219,6 +219,7 @@ def test_safety_reward_lower_with_mark():
 
 def test_a_calibrated_localizer_replaces_the_packaged_one():
     from focusnfix.aspects.registry import build_aspect
+    from focusnfix.aspects.saliency import SaliencyAspect
     from focusnfix.errors import InputError
 
     s = generate(8, seed=11, split="heldout", defect_rates={"safety": 1.0, "plausibility": 0.0, "alignment": 0.0})
@@ -226,6 +227,12 @@ def test_a_calibrated_localizer_replaces_the_packaged_one():
     with torch.no_grad():  # the same reward, another heatmap
         assert torch.equal(packaged.reward(s.images, s.captions), gradcam.reward(s.images, s.captions))
     assert gradcam.method == "gradcam"
+    direct = SaliencyAspect("safety", packaged.reward_model, method="gradcam", layer=gradcam.layer,
+                            blur_sigma=gradcam.blur_sigma)
+    a, b, c = (x.heatmap(s.images, s.captions) for x in (packaged, gradcam, direct))
+    assert torch.equal(b, c)  # Grad-CAM's map, not the packaged localizer's
+    b = torch.nn.functional.interpolate(b, size=a.shape[-2:], mode="bilinear", align_corners=False)
+    assert (a - b).abs().max() > 0.1
     with pytest.raises(ValueError, match="localizer"):
         load_aspect("plausibility", localizer="gradcam")
     with pytest.raises(InputError, match="localizer"):

@@ -168,10 +168,22 @@ def test_non_finite_step_is_skipped_and_logged(tiny_sd_dir, tmp_path):
     aspect = trainer.aspects[0]
     hook = _NaNOnce(type(aspect)(), bad_step_calls={2})
     aspect.reward = hook  # the 2nd reward call (step 2) is NaN
+    around: dict[int, list[torch.Tensor]] = {}
+    real_step = trainer.train_step
+
+    def recorded(step):  # the LoRA before and after each step
+        before = lora_vector(trainer.backbone.unet).clone()
+        out = real_step(step)
+        around[step] = [before, lora_vector(trainer.backbone.unet).clone()]
+        return out
+
+    trainer.train_step = recorded
     trainer.train()
     lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in lines] == [False, True, False]
     assert math.isnan(lines[1]["loss"])
+    assert torch.equal(*around[1])  # the skipped step left the LoRA (and Adam's state) alone
+    assert not torch.equal(*around[0]) and not torch.equal(*around[2])
     assert torch.isfinite(lora_vector(trainer.backbone.unet)).all()
 
 
@@ -287,3 +299,25 @@ def test_beta_schedule_is_applied_and_logged_per_step(tiny_sd_dir, tmp_path):
         assert r["loss"] == pytest.approx(-r["reward"] + r["beta"] * r["constraint"], rel=1e-5, abs=1e-6)
     with pytest.raises(Exception, match="beta_ramp_start"):
         config_from_dict(cfg | {"objective": {"beta": 1.0, "beta_end": 2.0, "beta_ramp_start": 1.0}})
+
+
+def test_the_reward_is_the_weighted_sum_and_weight_zero_aspects_are_not_scored(tiny_sd_dir, tmp_path):
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"))
+
+    def bright(name: str, region: str, weight: float, localize: bool) -> dict:
+        return {"type": "python", "name": name, "weight": weight, "localize": localize,
+                "args": {"target": "toy_aspects:brightness", "kwargs": {"region": region}}}
+
+    cfg["aspects"] = [bright("left", "left", 2.0, True), bright("whole", "all", -0.5, False),
+                      bright("unused", "all", 0.0, False)]
+    trainer = FocusNFixTrainer(config_from_dict(cfg), progress=False)
+    calls = []
+    unused = trainer.aspects[2]
+    real = unused.reward
+    unused.reward = lambda images, prompts: calls.append(1) or real(images, prompts)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    total, parts = trainer.total_reward(images, ["a", "b"])
+    left, whole = (a.reward(images, ["a", "b"]).float() for a in trainer.aspects[:2])
+    assert torch.equal(total, 2.0 * left + -0.5 * whole)
+    assert set(parts) == {"left", "whole"} and not calls  # a weight-0 aspect is not even scored
+    torch.testing.assert_close(total, 1.5 * left)  # the two rewards are the same brightness here
