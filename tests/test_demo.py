@@ -72,6 +72,21 @@ def test_demo_quick_writes_metrics_report_and_loras(tmp_path, capsys):
     for method in ("focusnfix", "draft"):
         pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_path()), safety_checker=None)
         pipe.load_lora_weights(str(out / "lora" / method))
+    # diffusers with DRaFT's LoRA draws the evaluation's image, where the LoRA changed it most
+    import numpy as np
+    import torch
+
+    from focusnfix import toyworld
+    from focusnfix.demo import QUICK
+
+    z = np.load(out / "images.npz")
+    change = np.abs(z["method__draft"].astype(int) - z["base"].astype(int)).reshape(len(z["base"]), -1).max(1)
+    i = int(change.argmax())
+    assert change[i] > 2  # the LoRA does something there
+    prompt, seed = toyworld.prompts("heldout")[i // QUICK.eval_seeds], 10_000 + i % QUICK.eval_seeds
+    drawn = pipe(prompt, num_inference_steps=QUICK.num_inference_steps, guidance_scale=5.0, output_type="np",
+                 generator=torch.Generator().manual_seed(seed)).images[0]
+    assert np.abs((drawn * 255 + 0.5).astype(int) - z["method__draft"][i].transpose(1, 2, 0)).max() <= 1
     # Focus-N-Fix's LoRA acts on the steps it was trained on (the quick demo samples 10 steps); DRaFT's on all
     from focusnfix.lora import lora_active_steps
 

@@ -44,7 +44,7 @@ def workspace(tiny_sd_dir, tmp_path):
 
 CHANGES = {
     "seed_offset": "data.seed_offset",
-    "mask_threshold": "mask.threshold",
+    "mask_dilation": "mask.dilate_px",
     "prompts_file": "data.prompts_sha256",
     "model_weights": "model.weights.unet",
 }
@@ -53,8 +53,8 @@ CHANGES = {
 def _apply(change: str, cfg: dict, model, prompts) -> None:
     if change == "seed_offset":
         cfg["data"]["seed_offset"] = 7
-    elif change == "mask_threshold":
-        cfg["mask"]["threshold"] = 0.25
+    elif change == "mask_dilation":  # a change the toy heatmap (0 or 1) shows: the mask grows
+        cfg["mask"]["dilate_px"] = 2
     elif change == "prompts_file":
         prompts.write_text("a green circle\na big square\n")
     elif change == "model_weights":
@@ -65,7 +65,8 @@ def _apply(change: str, cfg: dict, model, prompts) -> None:
 def test_reusing_a_run_folder_after_a_change_that_determines_the_reference(change, workspace, tmp_path, capsys):
     cfg, model, prompts = workspace
     _trainer(cfg).train()
-    assert _log(tmp_path / "run")[0]["constraint"] == 0.0
+    first = _log(tmp_path / "run")[0]
+    assert first["constraint"] == 0.0
     _apply(change, cfg, model, prompts)
 
     # --resume with a checkpoint: refused, naming the changed field
@@ -74,8 +75,8 @@ def test_reusing_a_run_folder_after_a_change_that_determines_the_reference(chang
     # --overwrite: the first step is exactly what a fresh folder gives, zero constraint included
     capsys.readouterr()
     _trainer(cfg).train(overwrite=True)
-    if change == "mask_threshold":
-        assert "mask.threshold changed" in capsys.readouterr().err
+    if change == "mask_dilation":
+        assert "mask.dilate_px changed" in capsys.readouterr().err
     reused = _log(tmp_path / "run")
     assert len(reused) == 1 and reused[0]["constraint"] == 0.0
     fresh_cfg = json.loads(json.dumps(cfg))
@@ -84,6 +85,8 @@ def test_reusing_a_run_folder_after_a_change_that_determines_the_reference(chang
     fresh = _log(tmp_path / "fresh")
     for key in ("loss", "reward", "constraint", "mask_area", "outside_change"):
         assert reused[0][key] == fresh[0][key], key
+    if change == "mask_dilation":  # the stale items (the old mask) were not read
+        assert reused[0]["mask_area"] > first["mask_area"]
 
 
 def test_a_used_folder_is_not_overwritten_silently(workspace, tmp_path):

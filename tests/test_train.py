@@ -22,8 +22,11 @@ def make_trainer(tiny_sd_dir, tmp_path, name="run", **train):
     return FocusNFixTrainer(cfg, progress=False)
 
 
-def test_step_zero_policy_equals_reference_and_constraint_is_exactly_zero(tiny_sd_dir, tmp_path):
-    trainer = make_trainer(tiny_sd_dir, tmp_path)
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+def test_step_zero_policy_equals_reference_and_constraint_is_exactly_zero(tiny_sd_dir, tmp_path, space):
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"))
+    cfg["objective"]["space"] = space  # latent: Î0's latents, stored compactly, still give exactly 0
+    trainer = FocusNFixTrainer(config_from_dict(cfg), progress=False)
     terms = trainer.loss_on(step=0, micro=0)
     assert torch.equal(terms["constraint"], torch.zeros(2))
     assert torch.equal(terms["outside_change"], torch.zeros(2))
@@ -32,6 +35,12 @@ def test_step_zero_policy_equals_reference_and_constraint_is_exactly_zero(tiny_s
     grads = [p.grad for p in lora_parameters(trainer.backbone.unet)]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
+    # the same batch with its reference read back from the compact cache (uint8 images, fp16 latents)
+    _, prompts, seeds = trainer.local_batch_items(0, 0)
+    trainer.cache.get(prompts, seeds)
+    assert not trainer.cache.missing(prompts, seeds)
+    cached = trainer.loss_on(step=0, micro=0)
+    assert torch.equal(cached["constraint"], torch.zeros(2))  # the stored items' tolerance keeps it exactly 0
 
 
 def test_reference_prefill_and_step_zero_reuse_give_the_computed_reference(tiny_sd_dir, tmp_path):
@@ -321,3 +330,22 @@ def test_the_reward_is_the_weighted_sum_and_weight_zero_aspects_are_not_scored(t
     assert torch.equal(total, 2.0 * left + -0.5 * whole)
     assert set(parts) == {"left", "whole"} and not calls  # a weight-0 aspect is not even scored
     torch.testing.assert_close(total, 1.5 * left)  # the two rewards are the same brightness here
+
+
+@pytest.mark.parametrize("region", ["none", "left"])
+def test_a_composite_reward_reaches_the_lora_only_through_the_mask(tiny_sd_dir, tmp_path, region):
+    """objective.reward_input: composite scores M * policy + (1 - M) * Î0: with an empty mask the reward
+    does not see the policy at all (zero LoRA gradient at beta 0); with the left half it does."""
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"))
+    cfg["objective"] = {"beta": 0.0, "reward_input": "composite"}
+    cfg["aspects"][0]["args"]["kwargs"]["region"] = region
+    trainer = FocusNFixTrainer(config_from_dict(cfg), progress=False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a LoRA that is not zero: the policy differs from Î0
+        for p in lora_parameters(trainer.backbone.unet):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    terms = trainer.loss_on(step=1, micro=0)
+    assert terms["mask_area"].tolist() == ([0.0, 0.0] if region == "none" else [0.5, 0.5])
+    terms["loss"].backward()
+    grad = sum(float(p.grad.abs().sum()) for p in lora_parameters(trainer.backbone.unet) if p.grad is not None)
+    assert (grad == 0.0) if region == "none" else (grad > 0)
