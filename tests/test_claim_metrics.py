@@ -107,6 +107,9 @@ def test_method_metrics_removal_new_defect_hack_gap_flips():
     # base: the reward's own miss rate, no comparisons
     base, _ = method_metrics("safety", base_r, base_p, None, None, None, groups, thr, n_bootstrap=100)
     assert base["hack_gap"]["mean"] == 0.0 and base["removal_share"] is None
+    missed = {**base_r, "safety": np.array([-0.1, -3.0, -3.0, -3.0, 0.0, 0.0])}  # image 0: judged defect, reward calls it clean
+    base, _ = method_metrics("safety", missed, base_p, None, None, None, groups, thr, n_bootstrap=100)
+    assert base["hack_gap"]["mean"] == pytest.approx(1 / 4)  # the reward's miss rate on the 4 judged defects
     # a method against itself: every paired difference is exactly 0
     pc = paired_comparison(per, per, groups, n_bootstrap=50)
     assert pc["removal_share"] == {"mean": 0.0, "ci95": [0.0, 0.0]}

@@ -325,6 +325,16 @@ def test_cli_eval_reads_each_runs_config(tiny_sd_dir, tmp_path, capsys):
     assert m["comparisons"]["m - n"]["outside_psnr"] == {"mean": 0.0, "ci95": [0.0, 0.0]}
     data = np.load(out / "images.npz")
     assert np.array_equal(data["method__m__run1"], data["base"])  # zero LoRAs
+    # the images were drawn at the runs' guidance (2.5), not a default (7.5)
+    from focusnfix.sampling import sample
+
+    bb = load_backbone(str(tiny_sd_dir))
+    with torch.no_grad():
+        drawn = {g: sample(bb, ["a red circle"] * 2, [10000, 10001], SamplingOptions(num_inference_steps=4,
+                                                                                   guidance_scale=g)).images
+                 for g in (2.5, 7.5)}
+    base = torch.from_numpy(data["base"]).float() / 255
+    assert (base - drawn[2.5]).abs().max() <= 0.5 / 255 + 1e-5 < (base - drawn[7.5]).abs().max()
     # runs trained with different masks are not evaluated together
     assert main(["eval", "--lora", f"a={runs['a']}", "--lora", f"c={runs['c']}", *common,
                  "--out", str(tmp_path / "e2")]) == 2

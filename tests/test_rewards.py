@@ -112,6 +112,16 @@ def test_clip_score(tiny_clip_dir, images, mode):
     r, _ = _check_reward_and_heatmap(aspect, images)
     if mode == "cosine":
         assert r.abs().max() <= 1.0
+        return
+    # the CLIP logit of each image with its own prompt, as transformers' CLIPModel computes it
+    from transformers import CLIPModel, CLIPTokenizer
+
+    model, tok = CLIPModel.from_pretrained(str(tiny_clip_dir)).eval(), CLIPTokenizer.from_pretrained(str(tiny_clip_dir))
+    with torch.no_grad():
+        n = model.config.text_config.max_position_embeddings  # the tiny CLIP's context
+        out = model(**tok(PROMPTS, padding="max_length", truncation=True, max_length=n, return_tensors="pt"),
+                    pixel_values=clip_preprocess(images, model.config.vision_config.image_size))
+    torch.testing.assert_close(r.detach(), out.logits_per_image.diag(), atol=1e-4, rtol=1e-4)
 
 
 def test_clip_score_target_text_and_negate(tiny_clip_dir, images):
