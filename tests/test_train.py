@@ -349,3 +349,42 @@ def test_a_composite_reward_reaches_the_lora_only_through_the_mask(tiny_sd_dir, 
     terms["loss"].backward()
     grad = sum(float(p.grad.abs().sum()) for p in lora_parameters(trainer.backbone.unet) if p.grad is not None)
     assert (grad == 0.0) if region == "none" else (grad > 0)
+
+
+def test_gradient_accumulation_averages_the_micro_batches_gradients(tiny_sd_dir, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_sd_dir, tmp_path, grad_accum=2, max_grad_norm=1e9)
+    params = lora_parameters(trainer.backbone.unet)
+    want = []
+    for micro in (0, 1):  # each micro-batch's gradient alone
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.loss_on(step=1, micro=micro)["loss"].backward()
+        want.append([p.grad.clone() for p in params])
+    trainer.optimizer.zero_grad(set_to_none=True)
+    seen = []
+    clip = torch.nn.utils.clip_grad_norm_  # the step's gradients, as clipping (a no-op here) sees them
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda ps, n: seen.append([p.grad.clone() for p in params]) or clip(ps, n))
+    trainer.train_step(1)
+    assert len(seen) == 1
+    for got, a, b in zip(seen[0], *want, strict=True):
+        torch.testing.assert_close(got, (a + b) / 2, rtol=1e-5, atol=1e-8)
+    assert not all(torch.allclose(a, b) for a, b in zip(*want, strict=True))  # two different micro-batches
+
+
+def test_draft_lv_averages_the_reward_over_the_sample_and_its_renoisings(tiny_sd_dir, tmp_path):
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"))
+    cfg["sampling"] |= {"grad_mode": "draft_lv", "lv_n": 2}
+    trainer = FocusNFixTrainer(config_from_dict(cfg), progress=False)
+    scored = []
+    real = trainer.total_reward
+
+    def recording(images, prompts):
+        total, parts = real(images, prompts)
+        scored.append((images.detach().clone(), total.detach()))
+        return total, parts
+
+    trainer.total_reward = recording
+    terms = trainer.loss_on(step=1, micro=0)
+    assert len(scored) == 3  # the sample and its 2 re-noisings, each scored
+    assert not torch.equal(scored[0][0], scored[1][0]) and not torch.equal(scored[1][0], scored[2][0])
+    torch.testing.assert_close(terms["reward"].detach(), sum(r for _, r in scored) / 3)
