@@ -276,3 +276,14 @@ def test_markdown_table_rows_columns_and_paired_cells():
     assert "| outside-mask PSNR vs base (dB) ↑ | – | 35.5 [34.0, 37.0] | – | – |" in lines
     assert "| judge: safety defect rate | 0.45 [0.30, 0.60] | – | 0.00 [0.00, 0.00] | – |" in lines
     assert lines[-1] == "| plausibility reward | -0.70 [-1.40, -0.20] | – | – | – |"
+
+
+def test_without_judges_the_judge_metrics_are_null_not_zero():
+    """A real model has no judges: nothing measured the other aspects' flips, removal or hack gap."""
+    base_r, _, rewards, _, cmp = _case()
+    groups = np.array([0, 0, 1, 1, 2, 2])
+    thr = {"safety": math.log(0.5), "other": math.log(0.5)}
+    entry, _ = method_metrics("safety", rewards, {}, base_r, {}, cmp, groups, thr, n_bootstrap=50)
+    for key in ("others_degraded_share", "removal_share", "new_defect_share", "hack_gap"):
+        assert entry[key] is None, key
+    assert entry["others_reward_drop_share"]["mean"] == pytest.approx(1 / 6)  # the rewards still measure it

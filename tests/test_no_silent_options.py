@@ -103,3 +103,18 @@ def test_a_late_lora_acts_on_the_same_timesteps_at_another_step_count(tiny_sd_di
     assert lora_steps_for(bb, late, SamplingOptions(num_inference_steps=4)) == 2
     assert lora_steps_for(bb, late, SamplingOptions(num_inference_steps=8)) == sum(t <= four[2] for t in eight) > 2
     assert lora_steps_for(bb, tmp_path / "every", SamplingOptions(num_inference_steps=8)) is None
+
+
+def test_a_run_folder_is_read_whole_by_sample_and_eval_needs_prompts_for_a_real_model(tiny_sd_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(base_config(str(tiny_sd_dir), str(run))))
+    bb = load_backbone(str(tiny_sd_dir))
+    add_lora(bb.unet, 4)
+    save_lora_weights(bb.unet, type(bb.pipe), run / "lora")
+    # the run's folder (not its lora/): its config.yaml gives the model and sampling settings
+    assert main(["sample", "--lora", str(run), "--prompt", "a red circle", "--out", str(tmp_path / "x.png")]) == 0
+    assert f"sampling settings from {run / 'config.yaml'}" in capsys.readouterr().out
+    # eval's default prompts are the toy world's captions: a real model's run must name its own
+    assert main(["eval", "--lora", f"a={run}", "--out", str(tmp_path / "e")]) == 2
+    assert "eval needs --prompts FILE" in _one_error_line(capsys)

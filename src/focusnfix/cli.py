@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", formatter_class=HelpFormatter, help="fine-tune a LoRA with Focus-N-Fix (beta = 0: DRaFT)")
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeat per field: --set a=1 --set b=2)")
     p.add_argument("--resume", nargs="?", const="latest", default=False, metavar="PATH|latest",
                    help="continue from the run directory's last checkpoint, or from the checkpoint directory PATH")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a run directory that holds a run")
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("mask", formatter_class=HelpFormatter, help="show what training would fix: Î0 | heatmap | mask | overlay")
     p.add_argument("--config", required=True, help="a training config (its model, aspects, mask settings)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeat per field: --set a=1 --set b=2)")
     p.add_argument("--prompt", required=True, help="the prompt whose frozen-model image is masked")
     p.add_argument("--seed", type=int, default=0, help="initial-noise seed")
     p.add_argument("--scale", type=positive_int, default=4, help="pixel upscaling of the picture")
@@ -145,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report the paired difference A - B of two methods (same number of runs)")
     p.add_argument("--aspects", help="toy world aspects, comma-separated; the first is the target")
     p.add_argument("--config", help="the training config (default: the runs' own config.yaml; they must agree)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    p.add_argument("--prompts", default="toy:heldout", help="prompt file (one per line) or toy:heldout")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeat per field: --set a=1 --set b=2)")
+    p.add_argument("--prompts", help="prompt file (one per line) or toy:heldout (default: toy:heldout for the toy "
+                   "model; required for any other)")
     p.add_argument("--max-prompts", type=non_negative_int, default=0, help="use only the first N prompts (0 = all)")
     p.add_argument("--seeds", type=positive_int, default=2, help="seeds per prompt")
     p.add_argument("--seed-offset", type=non_negative_int, default=10000, help="first seed (clear of the training seeds)")
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("oracle", formatter_class=HelpFormatter, help="what the objective asks for without the LoRA: each reference image's latents "
                                       "optimized alone under the config's reward, mask and beta")
     p.add_argument("--config", required=True, help="a training config (its model, aspects, mask, sampling, norm)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeat per field: --set a=1 --set b=2)")
     p.add_argument("--prompts", help="prompts (default: the config's training prompts; keep held-out prompts out)")
     p.add_argument("--max-prompts", type=non_negative_int, default=0, help="use only the first N prompts (0 = all)")
     p.add_argument("--seeds", type=positive_int, default=1, help="seeds per prompt, from the config's seed_offset")

@@ -110,9 +110,7 @@ def run_config_path(config: str | None, lora: str | None) -> Path | None:
         return Path(config)
     if not lora:
         return None
-    lora_dir = Path(lora)
-    if lora_dir.suffix == ".safetensors":
-        lora_dir = lora_dir.parent
+    lora_dir = check_lora_file(lora).parent  # the LoRA's directory (a run's lora/ when given the run)
     candidate = lora_dir.parent / "config.yaml"
     return candidate if lora_dir.name == "lora" and candidate.is_file() else None
 
@@ -146,6 +144,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
               f"guidance {options.guidance_scale:g}")
     else:
         used = [f"--{k} {v:g}" for k, v in SAMPLE_DEFAULTS.items() if getattr(args, k) is None]
+        used += [] if args.model else ["--model toy (the packaged toy pipeline)"]
         if used:
             print(f"no run config (--config RUN_DIR/config.yaml): using the defaults {', '.join(used)}")
     m = config.model if config is not None else None
@@ -287,7 +286,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if len(parts) != 2:
             raise InputError(f"--compare {pair!r} must look like A,B (two method names)")
         compare.append((parts[0], parts[1]))
-    prompts = read_prompts(args.prompts)
+    if args.prompts is None and (args.model or config.model.path) != "toy":
+        raise InputError("eval needs --prompts FILE (one prompt per line) for this model; the default, toy:heldout, "
+                         "holds the toy world's captions")
+    prompts = read_prompts(args.prompts or "toy:heldout")
     if args.max_prompts:
         prompts = prompts[: args.max_prompts]
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))

@@ -328,11 +328,12 @@ def method_metrics(
     floor_t = floors[target] if floors[target] is not None else eps
     per_image["improved_share"] = ((d_target > floor_t).astype(np.float64), None)
     per_image["degraded_share"] = ((d_target < -floor_t).astype(np.float64), None)
-    flips = np.zeros_like(d_target, dtype=bool)
-    for j, d in defect.items():
-        if j != target and j in base_probs:
-            flips |= (np.asarray(base_probs[j]).reshape(1, -1) <= judge_threshold) & (d > 0)
-    per_image["others_degraded_share"] = (flips.astype(np.float64), None)
+    judged_others = [j for j in defect if j != target and j in base_probs]
+    if judged_others:  # without another aspect's judge nothing was measured: null, not 0
+        flips = np.zeros_like(d_target, dtype=bool)
+        for j in judged_others:
+            flips |= (np.asarray(base_probs[j]).reshape(1, -1) <= judge_threshold) & (defect[j] > 0)
+        per_image["others_degraded_share"] = (flips.astype(np.float64), None)
     others = [a for a in rewards if a != target]
     if others and all(floors[a] is not None for a in others):
         drop = np.zeros_like(d_target, dtype=bool)
