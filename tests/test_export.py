@@ -100,7 +100,7 @@ def test_cli_export(tiny_sd_dir, tmp_path, capsys):
     assert "LoRA weights not found" in capsys.readouterr().err
 
 
-def test_push_dry_run_writes_the_card_lora_samples_and_metrics(tiny_sd_dir, tmp_path):
+def test_push_dry_run_writes_the_card_lora_samples_and_metrics(tiny_sd_dir, tmp_path, capsys):
     import json
 
     import yaml
@@ -126,12 +126,17 @@ def test_push_dry_run_writes_the_card_lora_samples_and_metrics(tiny_sd_dir, tmp_
         "base": {"target_reward": stat}, "focusnfix": {"removal_share": stat, "outside_psnr": stat}}}))
     out = tmp_path / "upload"
     assert main(["push", str(run), "--repo-id", "me/fnf-lora", "--eval", str(ev), "--dry-run", str(out)]) == 0
+    assert "names no base_model" in capsys.readouterr().out  # the run's model is a local folder
     assert {p.name for p in out.iterdir()} == {"README.md", "pytorch_lora_weights.safetensors", "samples.png",
                                               "metrics_summary.json"}
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nbase_model: ") and "library_name: diffusers" in card
+    assert card.startswith("---\nlibrary_name: diffusers") and "base_model" not in card.split("---")[1]
     assert "Focus-N-Fix" in card and "beta (regional constraint) | 1" in card and "K = 2" in card
     assert "| focusnfix | 0.5 [0.4, 0.6]" in card and 'pipe.load_lora_weights("me/fnf-lora")' in card
+    assert main(["push", str(run), "--repo-id", "me/fnf-lora", "--base-model", "sd-legacy/stable-diffusion-v1-5",
+                 "--dry-run", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model: sd-legacy/stable-diffusion-v1-5\nlibrary_name: diffusers")
     assert main(["push", str(run), "--repo-id", "no-slash", "--dry-run", str(out)]) == 2
 
 

@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", required=True, help="USER/NAME on the Hub")
     p.add_argument("--eval", default=None, help="an evaluation directory whose metrics go into the card")
     p.add_argument("--private", action="store_true")
+    p.add_argument("--base-model", default=None, metavar="USER/NAME",
+                   help="the Hub id of the weights trained on, for the card's base_model (default: the run's "
+                        "model.path when it is a Hub id; a local folder gives none)")
     p.add_argument("--dry-run", metavar="DIR", default=None, help="only write the upload folder to DIR")
     p.set_defaults(func="cmd_push")
 

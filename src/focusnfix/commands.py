@@ -389,13 +389,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from focusnfix.hub import push, upload_folder_for
+    from focusnfix.hub import hub_base_model, push, upload_folder_for
 
+    path = Path(args.run) / "config.yaml"
+    if path.is_file() and hub_base_model(load_config(path, []).model.path, args.base_model) is None:
+        print(f"the model card names no base_model: the run's model.path ({load_config(path, []).model.path}) is not "
+              "a Hub id; give --base-model USER/NAME")
     if args.dry_run:
-        folder = upload_folder_for(args.run, args.repo_id, args.dry_run, args.eval)
+        folder = upload_folder_for(args.run, args.repo_id, args.dry_run, args.eval, args.base_model)
         print(f"wrote the upload folder {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))})")
         return 0
-    print(push(args.run, args.repo_id, args.eval, private=args.private))
+    print(push(args.run, args.repo_id, args.eval, private=args.private, base_model=args.base_model))
     return 0
 
 

@@ -44,15 +44,27 @@ def _fmt(stat: Any) -> str:
     return f"{stat['mean']:.3g} [{lo:.3g}, {hi:.3g}]"
 
 
-def model_card(run_dir: Path, repo_id: str, summary: dict[str, Any] | None) -> str:
+def hub_base_model(model_path: str, base_model: str | None = None) -> str | None:
+    """The card's ``base_model``: ``base_model`` if given, else ``model_path`` when it is a Hub id
+    (``USER/NAME``, not a local folder); None when neither (the Hub reads only Hub ids there)."""
+    if base_model:
+        if base_model.count("/") != 1:
+            raise InputError(f"--base-model must be a Hub id USER/NAME, got {base_model!r}")
+        return base_model
+    is_hub_id = model_path.count("/") == 1 and not model_path.startswith((".", "/", "~")) and not Path(model_path).exists()
+    return model_path if is_hub_id else None
+
+
+def model_card(run_dir: Path, repo_id: str, summary: dict[str, Any] | None, base_model: str | None = None) -> str:
     """The README.md of the upload: YAML front matter the Hub reads, then the run's facts."""
     config = load_config(run_dir / "config.yaml", [])
     m, s, o, t = config.model, config.sampling, config.objective, config.train
+    hub_id = hub_base_model(m.path, base_model)
     aspects = ", ".join(f"{a.name or a.args.get('aspect', a.type)} ({a.type}, weight {a.weight:g})" for a in config.aspects)
     method = "Focus-N-Fix" if o.beta > 0 else "DRaFT (beta = 0)"
     lines = [
         "---",
-        f"base_model: {m.path}",
+        *([f"base_model: {hub_id}"] if hub_id else []),
         "library_name: diffusers",
         "tags: [lora, text-to-image, diffusers, focusnfix, reward-fine-tuning]",
         "---",
@@ -117,8 +129,10 @@ def model_card(run_dir: Path, repo_id: str, summary: dict[str, Any] | None) -> s
     return "\n".join(lines)
 
 
-def upload_folder_for(run_dir: str | Path, repo_id: str, out: str | Path, eval_dir: str | Path | None = None) -> Path:
-    """Write the folder to upload (model card, LoRA, samples, metrics summary) to ``out``."""
+def upload_folder_for(run_dir: str | Path, repo_id: str, out: str | Path, eval_dir: str | Path | None = None,
+                      base_model: str | None = None) -> Path:
+    """Write the folder to upload (model card, LoRA, samples, metrics summary) to ``out``; ``base_model``:
+    the Hub id of the weights trained on (default: the run's ``model.path`` when it is one)."""
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / "config.yaml").is_file():
         raise InputError(f"{run_dir} is not a run directory (no config.yaml)")
@@ -136,12 +150,12 @@ def upload_folder_for(run_dir: str | Path, repo_id: str, out: str | Path, eval_d
     summary = _summary(Path(eval_dir) if eval_dir else None)
     if summary:
         atomic_write_text(out / "metrics_summary.json", json.dumps(summary, indent=2))
-    atomic_write_text(out / "README.md", model_card(run_dir, repo_id, summary))
+    atomic_write_text(out / "README.md", model_card(run_dir, repo_id, summary, base_model))
     return out
 
 
 def push(run_dir: str | Path, repo_id: str, eval_dir: str | Path | None = None, private: bool = False,
-         token: str | None = None) -> str:
+         token: str | None = None, base_model: str | None = None) -> str:
     """Create ``repo_id`` (if needed) and upload the run's folder; returns the commit URL.
 
     Untested here (no network): it calls ``huggingface_hub.create_repo`` and ``upload_folder``.
@@ -151,11 +165,11 @@ def push(run_dir: str | Path, repo_id: str, eval_dir: str | Path | None = None, 
     from huggingface_hub import create_repo, upload_folder
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = upload_folder_for(run_dir, repo_id, tmp, eval_dir)
+        folder = upload_folder_for(run_dir, repo_id, tmp, eval_dir, base_model)
         create_repo(repo_id, private=private, exist_ok=True, token=token)
         info = upload_folder(repo_id=repo_id, folder_path=str(folder), token=token,
                              commit_message="focusnfix: LoRA, model card and samples")
     return str(info)
 
 
-__all__ = ["model_card", "push", "upload_folder_for"]
+__all__ = ["hub_base_model", "model_card", "push", "upload_folder_for"]
