@@ -138,6 +138,8 @@ def test_push_dry_run_writes_the_card_lora_samples_and_metrics(tiny_sd_dir, tmp_
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model: sd-legacy/stable-diffusion-v1-5\nlibrary_name: diffusers")
     assert main(["push", str(run), "--repo-id", "no-slash", "--dry-run", str(out)]) == 2
+    assert main(["push", str(run), "--repo-id", "me/fnf-lora", "--dry-run"]) == 0  # a flag, as train's is
+    assert (run / "hub_upload" / "README.md").is_file()
 
 
 def test_a_saved_conv_lora_reads_back_into_the_adapter_exactly(tiny_sd_dir, tmp_path):

@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", default=None, metavar="USER/NAME",
                    help="the Hub id of the weights trained on, for the card's base_model (default: the run's "
                         "model.path when it is a Hub id; a local folder gives none)")
-    p.add_argument("--dry-run", metavar="DIR", default=None, help="only write the upload folder to DIR")
+    p.add_argument("--dry-run", metavar="DIR", nargs="?", const="", default=None,
+                   help="only write the upload folder, to DIR (default: RUN/hub_upload)")
     p.set_defaults(func="cmd_push")
 
     tw = sub.add_parser("toyworld", formatter_class=HelpFormatter, help="the embedded toy world: build, locate, measure")

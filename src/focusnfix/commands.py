@@ -395,8 +395,9 @@ def cmd_push(args: argparse.Namespace) -> int:
     if path.is_file() and hub_base_model(load_config(path, []).model.path, args.base_model) is None:
         print(f"the model card names no base_model: the run's model.path ({load_config(path, []).model.path}) is not "
               "a Hub id; give --base-model USER/NAME")
-    if args.dry_run:
-        folder = upload_folder_for(args.run, args.repo_id, args.dry_run, args.eval, args.base_model)
+    if args.dry_run is not None:
+        folder = upload_folder_for(args.run, args.repo_id, args.dry_run or Path(args.run) / "hub_upload", args.eval,
+                                   args.base_model)
         print(f"wrote the upload folder {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))})")
         return 0
     print(push(args.run, args.repo_id, args.eval, private=args.private, base_model=args.base_model))
