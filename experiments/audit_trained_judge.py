@@ -21,7 +21,7 @@ the person's images; presence at 0.5.
   design estimate; batches 6-11 are the v3 pipeline's).
 * ``--holdout none --out DIR``: train on every labelled image and write ``DIR/<aspect>.safetensors``,
   with its per-form AUC on the ``toyworld stats`` scenes next to the shipped judge's (the rule's
-  condition (a)).
+  condition (a); ``--forms`` adds them to a run with held-out batches).
 * ``--check FILE``: read the audit batches ``--batches`` with the judge FILE and the shipped judge
   (the fresh-batch test; no training).
 
@@ -150,6 +150,8 @@ def main() -> None:
     ap.add_argument("--check", help="a tuned judge's safetensors: score --batches with it (no training)")
     ap.add_argument("--batches", default="12", help="with --check: comma-separated audit batches")
     ap.add_argument("--out", help="write the trained judge here (a directory)")
+    ap.add_argument("--forms", action="store_true",
+                    help="also score the generator forms (the rule's condition (a)); always with --holdout none")
     ap.add_argument("--json", help="write the results here too")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -172,7 +174,7 @@ def main() -> None:
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             save_module(net, Path(args.out) / f"{args.aspect}.safetensors")
-        if not held:  # the final judge: condition (a), the generator forms
+        if not held or args.forms:  # a judge that may be shipped: condition (a), the generator forms
             out["forms_auc"] = {name: {f: round(v["auc"], 3) for f, v in form_stats(args.aspect, None, 64, model=j).items()}
                                 for name, j in (("shipped", shipped), ("candidate", judge))}
     if batches:
