@@ -297,7 +297,7 @@ def test_a_killed_run_of_a_batch_continues_from_its_checkpoint_to_the_uninterrup
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_batch_refuses_a_finished_run_of_another_config_unless_told_to_replace_it(tiny_sd_dir, tmp_path):
+def test_a_batch_refuses_a_finished_run_of_another_config_unless_told_to_replace_it(tiny_sd_dir, tmp_path, monkeypatch):
     from focusnfix import runs
 
     cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=1)
@@ -305,6 +305,12 @@ def test_a_batch_refuses_a_finished_run_of_another_config_unless_told_to_replace
     lora = tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors"
     first = lora.stat().st_mtime_ns
     runs.train_runs([config_from_dict(cfg)])  # the same config: reused
+    assert lora.stat().st_mtime_ns == first
+    # the same folder spelled relative to another working directory is the same run, not another config
+    relative = base_config(str(tiny_sd_dir), "run", steps=1)
+    monkeypatch.chdir(tmp_path)
+    assert runs.finished(config_from_dict(relative))
+    runs.train_runs([config_from_dict(relative)], replace=True)
     assert lora.stat().st_mtime_ns == first
     other = base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=1, learning_rate=1e-2)
     with pytest.raises(InputError, match="finished run of another config"):

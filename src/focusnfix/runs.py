@@ -16,6 +16,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import yaml
+
 from focusnfix import rundir
 from focusnfix.config import Config, dump_config
 from focusnfix.errors import InputError, warn
@@ -41,12 +43,20 @@ def _train_one(config: Config, threads: int | None, progress: bool) -> str:
 
 
 def _same_config(config: Config) -> bool:
-    """Whether the run folder's config.yaml is ``config``'s (as training writes it)."""
+    """Whether the run folder's config.yaml is ``config``'s (as training writes it), but for
+    ``train.output_dir``: the folder is the run itself, however its path was spelled (relative or
+    absolute, from another working directory), as a resume treats it."""
     path = Path(config.train.output_dir) / "config.yaml"
     try:
-        return path.read_text(encoding="utf-8") == dump_config(config)
-    except (OSError, UnicodeDecodeError):
+        stored = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
+    wanted = yaml.safe_load(dump_config(config))
+    if not isinstance(stored, dict) or not isinstance(stored.get("train"), dict):
+        return False
+    stored["train"].pop("output_dir", None)
+    wanted["train"].pop("output_dir", None)
+    return stored == wanted
 
 
 def finished(config: Config) -> bool:
