@@ -3,7 +3,7 @@
 The person-tuned safety judge (``experiments/person_labelled_judge.py``) learned from 320 labelled
 pipeline samples outside the audit set and agrees with a person at kappa 0.675 / 0.679 / 0.579 on
 the fresh batches 9-11; the plausibility judge, never tuned on a person, at 0.41 / 0.21 / 0.30. The
-audit set itself holds 1422 labelled images (batches 1-11, three aspects each), most of them from
+audit set itself held 1422 labelled images (batches 1-11, three aspects each; batch 12 was added to test this), most of them from
 DRaFT and Focus-N-Fix runs: the images a judge of this project exists to read. Learned rewards in
 the paper are trained on people's labels; this asks whether a judge trained on all of ours agrees
 with a person on images it has not seen.
@@ -29,7 +29,12 @@ the person's images; presence at 0.5.
     python experiments/audit_trained_judge.py --aspect safety --holdout none --out DIR
     python experiments/audit_trained_judge.py --aspect safety --check DIR/safety.safetensors --batches 12
 
-About 4 minutes a run at one thread.
+About 6.5 minutes a run at one thread. ``--install`` writes the trained judge as the packaged assets'
+``judges/<aspect>_audit.safetensors``: with ``--holdout 12`` that is the shipped safety and
+plausibility judge since audit batch 12 (docs/toyworld.md, "Batch 12"; ``--threads 1``, the way the
+shipped files were made). ``shipped`` in the output is the judge shipped before it
+(``load_judge(aspect, audit_trained=False)``: the person-tuned safety judge, the plausibility judge
+at its operating point 0.7).
 """
 
 from __future__ import annotations
@@ -152,6 +157,8 @@ def main() -> None:
     ap.add_argument("--out", help="write the trained judge here (a directory)")
     ap.add_argument("--forms", action="store_true",
                     help="also score the generator forms (the rule's condition (a)); always with --holdout none")
+    ap.add_argument("--install", action="store_true",
+                    help="write the trained judge as the assets' judges/<aspect>_audit.safetensors (the shipped judge)")
     ap.add_argument("--json", help="write the results here too")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -159,7 +166,8 @@ def main() -> None:
         ap.error("give exactly one of --holdout and --check")
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    shipped = tw.load_judge(args.aspect)  # the shipped judge, at its operating point
+    # the judge shipped before this one (the person-tuned safety judge, the plausibility judge at 0.7)
+    shipped = tw.load_judge(args.aspect, audit_trained=False)
     out: dict = {"aspect": args.aspect}
     if args.check:
         batches = [int(b) for b in args.batches.split(",")]
@@ -174,6 +182,15 @@ def main() -> None:
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             save_module(net, Path(args.out) / f"{args.aspect}.safetensors")
+        if args.install:  # the shipped judge since batch 12 (docs/toyworld.md, "Batch 12")
+            judges = tw.assets_path() / "judges"
+            save_module(net, judges / f"{args.aspect}_audit.safetensors")
+            record = json.loads((judges / "audit_trained.json").read_text()) if (judges / "audit_trained.json").is_file() else {}
+            _, doc = load_audit()
+            record[args.aspect] = {"trained_on_audit_batches": sorted({it["batch"] for it in doc["items"]} - held),
+                                   "made_by": f"python experiments/audit_trained_judge.py --aspect {args.aspect} "
+                                              f"--holdout {' '.join(args.holdout)} --install"}
+            (judges / "audit_trained.json").write_text(json.dumps(record, indent=2) + "\n")
         if not held or args.forms:  # a judge that may be shipped: condition (a), the generator forms
             out["forms_auc"] = {name: {f: round(v["auc"], 3) for f, v in form_stats(args.aspect, None, 64, model=j).items()}
                                 for name, j in (("shipped", shipped), ("candidate", judge))}

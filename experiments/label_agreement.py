@@ -11,8 +11,9 @@ and the readings of the batches since 9), and the two readings compared per aspe
     python experiments/label_agreement.py score --batch 11 --shuffle-seed 111 --labels DIR/labels.txt
 
 ``score`` prints, per aspect, the kappa between the two readings, how many images each marks, and
-the kappa of the shipped judge with each reading (so a judge's agreement can be read against the
-person's own).
+the kappa with each reading of the judge shipped before audit batch 12 (``load_judge(aspect,
+audit_trained=False)``: no audit label was in its training, where the audit-trained judges learned
+batch 11's first reading), so a judge's agreement can be read against the person's own.
 """
 
 from __future__ import annotations
@@ -73,14 +74,14 @@ def main() -> None:
     torch.set_num_threads(2)
     for a, aspect in enumerate(ASPECTS):
         first = np.array([doc["items"][i]["labels"][aspect] for i in idx], dtype=bool)
-        judge = load_judge(aspect)
+        judge = load_judge(aspect, audit_trained=False)  # trained on no audit label (the audit-trained ones saw batch 11)
         with torch.no_grad():
             pred = judge.defect_probability(images[idx], captions).numpy() > 0.5
         out[aspect] = {"kappa_first_vs_second": round(cohen_kappa(first, second[:, a]), 3),
                        "first_marks": int(first.sum()), "second_marks": int(second[:, a].sum()),
                        "both": int((first & second[:, a]).sum()),
-                       "shipped_judge_kappa_with_first": round(cohen_kappa(first, pred), 3),
-                       "shipped_judge_kappa_with_second": round(cohen_kappa(second[:, a], pred), 3)}
+                       "judge_kappa_with_first": round(cohen_kappa(first, pred), 3),
+                       "judge_kappa_with_second": round(cohen_kappa(second[:, a], pred), 3)}
     print(json.dumps(out, indent=1))
 
 

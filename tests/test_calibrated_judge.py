@@ -65,20 +65,33 @@ def test_an_evaluation_says_which_judge_runs_at_its_own_operating_point(tmp_path
     assert any("safety judge runs at its own operating point" in n and "0.2" in n for n in metrics["notes"])
 
 
-def test_the_shipped_safety_judge_is_the_person_tuned_one_at_half():
+def test_the_shipped_safety_and_plausibility_judges_are_the_audit_trained_ones_at_half():
     from safetensors.torch import load_file
 
     from focusnfix.toyworld.models import LocalizingJudge
 
-    judge = load_judge("safety")
-    assert isinstance(judge, LocalizingJudge) and not judge.training  # no operating point: 0.5, as trained
-    packaged = load_file(str(assets_path() / "judges" / "safety_person.safetensors"))
-    assert all(torch.equal(v, packaged[k]) for k, v in judge.net.state_dict().items())
-    narrow = load_judge("safety_narrow")
-    assert all(torch.equal(v, packaged[k]) for k, v in narrow.net.state_dict().items())  # one judge per aspect
     images = torch.rand(2, 3, 64, 64)
-    assert torch.equal(judge.defect_probability(images, ["a"] * 2), load_judge("safety", person_tuned=True)
-                       .defect_probability(images, ["a"] * 2))
+    for name in ("safety", "plausibility"):
+        judge = load_judge(name)
+        assert isinstance(judge, LocalizingJudge) and not judge.training  # no operating point: 0.5, as trained
+        packaged = load_file(str(assets_path() / "judges" / f"{name}_audit.safetensors"))
+        assert all(torch.equal(v, packaged[k]) for k, v in judge.net.state_dict().items())
+        assert torch.equal(judge.defect_probability(images, ["a"] * 2),
+                           load_judge(name, audit_trained=True).defect_probability(images, ["a"] * 2))
+    narrow = load_judge("safety_narrow")  # one judge per aspect
+    packaged = load_file(str(assets_path() / "judges" / "safety_audit.safetensors"))
+    assert all(torch.equal(v, packaged[k]) for k, v in narrow.net.state_dict().items())
+    # the versions before it stay loadable by name: the person-tuned safety judge (shipped from batch 11
+    # to 12) and the generator-trained plausibility judge at its operating point
+    before = load_judge("safety", audit_trained=False)
+    person = load_file(str(assets_path() / "judges" / "safety_person.safetensors"))
+    assert all(torch.equal(v, person[k]) for k, v in before.net.state_dict().items())
+    assert torch.equal(before.defect_probability(images, ["a"] * 2),
+                       load_judge("safety", person_tuned=True).defect_probability(images, ["a"] * 2))
+    assert isinstance(load_judge("plausibility", audit_trained=False), CalibratedJudge)
+    assert not isinstance(load_judge("plausibility", raw=True), CalibratedJudge)  # raw: the generator-trained one
+    with pytest.raises(ValueError, match="one version"):
+        load_judge("safety", audit_trained=True, person_tuned=True)
 
 
 def test_assets_without_a_person_tuned_judge_fall_back_or_say_what_writes_it(tmp_path):
@@ -87,6 +100,8 @@ def test_assets_without_a_person_tuned_judge_fall_back_or_say_what_writes_it(tmp
     (root / "judges").mkdir()
     shutil.copy(assets_path() / "judges" / "safety.safetensors", root / "judges")
     assert not isinstance(load_judge("safety", root=root), CalibratedJudge)  # generator-trained, at 0.5: no thresholds
+    with pytest.raises(FileNotFoundError, match="audit_trained_judge.py --aspect safety --holdout 12 --install"):
+        load_judge("safety", root=root, audit_trained=True)
     with pytest.raises(FileNotFoundError, match="person_labelled_judge.py --install"):
         load_judge("safety", root=root, person_tuned=True)
     with pytest.raises(ValueError, match="only the safety judge"):

@@ -82,7 +82,7 @@ def test_audit_batch_10_gives_the_kappas_and_person_removal_shares_docs_quote():
 
 
 def test_audit_batch_11_decides_the_person_tuned_judge_as_docs_quote():
-    out = _run("audit_batch.py")  # batch 11, pooled over batches 7-11
+    out = _run("audit_batch.py", "--batch", "11", "--demo-batches", "7,8,9,10,11")
     safety = out["kappa"]["safety"]
     assert out["n"] == 144 and out["human_defect_rate"]["safety"] == 0.222
     assert (safety["person_tuned"]["kappa"], safety["learned at 0.2"]["kappa"]) == (0.579, 0.473)  # +0.106 >= 0.10
@@ -90,6 +90,35 @@ def test_audit_batch_11_decides_the_person_tuned_judge_as_docs_quote():
     assert (pooled["focusnfix/safety"]["removed"], pooled["draft/safety"]["removed"], pooled["draft/safety"]["base_marked"]) == (34, 45, 78)
     assert (pooled["focusnfix/safety"]["new"], pooled["draft/safety"]["new"], pooled["draft/safety"]["base_clean"]) == (3, 16, 114)
     assert out["person"]["pooled_paired_focusnfix_minus_draft"] == {"n": 78, "mean": -0.141, "ci95": [-0.244, -0.051]}
+
+
+def test_audit_batch_12_decides_the_audit_trained_judges_as_docs_quote():
+    out = _run("audit_batch.py")  # batch 12, pooled over batches 7-12
+    safety, plausibility = out["kappa"]["safety"], out["kappa"]["plausibility"]
+    assert out["n"] == 144 and out["human_defect_rate"]["safety"] == 0.243
+    assert (safety["audit_trained"]["kappa"], safety["person_tuned"]["kappa"]) == (0.701, 0.607)  # not below: replaced
+    assert (plausibility["shipped"]["kappa"], plausibility["before (at 0.7)"]["kappa"]) == (0.464, 0.316)
+    pooled = out["person"]["batches_7_8_9_10_11_12"]
+    assert (pooled["focusnfix/safety"]["removed"], pooled["draft/safety"]["removed"], pooled["draft/safety"]["base_marked"]) == (37, 52, 92)
+    assert (pooled["focusnfix/safety"]["new"], pooled["draft/safety"]["new"], pooled["draft/safety"]["base_clean"]) == (3, 19, 148)
+    assert out["person"]["pooled_paired_focusnfix_minus_draft"] == {"n": 92, "mean": -0.163, "ci95": [-0.261, -0.076]}
+
+
+def test_the_packaged_audit_trained_judges_read_batch_12_as_docs_quote():
+    from focusnfix.toyworld import assets_path
+
+    for aspect, (ours, before) in {"safety": (0.701, 0.607), "plausibility": (0.464, 0.316)}.items():
+        out = _run("audit_trained_judge.py", "--aspect", aspect, "--batches", "12",
+                   "--check", str(assets_path() / "judges" / f"{aspect}_audit.safetensors"))
+        assert (out["kappa"]["candidate"]["12"]["kappa"], out["kappa"]["shipped"]["12"]["kappa"]) == (ours, before)
+
+
+def test_the_second_reading_of_batch_11_agrees_with_the_first_as_docs_quote():
+    out = _run("label_agreement.py", "score", "--batch", "11", "--shuffle-seed", "111",
+               "--labels", str(ROOT / "experiments" / "data" / "batch11_second_reading.txt"))
+    assert [out[a]["kappa_first_vs_second"] for a in ("safety", "plausibility", "alignment")] == [0.769, 0.51, 0.864]
+    assert (out["safety"]["first_marks"], out["safety"]["second_marks"], out["safety"]["both"]) == (32, 36, 28)
+    assert (out["safety"]["judge_kappa_with_first"], out["safety"]["judge_kappa_with_second"]) == (0.579, 0.48)
 
 
 def test_the_mark_judges_settings_are_the_ones_the_person_labels_choose():

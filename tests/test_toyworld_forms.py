@@ -98,6 +98,12 @@ def test_the_audit_set_is_packaged_with_its_procedure_and_labels():
         assert set(it["labels"]) == set(tw.ASPECTS) and all(v in (0, 1) for v in it["labels"].values())
     agreement = judge_agreement()
     assert set(agreement) == set(tw.ASPECTS) and all(-1 <= a["kappa"] <= 1 for a in agreement.values())
+    # the audit-trained judges are tested only by the batch they did not learn from (batch 12)
+    for aspect, kappa in (("safety", 0.701), ("plausibility", 0.464)):
+        entry = agreement[aspect]
+        assert entry["trained_on_audit_batches"] == list(range(1, 12)) and entry["n_unseen"] == 144
+        assert round(entry["kappa_unseen"], 3) == kappa == round(entry["by_batch"]["12"]["kappa"], 3)
+    assert "kappa_unseen" not in agreement["alignment"]  # the scene fit learned no label
 
 
 def test_sdedit_pairs_label_what_the_pipeline_kept():

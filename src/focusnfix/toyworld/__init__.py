@@ -114,7 +114,7 @@ def load_aspect(name: str, device: str | torch.device = "cpu", root: str | Path 
 
 
 def load_judge(name: str, device: str | torch.device = "cpu", root: str | Path | None = None, raw: bool = False,
-               person_tuned: bool | None = None) -> Judge:
+               person_tuned: bool | None = None, audit_trained: bool | None = None) -> Judge:
     """The packaged evaluation judge of aspect ``name`` (independent of the aspect models; eval, frozen).
 
     ``safety`` and ``plausibility`` are :class:`~focusnfix.toyworld.models.LocalizingJudge`s
@@ -125,13 +125,18 @@ def load_judge(name: str, device: str | torch.device = "cpu", root: str | Path |
     "Scene-fit judges"; it does not localize). ``safety_narrow`` names the safety judge (one judge
     per aspect, whichever reward was trained).
 
-    The shipped safety judge is the generator-trained one fine-tuned on 320 person-labelled
-    pipeline samples outside the audit set (``judges/safety_person.safetensors``, written by
-    ``python experiments/person_labelled_judge.py --install``; it replaced the generator-trained
-    judge by the rule in docs/toyworld.md, "Batch 11"), at 0.5, as it was trained. ``person_tuned``:
-    None takes it where the assets hold it (a fresh build does not: then the generator-trained
-    judge), False the generator-trained judge, True requires the tuned one. The generator-trained
-    judges come at their operating point (:func:`judge_threshold`); ``raw=True`` gives them at 0.5.
+    The shipped safety and plausibility judges are the generator-trained ones fine-tuned on every
+    label a person has given (the audit set's batches 1-11 and the labelled samples outside it;
+    ``judges/<name>_audit.safetensors``, written by ``python experiments/audit_trained_judge.py
+    --aspect NAME --holdout 12 --install``; they replaced the judges before them by the rule in
+    docs/toyworld.md, "Batch 12"), at 0.5, as they were trained. ``audit_trained``: None takes them
+    where the assets hold them and no other version is asked for (a fresh build does not hold
+    them), False never, True requires them. Before them the safety judge was the one fine-tuned on
+    320 person-labelled samples outside the audit set (``judges/safety_person.safetensors``,
+    ``python experiments/person_labelled_judge.py --install``; "Batch 11"), at 0.5:
+    ``person_tuned=True`` requires it, False asks for the generator-trained judge, None takes it
+    where the assets hold it. The generator-trained judges come at their operating point
+    (:func:`judge_threshold`); ``raw=True`` gives them at 0.5 (and never the audit-trained ones).
     """
     _check(name, ASPECT_MODELS)
     name = "safety" if name == "safety_narrow" else name
@@ -142,6 +147,14 @@ def load_judge(name: str, device: str | torch.device = "cpu", root: str | Path |
 
         _root(root)  # the same error as the other judges where the assets are missing
         return M.freeze(SceneFitAlignmentJudge())
+    audit = _root(root) / "judges" / f"{name}_audit.safetensors"
+    if audit_trained and (person_tuned is not None or raw):
+        raise ValueError("audit_trained=True: the audit-trained judge is one version; person_tuned and raw ask for another")
+    if audit_trained and not audit.is_file():
+        raise FileNotFoundError(f"{audit}: no audit-trained {name} judge in these assets; "
+                                f"`python experiments/audit_trained_judge.py --aspect {name} --holdout 12 --install` writes it")
+    if audit_trained is not False and person_tuned is None and not raw and audit.is_file():
+        return M.freeze(M.LocalizingJudge(name, _load(M.LocalizingJudgeNet(), audit, device)))
     tuned = _root(root) / "judges" / f"{name}_person.safetensors"
     if person_tuned and not tuned.is_file():
         raise FileNotFoundError(f"{tuned}: no person-tuned {name} judge in these assets; "
@@ -154,6 +167,22 @@ def load_judge(name: str, device: str | torch.device = "cpu", root: str | Path |
     if threshold != 0.5:
         judge = CalibratedJudge(judge, threshold)
     return M.freeze(judge)
+
+
+def audit_training_batches(name: str, root: str | Path | None = None) -> list[int] | None:
+    """The audit batches whose labels the shipped judge ``name`` was trained on (``judges/audit_trained.json``,
+    written with the audit-trained judges), or None where the shipped judge saw no audit label: its
+    agreement with those batches is with its own training data, not a test."""
+    _check(name, ASPECT_MODELS)
+    name = "safety" if name == "safety_narrow" else name
+    judges = _root(root) / "judges"
+    record = judges / "audit_trained.json"
+    if not (judges / f"{name}_audit.safetensors").is_file() or not record.is_file():
+        return None
+    batches = json.loads(record.read_text()).get(name, {}).get("trained_on_audit_batches")
+    if not isinstance(batches, list) or not all(isinstance(b, int) for b in batches):
+        raise ValueError(f"{record}: {name}.trained_on_audit_batches must be a list of batch numbers, got {batches!r}")
+    return batches
 
 
 def judge_threshold(name: str, root: str | Path | None = None) -> float:

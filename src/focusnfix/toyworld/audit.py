@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 
 from focusnfix.errors import InputError
 from focusnfix.files import atomic_write, atomic_write_text, read_json, read_npz
-from focusnfix.toyworld import ASPECTS, assets_path, load_judge
+from focusnfix.toyworld import ASPECTS, assets_path, audit_training_batches, load_judge
 
 PROCEDURE = (
     "Each image is looked at on a sheet at 4x (nearest neighbour) with its caption, one aspect at a time, "
@@ -94,7 +94,9 @@ def load_audit(root: str | Path | None = None) -> tuple[torch.Tensor, dict]:
 @torch.no_grad()
 def judge_agreement(root: str | Path | None = None, threshold: float = 0.5) -> dict[str, dict]:
     """Per aspect: Cohen's kappa of the judge (probability > ``threshold``) against the audit labels,
-    overall, per batch and per source, with the confusion counts."""
+    overall, per batch and per source, with the confusion counts. For a judge trained on audit
+    labels (:func:`~focusnfix.toyworld.audit_training_batches`), ``kappa_unseen`` is its kappa on the
+    batches it was not trained on, the only ones that test it (``n_unseen`` images)."""
     images, doc = load_audit(root)
     prompts = [it["prompt"] for it in doc["items"]]
     sources = np.array([it["source"] for it in doc["items"]])
@@ -118,6 +120,12 @@ def judge_agreement(root: str | Path | None = None, threshold: float = 0.5) -> d
         for batch in sorted(set(batches.tolist())):
             sel = batches == batch
             entry["by_batch"][str(batch)] = {"kappa": cohen_kappa(human[sel], pred[sel]), "n": int(sel.sum())}
+        trained = audit_training_batches(aspect, root)
+        if trained is not None:
+            unseen = ~np.isin(batches, trained)
+            entry["trained_on_audit_batches"] = trained
+            entry["kappa_unseen"] = cohen_kappa(human[unseen], pred[unseen]) if unseen.any() else float("nan")
+            entry["n_unseen"] = int(unseen.sum())
         for src in sorted(set(sources)):
             sel = sources == src
             entry["by_source"][src] = {"kappa": cohen_kappa(human[sel], pred[sel]) if sel.sum() > 1 else float("nan"),
