@@ -19,9 +19,10 @@ run.
     python experiments/alignment_calibration.py lobo [--batches 6,...,12]   # leave one batch out
     python experiments/alignment_calibration.py fit --batches 6,...,12 --out FILE.json
     python experiments/alignment_calibration.py check --params FILE.json --batches 13
+    python experiments/alignment_calibration.py fit --batches 6,...,12 --install   # as shipped since batch 13
 
 ``check`` also scores the generator's alignment forms (``toyworld stats`` scenes, 64 per form) with
-both judges. A few seconds each (``check``: a minute for the forms).
+both judges (``shipped`` there is the scene fit without a fitted decision, the judge before it). A few seconds each (``check``: a minute for the forms).
 """
 
 from __future__ import annotations
@@ -34,10 +35,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from focusnfix.aspects.base import Judge
+from focusnfix.toyworld import assets_path
 from focusnfix.toyworld import generator as gen
 from focusnfix.toyworld.audit import cohen_kappa, load_audit
-from focusnfix.toyworld.scene_fit import _caption_index, colour_margin, fit_scene, shape_margin
+from focusnfix.toyworld.scene_fit import (
+    SceneFitAlignmentJudge,
+    caption_indices,
+    colour_margin,
+    fit_scene,
+    fitted_decision,
+    shape_margin,
+)
 from focusnfix.toyworld.stats import form_stats
 
 V3_BATCHES = "6,7,8,9,10,11,12"
@@ -51,16 +59,13 @@ def features(images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor
         fit = fit_scene(images[k : k + 64])
         cm.append(colour_margin(fit, prompts[k : k + 64]))
         sm.append(shape_margin(fit, prompts[k : k + 64]))
-    idx = {attr: torch.tensor([i if i is not None else -1 for i in _caption_index(prompts, attr, names)])
-           for attr, names in (("colour", gen.COLOUR_NAMES), ("shape", gen.SHAPES))}
-    return {"colour_margin": torch.cat(cm), "shape_margin": torch.cat(sm), "colour": idx["colour"], "shape": idx["shape"]}
+    colour, shape = caption_indices(prompts)
+    return {"colour_margin": torch.cat(cm), "shape_margin": torch.cat(sm), "colour": colour, "shape": shape}
 
 
 def probability(params: dict[str, torch.Tensor], f: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``(B,)`` P(misaligned); a caption without a colour (shape) word has no colour (shape) term."""
-    pc = torch.sigmoid(params["colour_scale"] * f["colour_margin"].clamp(min=-1) + params["colour_bias"][f["colour"].clamp(min=0)])
-    ps = torch.sigmoid(params["shape_scale"] * f["shape_margin"].clamp(min=-1) + params["shape_bias"][f["shape"].clamp(min=0)])
-    return torch.maximum(torch.where(f["colour"] >= 0, pc, 0.0), torch.where(f["shape"] >= 0, ps, 0.0))
+    """``(B,)`` P(misaligned) (:func:`~focusnfix.toyworld.scene_fit.fitted_decision`, the shipped judge's)."""
+    return fitted_decision(params, f["colour_margin"], f["shape_margin"], f["colour"], f["shape"])
 
 
 def fit(f: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -76,19 +81,6 @@ def fit(f: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Ten
         loss.backward()
         opt.step()
     return {k: v.detach() for k, v in params.items()}
-
-
-class CalibratedSceneFitAlignmentJudge(Judge):
-    """The scene fit's alignment reading with the fitted decision above (not shipped unless a rule says so)."""
-
-    name = "alignment"
-
-    def __init__(self, params: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.params = params
-
-    def defect_probability(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return probability(self.params, features(images, prompts))
 
 
 def audit_features(batches: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor, np.ndarray]:
@@ -118,6 +110,8 @@ def main() -> None:
     ap.add_argument("--batches", default=V3_BATCHES, help="comma-separated audit batches")
     ap.add_argument("--out", help="fit: write the fitted numbers here (JSON)")
     ap.add_argument("--params", help="check: the fitted numbers (JSON)")
+    ap.add_argument("--install", action="store_true",
+                    help="fit: write the numbers as the assets' judges/alignment_decision.json (the shipped decision)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     batches = [int(b) for b in args.batches.split(",")]
@@ -135,6 +129,14 @@ def main() -> None:
         out["params"] = {k: v.tolist() for k, v in params.items()}
         if args.out:
             Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        if args.install:  # the shipped alignment judge's decision since audit batch 13 (docs/toyworld.md)
+            judges = assets_path() / "judges"
+            (judges / "alignment_decision.json").write_text(json.dumps(out, indent=2) + "\n")
+            record_path = judges / "audit_trained.json"
+            record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+            record["alignment"] = {"trained_on_audit_batches": batches,
+                                   "made_by": f"python experiments/alignment_calibration.py fit --batches {args.batches} --install"}
+            record_path.write_text(json.dumps(record, indent=2) + "\n")
     else:
         params = {k: torch.tensor(v) for k, v in json.loads(Path(args.params).read_text())["params"].items()}
         for b in batches:
@@ -145,8 +147,8 @@ def main() -> None:
         from focusnfix.toyworld import load_judge
 
         out["forms_auc"] = {name: {form: round(v["auc"], 3) for form, v in form_stats("alignment", None, 64, model=j).items()}
-                            for name, j in (("shipped", load_judge("alignment")),
-                                            ("calibrated", CalibratedSceneFitAlignmentJudge(params)))}
+                            for name, j in (("shipped", load_judge("alignment", audit_trained=False)),
+                                            ("calibrated", SceneFitAlignmentJudge(params)))}
     print(json.dumps(out, indent=1))
 
 

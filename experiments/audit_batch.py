@@ -6,7 +6,8 @@ seed-1 runs, the base model and the narrow-reward demo's seed-0 Focus-N-Fix run 
 prompts x seed 24000. Each was planned before it was sampled and labelled blind before any judge
 ran on it, colours read by eye; batch 11 the seed-2 runs and the base model on all 48 held-out
 prompts x seed 25000; batch 12 the seed-0 runs and the base model on all 48 held-out prompts x seed
-26000. This prints, for ``--batch N`` (default 12), as JSON:
+26000; batch 13 the seed-1 runs and the base model on all 48 held-out prompts x seed 27000. This
+prints, for ``--batch N`` (default 13), as JSON:
 
 * ``kappa``: Cohen's kappa (p > 0.5) of each judge with the person, per aspect: the shipped judges,
   the generator-trained safety judge at 0.5 and at 0.2 (its operating point until the person-tuned
@@ -16,17 +17,18 @@ prompts x seed 25000; batch 12 the seed-0 runs and the base model on all 48 held
   FILE`` names, as ``experiments/person_labelled_judge.py --out DIR`` writes them), and the judges
   trained on every audit label but batch 12's (``audit_trained``, shipped since batch 12: on
   batches 1-11 they read their own training labels); for plausibility the shipped judge and the
-  one before it (at its operating point 0.7);
+  one before it (at its operating point 0.7); for alignment the shipped scene fit with its decision
+  fitted to the person's labels of batches 6-12 (since batch 13) and the plain scene fit before it;
 * ``person``: per fine-tuned source, paired by prompt and seed with the base image, how many of the
   base model's marked images it leaves clean (removal) and how many clean ones it marks (new), for
-  the batch and pooled over ``--demo-batches`` (default 7-12: the demo's seed-1, seed-2, seed-0,
-  seed-1, seed-2 and seed-0 runs, the last three again on other noise);
+  the batch and pooled over ``--demo-batches`` (default 7-13: the demo's seed-1, seed-2, seed-0,
+  seed-1, seed-2, seed-0 and seed-1 runs, the last four again on other noise);
 * ``pooled_paired_focusnfix_minus_draft``: the person's removal of Focus-N-Fix minus DRaFT's
   on the same base-marked images, with a 95% bootstrap interval over them;
 * ``judge_on_same_images``: the same shares read by the generator-trained safety judge at 0.5;
   ``other_judges_on_same_images``: by each other safety judge.
 
-    python experiments/audit_batch.py [--batch 12] [--demo-batches 7,8,9,10,11,12] [--tuned DIR/safety.safetensors]
+    python experiments/audit_batch.py [--batch 13] [--demo-batches 7,8,9,10,11,12,13] [--tuned DIR/safety.safetensors]
 """
 
 from __future__ import annotations
@@ -87,8 +89,8 @@ def paired_removal(items: list[dict], marked: np.ndarray, a: str, b: str, n_boot
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=12, help="the fresh batch whose kappas are printed")
-    ap.add_argument("--demo-batches", default="7,8,9,10,11,12",
+    ap.add_argument("--batch", type=int, default=13, help="the fresh batch whose kappas are printed")
+    ap.add_argument("--demo-batches", default="7,8,9,10,11,12,13",
                     help="the batches of the safety demo's runs pooled for the person's removal shares")
     ap.add_argument("--tuned", help="the person-tuned safety judge's safetensors (experiments/person_labelled_judge.py --out)")
     args = ap.parse_args()
@@ -107,7 +109,9 @@ def main() -> None:
                    "scene_fit_mark": SceneFitMarkJudge()},
         "plausibility": {"shipped": load_judge("plausibility"),
                          "before (at 0.7)": load_judge("plausibility", audit_trained=False)},
-        "alignment": {"shipped (scene fit)": load_judge("alignment"), "attribute reader (before)": load_attribute_reader()},
+        "alignment": {"shipped (scene fit, fitted decision)": load_judge("alignment"),
+                      "scene fit (before)": load_judge("alignment", audit_trained=False),
+                      "attribute reader (before)": load_attribute_reader()},
     }
     if args.tuned:
         net = M.LocalizingJudgeNet()

@@ -58,7 +58,7 @@ def test_audit_batch_9_gives_the_person_removal_shares_docs_quote():
     assert out["n"] == 144
     assert out["kappa"]["safety"]["learned at 0.5"]["kappa"] == 0.453
     assert out["kappa"]["safety"]["learned at 0.2"]["kappa"] == 0.542  # the generator-trained judge at its threshold
-    assert out["kappa"]["alignment"]["shipped (scene fit)"]["kappa"] == 0.672
+    assert out["kappa"]["alignment"]["scene fit (before)"]["kappa"] == 0.672
     pooled = out["person"]["batches_7_8_9"]
     assert (pooled["focusnfix/safety"]["removed"], pooled["focusnfix/safety"]["base_marked"]) == (21, 47)
     assert (pooled["draft/safety"]["removed"], pooled["draft/safety"]["base_marked"]) == (26, 47)
@@ -73,7 +73,7 @@ def test_audit_batch_10_gives_the_kappas_and_person_removal_shares_docs_quote():
     assert out["n"] == 144 and out["human_defect_rate"]["safety"] == 0.382
     assert (safety["learned at 0.2"]["kappa"], safety["scene_fit_mark"]["kappa"], safety["person_tuned"]["kappa"]) == (
         0.55, 0.586, 0.679)
-    assert out["kappa"]["alignment"]["shipped (scene fit)"]["kappa"] == 0.767
+    assert out["kappa"]["alignment"]["scene fit (before)"]["kappa"] == 0.767
     pooled = out["person"]["batches_7_8_9_10"]
     assert (pooled["focusnfix/safety"]["removed"], pooled["draft/safety"]["removed"], pooled["draft/safety"]["base_marked"]) == (27, 36, 64)
     assert (pooled["focusnfix/safety"]["new"], pooled["draft/safety"]["new"], pooled["draft/safety"]["base_clean"]) == (1, 12, 80)
@@ -93,7 +93,7 @@ def test_audit_batch_11_decides_the_person_tuned_judge_as_docs_quote():
 
 
 def test_audit_batch_12_decides_the_audit_trained_judges_as_docs_quote():
-    out = _run("audit_batch.py")  # batch 12, pooled over batches 7-12
+    out = _run("audit_batch.py", "--batch", "12", "--demo-batches", "7,8,9,10,11,12")
     safety, plausibility = out["kappa"]["safety"], out["kappa"]["plausibility"]
     assert out["n"] == 144 and out["human_defect_rate"]["safety"] == 0.243
     assert (safety["audit_trained"]["kappa"], safety["person_tuned"]["kappa"]) == (0.701, 0.607)  # not below: replaced
@@ -102,6 +102,30 @@ def test_audit_batch_12_decides_the_audit_trained_judges_as_docs_quote():
     assert (pooled["focusnfix/safety"]["removed"], pooled["draft/safety"]["removed"], pooled["draft/safety"]["base_marked"]) == (37, 52, 92)
     assert (pooled["focusnfix/safety"]["new"], pooled["draft/safety"]["new"], pooled["draft/safety"]["base_clean"]) == (3, 19, 148)
     assert out["person"]["pooled_paired_focusnfix_minus_draft"] == {"n": 92, "mean": -0.163, "ci95": [-0.261, -0.076]}
+
+
+def test_audit_batch_13_decides_the_fitted_alignment_decision_as_docs_quote():
+    out = _run("audit_batch.py")  # batch 13, pooled over batches 7-13
+    k = {a: {name: e["kappa"] for name, e in v.items()} for a, v in out["kappa"].items()}
+    assert out["n"] == 144 and out["human_defect_rate"]["alignment"] == 0.292
+    assert (k["alignment"]["shipped (scene fit, fitted decision)"], k["alignment"]["scene fit (before)"]) == (0.765, 0.702)
+    assert (k["safety"]["audit_trained"], k["safety"]["person_tuned"]) == (0.658, 0.618)  # the second fresh test
+    assert (k["plausibility"]["shipped"], k["plausibility"]["before (at 0.7)"]) == (0.683, 0.421)
+    pooled = out["person"]["batches_7_8_9_10_11_12_13"]
+    assert (pooled["focusnfix/safety"]["removed"], pooled["draft/safety"]["removed"], pooled["draft/safety"]["base_marked"]) == (45, 67, 115)
+    assert (pooled["focusnfix/safety"]["new"], pooled["draft/safety"]["new"], pooled["draft/safety"]["base_clean"]) == (3, 20, 173)
+    assert out["person"]["pooled_paired_focusnfix_minus_draft"] == {"n": 115, "mean": -0.191, "ci95": [-0.278, -0.113]}
+
+
+def test_the_shipped_alignment_decision_is_the_one_the_script_fits():
+    from focusnfix.toyworld import assets_path, load_judge
+
+    shipped = json.loads((assets_path() / "judges" / "alignment_decision.json").read_text())
+    assert shipped == json.loads((ROOT / "experiments" / "data" / "alignment_calibration.json").read_text())
+    out = _run("alignment_calibration.py", "fit", "--batches", "6,7,8,9,10,11,12")
+    assert all(torch.allclose(torch.tensor(out["params"][k]), torch.tensor(v), atol=1e-4) for k, v in shipped["params"].items())
+    judge = load_judge("alignment")
+    assert judge.decision is not None and load_judge("alignment", audit_trained=False).decision is None
 
 
 def test_the_packaged_audit_trained_judges_read_batch_12_as_docs_quote():

@@ -98,12 +98,21 @@ def test_the_audit_set_is_packaged_with_its_procedure_and_labels():
         assert set(it["labels"]) == set(tw.ASPECTS) and all(v in (0, 1) for v in it["labels"].values())
     agreement = judge_agreement()
     assert set(agreement) == set(tw.ASPECTS) and all(-1 <= a["kappa"] <= 1 for a in agreement.values())
-    # the audit-trained judges are tested only by the batch they did not learn from (batch 12)
-    for aspect, kappa in (("safety", 0.701), ("plausibility", 0.464)):
+    # judges fitted to audit labels are tested only by the batches they did not learn from
+    human = {a: np.array([it["labels"][a] for it in doc["items"]], dtype=bool) for a in tw.ASPECTS}
+    batches = np.array([it["batch"] for it in doc["items"]])
+    for aspect, trained, fresh in (("safety", list(range(1, 12)), {"12": 0.701, "13": 0.658}),
+                                   ("plausibility", list(range(1, 12)), {"12": 0.464, "13": 0.683}),
+                                   ("alignment", list(range(6, 13)), {"13": 0.765})):
         entry = agreement[aspect]
-        assert entry["trained_on_audit_batches"] == list(range(1, 12)) and entry["n_unseen"] == 144
-        assert round(entry["kappa_unseen"], 3) == kappa == round(entry["by_batch"]["12"]["kappa"], 3)
-    assert "kappa_unseen" not in agreement["alignment"]  # the scene fit learned no label
+        unseen = ~np.isin(batches, trained)
+        assert entry["trained_on_audit_batches"] == trained and entry["n_unseen"] == int(unseen.sum())
+        assert {b: round(entry["by_batch"][b]["kappa"], 3) for b in fresh} == fresh
+        judge = tw.load_judge(aspect)
+        with torch.no_grad():
+            p = judge.defect_probability(images[torch.from_numpy(unseen)],
+                                         [it["prompt"] for it, u in zip(doc["items"], unseen, strict=True) if u])
+        assert entry["kappa_unseen"] == pytest.approx(cohen_kappa(human[aspect][unseen], p.numpy() > 0.5))
 
 
 def test_sdedit_pairs_label_what_the_pipeline_kept():

@@ -129,9 +129,11 @@ def load_judge(name: str, device: str | torch.device = "cpu", root: str | Path |
     label a person has given (the audit set's batches 1-11 and the labelled samples outside it;
     ``judges/<name>_audit.safetensors``, written by ``python experiments/audit_trained_judge.py
     --aspect NAME --holdout 12 --install``; they replaced the judges before them by the rule in
-    docs/toyworld.md, "Batch 12"), at 0.5, as they were trained. ``audit_trained``: None takes them
-    where the assets hold them and no other version is asked for (a fresh build does not hold
-    them), False never, True requires them. Before them the safety judge was the one fine-tuned on
+    docs/toyworld.md, "Batch 12"), at 0.5, as they were trained; the alignment judge's decision is
+    likewise fitted to the person's alignment labels of audit batches 6-12
+    (``judges/alignment_decision.json``; "Batch 13"). ``audit_trained``: None takes them where the
+    assets hold them and no other version is asked for (a fresh build does not hold them), False
+    never (the alignment judge is then the plain scene fit), True requires them. Before them the safety judge was the one fine-tuned on
     320 person-labelled samples outside the audit set (``judges/safety_person.safetensors``,
     ``python experiments/person_labelled_judge.py --install``; "Batch 11"), at 0.5:
     ``person_tuned=True`` requires it, False asks for the generator-trained judge, None takes it
@@ -145,8 +147,14 @@ def load_judge(name: str, device: str | torch.device = "cpu", root: str | Path |
     if name == "alignment":
         from focusnfix.toyworld.scene_fit import SceneFitAlignmentJudge
 
-        _root(root)  # the same error as the other judges where the assets are missing
-        return M.freeze(SceneFitAlignmentJudge())
+        decision = _root(root) / "judges" / "alignment_decision.json"  # fitted to a person's labels
+        if audit_trained and not decision.is_file():
+            raise FileNotFoundError(f"{decision}: no fitted alignment decision in these assets; `python "
+                                    f"experiments/alignment_calibration.py fit --batches 6,7,8,9,10,11,12 --install` writes it")
+        if audit_trained is False or raw or not decision.is_file():
+            return M.freeze(SceneFitAlignmentJudge())
+        params = json.loads(decision.read_text())["params"]
+        return M.freeze(SceneFitAlignmentJudge({k: torch.tensor(v, dtype=torch.float32) for k, v in params.items()}))
     audit = _root(root) / "judges" / f"{name}_audit.safetensors"
     if audit_trained and (person_tuned is not None or raw):
         raise ValueError("audit_trained=True: the audit-trained judge is one version; person_tuned and raw ask for another")
@@ -177,7 +185,8 @@ def audit_training_batches(name: str, root: str | Path | None = None) -> list[in
     name = "safety" if name == "safety_narrow" else name
     judges = _root(root) / "judges"
     record = judges / "audit_trained.json"
-    if not (judges / f"{name}_audit.safetensors").is_file() or not record.is_file():
+    shipped = judges / ("alignment_decision.json" if name == "alignment" else f"{name}_audit.safetensors")
+    if not shipped.is_file() or not record.is_file():
         return None
     batches = json.loads(record.read_text()).get(name, {}).get("trained_on_audit_batches")
     if not isinstance(batches, list) or not all(isinstance(b, int) for b in batches):

@@ -205,22 +205,49 @@ class SceneFitSafetyJudge(Judge):
         return torch.maximum(heat, stray)
 
 
+def fitted_decision(decision: dict[str, torch.Tensor], colour_margin: torch.Tensor, shape_margin: torch.Tensor,
+                    colour: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` P(misaligned) by a decision fitted to a person's labels
+    (``experiments/alignment_calibration.py``): ``max(sigmoid(colour_scale * colour_margin +
+    colour_bias[caption colour]), sigmoid(shape_scale * shape_margin + shape_bias[caption shape]))``.
+    ``colour``/``shape``: the caption's colour and shape indices (B,), -1 where it names none (that
+    term is then 0)."""
+    pc = torch.sigmoid(decision["colour_scale"] * colour_margin.clamp(min=-1) + decision["colour_bias"][colour.clamp(min=0)])
+    ps = torch.sigmoid(decision["shape_scale"] * shape_margin.clamp(min=-1) + decision["shape_bias"][shape.clamp(min=0)])
+    return torch.maximum(torch.where(colour >= 0, pc, 0.0), torch.where(shape >= 0, ps, 0.0))
+
+
+def caption_indices(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The captions' colour and shape indices ``(B,)`` each, -1 where a caption names none."""
+    return tuple(torch.tensor([i if i is not None else -1 for i in _caption_index(prompts, attr, names)])
+                 for attr, names in (("colour", gen.COLOUR_NAMES), ("shape", gen.SHAPES)))
+
+
 class SceneFitAlignmentJudge(Judge):
     """Alignment by the scene fit: misaligned when the object's colour is nearer another named colour
     than the caption's, or another shape's silhouette explains it better.
 
-    ``defect_probability = max(sigmoid(colour_margin / 0.02), sigmoid(shape_margin / 0.02))``, so
-    p > 0.5 exactly when the nearest named colour or the best shape is not the caption's. It reads
-    the object the way the audit procedure does (nearest named colour to the median colour); it does
-    not localize.
+    Without ``decision``: ``defect_probability = max(sigmoid(colour_margin / 0.02),
+    sigmoid(shape_margin / 0.02))``, so p > 0.5 exactly when the nearest named colour or the best
+    shape is not the caption's. With ``decision`` (12 numbers fitted to a person's audit labels,
+    :func:`fitted_decision`; the shipped judge since audit batch 13) the same reading decides where a
+    person does: a "red" object is called off-colour sooner, a "circle" off-shape sooner. It reads the
+    object the way the audit procedure does (the object's median colour); it does not localize.
     """
 
     name = "alignment"
 
+    def __init__(self, decision: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.decision = decision
+
     def defect_probability(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         fit = fit_scene(images)
-        p = torch.maximum(torch.sigmoid(colour_margin(fit, prompts) / COLOUR_SLOPE),
-                          torch.sigmoid(shape_margin(fit, prompts) / SHAPE_SLOPE))
+        cm, sm = colour_margin(fit, prompts), shape_margin(fit, prompts)
+        if self.decision is None:
+            p = torch.maximum(torch.sigmoid(cm / COLOUR_SLOPE), torch.sigmoid(sm / SHAPE_SLOPE))
+        else:
+            p = fitted_decision(self.decision, cm, sm, *caption_indices(prompts))
         return p.to(images.device)
 
     def read(self, images: torch.Tensor) -> dict[str, list[str]]:
