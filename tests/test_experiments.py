@@ -128,15 +128,6 @@ def test_the_shipped_alignment_decision_is_the_one_the_script_fits():
     assert judge.decision is not None and load_judge("alignment", audit_trained=False).decision is None
 
 
-def test_the_packaged_audit_trained_judges_read_batch_12_as_docs_quote():
-    from focusnfix.toyworld import assets_path
-
-    for aspect, (ours, before) in {"safety": (0.701, 0.607), "plausibility": (0.464, 0.316)}.items():
-        out = _run("audit_trained_judge.py", "--aspect", aspect, "--batches", "12",
-                   "--check", str(assets_path() / "judges" / f"{aspect}_audit.safetensors"))
-        assert (out["kappa"]["candidate"]["12"]["kappa"], out["kappa"]["shipped"]["12"]["kappa"]) == (ours, before)
-
-
 def test_the_second_reading_of_batch_11_agrees_with_the_first_as_docs_quote():
     out = _run("label_agreement.py", "score", "--batch", "11", "--shuffle-seed", "111",
                "--labels", str(ROOT / "experiments" / "data" / "batch11_second_reading.txt"))
