@@ -30,7 +30,7 @@ the person's images; presence at 0.5.
     python experiments/audit_trained_judge.py --aspect safety --check DIR/safety.safetensors --batches 12
 
 About 6.5 minutes a run at one thread. ``--install`` writes the trained judge as the packaged assets'
-``judges/<aspect>_audit.safetensors``: with ``--holdout 12`` that is the shipped safety and
+``judges/<aspect>_audit.safetensors``: with ``--holdout 12 13`` (batch 13 was labelled after it) that is the shipped safety and
 plausibility judge since audit batch 12 (docs/toyworld.md, "Batch 12"; ``--threads 1``, the way the
 shipped files were made). ``shipped`` in the output is the judge shipped before it
 (``load_judge(aspect, audit_trained=False)``: the person-tuned safety judge, the plausibility judge

@@ -100,7 +100,7 @@ def test_assets_without_a_person_tuned_judge_fall_back_or_say_what_writes_it(tmp
     (root / "judges").mkdir()
     shutil.copy(assets_path() / "judges" / "safety.safetensors", root / "judges")
     assert not isinstance(load_judge("safety", root=root), CalibratedJudge)  # generator-trained, at 0.5: no thresholds
-    with pytest.raises(FileNotFoundError, match="audit_trained_judge.py --aspect safety --holdout 12 --install"):
+    with pytest.raises(FileNotFoundError, match="audit_trained_judge.py --aspect safety --holdout 12 13 --install"):
         load_judge("safety", root=root, audit_trained=True)
     with pytest.raises(FileNotFoundError, match="person_labelled_judge.py --install"):
         load_judge("safety", root=root, person_tuned=True)

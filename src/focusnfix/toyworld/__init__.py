@@ -128,7 +128,7 @@ def load_judge(name: str, device: str | torch.device = "cpu", root: str | Path |
     The shipped safety and plausibility judges are the generator-trained ones fine-tuned on every
     label a person has given (the audit set's batches 1-11 and the labelled samples outside it;
     ``judges/<name>_audit.safetensors``, written by ``python experiments/audit_trained_judge.py
-    --aspect NAME --holdout 12 --install``; they replaced the judges before them by the rule in
+    --aspect NAME --holdout 12 13 --install``: batch 13 was labelled after them; they replaced the judges before them by the rule in
     docs/toyworld.md, "Batch 12"), at 0.5, as they were trained; the alignment judge's decision is
     likewise fitted to the person's alignment labels of audit batches 6-12
     (``judges/alignment_decision.json``; "Batch 13"). ``audit_trained``: None takes them where the
@@ -160,7 +160,7 @@ def load_judge(name: str, device: str | torch.device = "cpu", root: str | Path |
         raise ValueError("audit_trained=True: the audit-trained judge is one version; person_tuned and raw ask for another")
     if audit_trained and not audit.is_file():
         raise FileNotFoundError(f"{audit}: no audit-trained {name} judge in these assets; "
-                                f"`python experiments/audit_trained_judge.py --aspect {name} --holdout 12 --install` writes it")
+                                f"`python experiments/audit_trained_judge.py --aspect {name} --holdout 12 13 --install` writes it")
     if audit_trained is not False and person_tuned is None and not raw and audit.is_file():
         return M.freeze(M.LocalizingJudge(name, _load(M.LocalizingJudgeNet(), audit, device)))
     tuned = _root(root) / "judges" / f"{name}_person.safetensors"
