@@ -8,6 +8,8 @@ from focusnfix.backbones import load_backbone
 from focusnfix.lora import add_lora
 from focusnfix.sampling import SamplingOptions, sample
 
+from tiny import non_lora_parameters
+
 
 def test_bf16_base_weights_fp32_lora_and_backward(tiny_sd_dir):
     bb = load_backbone(str(tiny_sd_dir), dtype="bfloat16")
@@ -29,3 +31,7 @@ def test_bf16_base_weights_fp32_lora_and_backward(tiny_sd_dir):
     grads = [p.grad for p in params]
     assert all(gr is not None and gr.dtype == torch.float32 and torch.isfinite(gr).all() for gr in grads)
     assert sum(gr.abs().sum() for gr in grads) > 0
+    # only the LoRA is trained: no other weight of the pipeline (the VAE the images were decoded
+    # through, the text encoder, the UNet's base) takes part in the backward or keeps a gradient
+    others = non_lora_parameters(bb.pipe)
+    assert len(others) > len(frozen) and all(not p.requires_grad and p.grad is None for p in others)

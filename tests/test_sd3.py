@@ -27,7 +27,7 @@ from focusnfix.sampling import SamplingOptions, sample
 from focusnfix.train import FocusNFixTrainer
 
 from conftest import base_config
-from tiny import WORDS, write_tokenizer
+from tiny import WORDS, non_lora_parameters, write_tokenizer
 
 PROMPTS = ["a red circle", "a blue square"]
 SEEDS = [3, 7]
@@ -107,6 +107,7 @@ def test_zero_lora_is_the_frozen_model_and_gradient_only_through_the_last_k_call
     assert calls == [False, False, True, True]
     out.images.mean().backward()
     assert sum(float(p.grad.abs().sum()) for p in params if p.grad is not None) > 0
+    assert all(not p.requires_grad and p.grad is None for p in non_lora_parameters(backbone.pipe))
     with pytest.raises(InputError, match="draft_lv"):
         sample(backbone, PROMPTS, SEEDS, SamplingOptions(**OPTS, grad_mode="draft_lv"))
 

@@ -27,7 +27,7 @@ from focusnfix.lora import add_lora, lora_parameters
 from focusnfix.sampling import SamplingOptions, sample
 from focusnfix.train import FocusNFixTrainer
 
-from tiny import WORDS, tiny_sd_pipeline, write_tokenizer
+from tiny import WORDS, non_lora_parameters, tiny_sd_pipeline, write_tokenizer
 from toy_aspects import BrightnessAspect
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -153,6 +153,7 @@ def test_zero_lora_reproduces_the_frozen_image_bit_for_bit(backbone):
     _perturb_lora(backbone.unet)
     sample(backbone, PROMPTS, SEEDS, opts).images.mean().backward()
     assert sum(p.grad.abs().sum() for p in params) > 0
+    assert all(not p.requires_grad and p.grad is None for p in non_lora_parameters(backbone.pipe))  # both text encoders, VAE
 
 
 def test_trainer_steps_and_lora_loads_into_the_sdxl_pipeline(tiny_sdxl_dir, tmp_path):

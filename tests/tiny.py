@@ -12,6 +12,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 WORDS = ["a", "red", "blue", "green", "circle", "square", "on", "the", "left", "right", "big", "small"]
 
 
+def non_lora_parameters(pipe) -> list[torch.nn.Parameter]:
+    """Every weight of the pipeline's components but the LoRA's (what training must leave frozen)."""
+    return [p for c in pipe.components.values() if isinstance(c, torch.nn.Module)
+            for n, p in c.named_parameters() if "lora_" not in n]
+
+
 def write_tokenizer(path: Path) -> CLIPTokenizer:
     """A word-level CLIP tokenizer written offline (no hub)."""
     path.mkdir(parents=True, exist_ok=True)

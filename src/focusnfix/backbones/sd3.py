@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from focusnfix.backbones.base import Backbone, Conditioning
+from focusnfix.backbones.base import Backbone, Conditioning, freeze_components
 from focusnfix.errors import InputError
 
 
@@ -48,6 +48,7 @@ class StableDiffusion3Backbone(Backbone):
     max_sequence_length = 256
 
     def __init__(self, pipe: Any) -> None:  # noqa: D107 - the flow scheduler, not DDIM
+        freeze_components(pipe)
         self.pipe = pipe
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
