@@ -10,7 +10,8 @@ and the readings of the batches since 9), and the two readings compared per aspe
     # label DIR/sheets/*.png into DIR/labels.txt ("id safety plausibility alignment" per line)
     python experiments/label_agreement.py score --batch 11 --shuffle-seed 111 --labels DIR/labels.txt
 
-``score`` prints, per aspect, the kappa between the two readings, how many images each marks, and
+``score`` prints, per aspect, the kappa between the two readings (on all the batch's images, and on
+the fine-tuned models' images and the base model's apart), how many images each marks, and
 the kappa with each reading of the judge shipped before audit batch 12 (``load_judge(aspect,
 audit_trained=False)``: no audit label was in its training, where the audit-trained judges learned
 batch 11's first reading), so a judge's agreement can be read against the person's own.
@@ -77,7 +78,12 @@ def main() -> None:
         judge = load_judge(aspect, audit_trained=False)  # trained on no audit label (the audit-trained ones saw batch 11)
         with torch.no_grad():
             pred = judge.defect_probability(images[idx], captions).numpy() > 0.5
+        finetuned = np.array([doc["items"][i]["source"] != "base" for i in idx])
         out[aspect] = {"kappa_first_vs_second": round(cohen_kappa(first, second[:, a]), 3),
+                       # the issue's target reads the fine-tuned images: the ceiling on them alone
+                       "kappa_first_vs_second_finetuned": round(cohen_kappa(first[finetuned], second[finetuned, a]), 3),
+                       "kappa_first_vs_second_base": round(cohen_kappa(first[~finetuned], second[~finetuned, a]), 3),
+                       "n_finetuned": int(finetuned.sum()),
                        "first_marks": int(first.sum()), "second_marks": int(second[:, a].sum()),
                        "both": int((first & second[:, a]).sum()),
                        "judge_kappa_with_first": round(cohen_kappa(first, pred), 3),

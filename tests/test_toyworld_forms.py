@@ -113,6 +113,11 @@ def test_the_audit_set_is_packaged_with_its_procedure_and_labels():
             p = judge.defect_probability(images[torch.from_numpy(unseen)],
                                          [it["prompt"] for it, u in zip(doc["items"], unseen, strict=True) if u])
         assert entry["kappa_unseen"] == pytest.approx(cohen_kappa(human[aspect][unseen], p.numpy() > 0.5))
+        # the issue's target reads the fine-tuned models' images alone (base images left out)
+        finetuned = np.array([it["source"] != "base" for it, u in zip(doc["items"], unseen, strict=True) if u])
+        assert entry["n_finetuned"] == int(finetuned.sum()) > 0
+        assert entry["kappa_finetuned"] == pytest.approx(cohen_kappa(human[aspect][unseen][finetuned],
+                                                                     p.numpy()[finetuned] > 0.5))
 
 
 def test_sdedit_pairs_label_what_the_pipeline_kept():

@@ -96,7 +96,10 @@ def judge_agreement(root: str | Path | None = None, threshold: float = 0.5) -> d
     """Per aspect: Cohen's kappa of the judge (probability > ``threshold``) against the audit labels,
     overall, per batch and per source, with the confusion counts. For a judge trained on audit
     labels (:func:`~focusnfix.toyworld.audit_training_batches`), ``kappa_unseen`` is its kappa on the
-    batches it was not trained on, the only ones that test it (``n_unseen`` images)."""
+    batches it was not trained on, the only ones that test it (``n_unseen`` images).
+    ``kappa_finetuned`` is the kappa on the fine-tuned models' images alone (every source but
+    ``base``) of those batches (of every batch for a judge trained on none): what a judge of this
+    project exists to read, and what issue 8's target is about (``n_finetuned`` images)."""
     images, doc = load_audit(root)
     prompts = [it["prompt"] for it in doc["items"]]
     sources = np.array([it["source"] for it in doc["items"]])
@@ -121,11 +124,15 @@ def judge_agreement(root: str | Path | None = None, threshold: float = 0.5) -> d
             sel = batches == batch
             entry["by_batch"][str(batch)] = {"kappa": cohen_kappa(human[sel], pred[sel]), "n": int(sel.sum())}
         trained = audit_training_batches(aspect, root)
+        unseen = np.ones(len(batches), dtype=bool)
         if trained is not None:
             unseen = ~np.isin(batches, trained)
             entry["trained_on_audit_batches"] = trained
             entry["kappa_unseen"] = cohen_kappa(human[unseen], pred[unseen]) if unseen.any() else float("nan")
             entry["n_unseen"] = int(unseen.sum())
+        finetuned = unseen & (sources != "base")
+        entry["kappa_finetuned"] = cohen_kappa(human[finetuned], pred[finetuned]) if finetuned.any() else float("nan")
+        entry["n_finetuned"] = int(finetuned.sum())
         for src in sorted(set(sources)):
             sel = sources == src
             entry["by_source"][src] = {"kappa": cohen_kappa(human[sel], pred[sel]) if sel.sum() > 1 else float("nan"),

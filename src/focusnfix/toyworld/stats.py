@@ -9,8 +9,9 @@
   per defect form (:mod:`focusnfix.toyworld.forms`), on held-out captions through the pipeline's
   VAE: ``auc`` (form vs clean), ``precision`` and ``recall`` at the judge's operating point
   (probability > 0.5 after :func:`~focusnfix.toyworld.load_judge`'s calibration), and ``mask_iou`` (heatmap >= 0.5 vs the ground-truth mask, localizing judges only);
-  ``judges.<name>.audit_kappa``: Cohen's kappa against the labelled audit set (see ``audit.py``; for a
-  judge trained on audit labels, on the batches it was not trained on);
+  ``judges.<name>.audit_kappa``: Cohen's kappa against the labelled audit set on the fine-tuned
+  models' images (see ``audit.py``'s ``kappa_finetuned``; for a judge trained on audit labels, of the
+  batches it was not trained on); ``audit.<name>`` holds the rest (every source, per batch, per source);
 * ``aspects.<name>.forms.<form>.score_auc``: the same per-form AUC for the training reward
   (``safety_narrow`` shows what the v1 reward could not see);
 * ``pipeline``: on held-out prompts x seeds (CFG 7.5, 20 DDIM steps), each judge's defect rate,
@@ -251,8 +252,8 @@ def compute_stats(root: str | Path | None = None, n: int = 192, n_generator: int
             out["aspects"].setdefault(name, {})["forms"] = form_stats(name, root, n_generator // 2, judge=False)
         agreement = judge_agreement(root)
         for name in gen.ASPECTS:
-            # a judge trained on audit labels is tested only by the batches it did not learn from
-            out["judges"][name]["audit_kappa"] = agreement[name].get("kappa_unseen", agreement[name]["kappa"])
+            # on the fine-tuned images (the issue's target), of the batches the judge did not learn from
+            out["judges"][name]["audit_kappa"] = agreement[name]["kappa_finetuned"]
         out["audit"] = agreement
         out["pipeline"], images, _ = pipeline_stats(root, n, guidance=guidance)
         if save_grid is not None:
