@@ -23,6 +23,8 @@ learned judges keep reading. Judges built on them: :class:`SceneFitSafetyJudge`,
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,11 +107,33 @@ def _shrink(mask: torch.Tensor, r: int) -> torch.Tensor:
     return 1 - _grow(1 - mask, r)
 
 
+#: fits of recent batches, keyed by their pixels: several judges read the same images (the safety
+#: scene fit and the mark judge, the alignment judge before and after its fitted decision), and a fit
+#: is most of what each costs. Bounded by the images held (about 32 KB each).
+_FIT_CACHE: OrderedDict[bytes, SceneFit] = OrderedDict()
+_FIT_CACHE_IMAGES = 2048
+
+
 @torch.no_grad()
 def fit_scene(images: torch.Tensor) -> SceneFit:
-    """Fit the clean scene to ``images (B, 3, 64, 64)`` in [0, 1] (see the module docstring)."""
+    """Fit the clean scene to ``images (B, 3, 64, 64)`` in [0, 1] (see the module docstring).
+
+    The same pixels give the same fit object (recent fits are kept): treat it as read-only.
+    """
     _check_images(images)
-    x = images.detach().float().cpu().clamp(0, 1)
+    x = images.detach().float().cpu().clamp(0, 1).contiguous()
+    key = hashlib.blake2b(x.numpy().tobytes(), digest_size=16).digest() + str(tuple(x.shape)).encode()
+    if key in _FIT_CACHE:
+        _FIT_CACHE.move_to_end(key)
+        return _FIT_CACHE[key]
+    fit = _fit_scene(x)
+    _FIT_CACHE[key] = fit
+    while sum(len(f.shape) for f in _FIT_CACHE.values()) > _FIT_CACHE_IMAGES and len(_FIT_CACHE) > 1:
+        _FIT_CACHE.popitem(last=False)
+    return fit
+
+
+def _fit_scene(x: torch.Tensor) -> SceneFit:
     b = x.shape[0]
     ring = torch.ones(gen.SIZE, gen.SIZE, dtype=torch.bool)
     ring[2:-2, 2:-2] = False
