@@ -65,6 +65,38 @@ def test_gaussian_blur_preserves_mass_and_shape():
     assert y[0, 0, 7, 7] == y.max()
 
 
+def test_gradcam_records_no_graph_before_its_layer_and_matches_the_full_graph():
+    """Grad-CAM needs the gradient at its layer only: the layers before it run without a graph
+    (their activations are not kept), and the heatmap is, bit for bit, the one a graph from the
+    input gives."""
+    from focusnfix.aspects.saliency import normalize_per_image
+    from focusnfix.toyworld import load_aspect
+
+    aspect = load_aspect("safety", localizer="gradcam")  # the packaged safety classifier, Grad-CAM
+    layer = aspect.reward_model.get_submodule(aspect.layer)
+    first = aspect.reward_model.get_submodule("features.0")
+    recorded = []
+    handle = first.register_forward_hook(lambda m, i, o: recorded.append(o.requires_grad))
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle"] * 3
+    try:
+        heatmap = aspect.heatmap(images, prompts)
+    finally:
+        handle.remove()
+    assert recorded == [False]
+    # the same map from a graph that starts at the input, as Grad-CAM is usually written
+    captured = {}
+    hook = layer.register_forward_hook(lambda m, i, o: captured.setdefault("act", o))
+    try:
+        with torch.enable_grad():
+            x = images.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(-aspect.reward(x, prompts).sum(), captured["act"])
+    finally:
+        hook.remove()
+    cam = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * captured["act"].detach()).sum(dim=1, keepdim=True))
+    assert torch.equal(heatmap, normalize_per_image(gaussian_blur(cam, aspect.blur_sigma)))
+
+
 def test_gradcam_needs_a_real_layer():
     with pytest.raises(ValueError, match="layer"):
         SaliencyAspect("s", RedClassifier(), method="gradcam")

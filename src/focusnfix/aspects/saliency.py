@@ -87,13 +87,18 @@ def gradcam_saliency(
     """
     captured: dict[str, torch.Tensor] = {}
 
-    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor | tuple) -> None:
-        captured["act"] = output[0] if isinstance(output, tuple) else output
+    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
+        # The graph starts at this layer's output: the gradient is taken with respect to it alone, so
+        # the layers before it need not record their activations (most of a deep reward model's memory).
+        first = output[0] if isinstance(output, tuple) else output
+        act = first.detach().requires_grad_(True)
+        captured["act"] = act
+        return (act, *output[1:]) if isinstance(output, tuple) else act
 
     handle = layer.register_forward_hook(hook)
     try:
         with torch.enable_grad():
-            x = images.detach().clone().requires_grad_(True)
+            x = images.detach()
             defect = -reward_fn(x, prompts).sum()
             if "act" not in captured:
                 raise RuntimeError("gradcam: the chosen layer was not called by the reward model")
