@@ -388,3 +388,29 @@ def test_draft_lv_averages_the_reward_over_the_sample_and_its_renoisings(tiny_sd
     assert len(scored) == 3  # the sample and its 2 re-noisings, each scored
     assert not torch.equal(scored[0][0], scored[1][0]) and not torch.equal(scored[1][0], scored[2][0])
     torch.testing.assert_close(terms["reward"].detach(), sum(r for _, r in scored) / 3)
+
+
+def test_lora_dropout_acts_in_training_only_never_on_sampled_images(tiny_sd_dir, tmp_path):
+    """With lora.dropout > 0 the graded calls drop out; training samples, validation images and
+    a loaded LoRA's images do not (PEFT makes its layers in train mode)."""
+    from focusnfix.backbones import load_backbone
+    from focusnfix.evaluate import load_lora
+
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=2)
+    cfg["lora"] = {"rank": 4, "dropout": 0.5}
+    cfg["sampling"]["merge_lora"] = False  # every call through the LoRA branch, where dropout lives
+    cfg["data"]["validation_prompts"] = ["a blue circle"]
+    trainer = FocusNFixTrainer(config_from_dict(cfg), progress=False)
+    trainer.train()
+    assert any(m.training for m in trainer.backbone.unet.modules())  # the LoRA's dropout is on in training
+    first, again = trainer.save_samples("a"), trainer.save_samples("b")
+    assert first.read_bytes() == again.read_bytes()
+    assert trainer.save_validation("a").read_bytes() == trainer.save_validation("b").read_bytes()
+    assert any(m.training for m in trainer.backbone.unet.modules())  # and on again after them
+
+    backbone = load_backbone(str(tiny_sd_dir))
+    load_lora(backbone, "run", tmp_path / "run")
+    opts = trainer.options
+    with torch.no_grad():
+        one, two = (sample(backbone, ["a red circle"], [3], opts).images for _ in range(2))
+    assert torch.equal(one, two)

@@ -7,12 +7,14 @@ they are kept in fp32 even when the base weights are bf16/fp16.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,23 @@ def add_lora(
     for p in params:
         p.data = p.data.float()
     return params
+
+
+@contextlib.contextmanager
+def lora_dropout_off(module: torch.nn.Module) -> Iterator[None]:
+    """Every submodule of ``module`` in eval mode inside, each one's own mode restored on exit.
+
+    PEFT makes its LoRA wrappers in train mode inside a UNet that diffusers loaded in eval mode, so
+    with ``lora.dropout > 0`` an image sampled outside the graded training calls (training samples,
+    validation images) would be drawn with dropout: a different picture every call.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -237,6 +256,10 @@ def load_lora_into(pipe: Any, lora: str | Path, adapter_name: str | None = None)
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
         more = f" (+{len(lines) - 2} more lines)" if len(lines) > 2 else ""
         raise InputError(f"LoRA {path} does not fit this {type(pipe).__name__}: {' '.join(lines[:2])[:400]}{more}") from None
+    # inference: PEFT adds its layers in train mode, which would apply a saved lora_dropout to every image
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
     added = sorted(_adapter_names(pipe) - before)
     # PEFT only warns about file weights that name no layer of the model (and initialises layers the
     # file lacks at random), then loads the rest: the LoRA would act partly, silently
@@ -299,6 +322,7 @@ __all__ = [
     "load_lora_into",
     "load_lora_state_dict",
     "lora_active_steps",
+    "lora_dropout_off",
     "lora_parameters",
     "lora_state_dict",
     "replace_dir",

@@ -48,6 +48,7 @@ from focusnfix.lora import (
     add_lora,
     check_lora_file,
     load_lora_state_dict,
+    lora_dropout_off,
     lora_parameters,
     lora_state_dict,
     peft_state_dict_of_file,
@@ -478,7 +479,7 @@ class FocusNFixTrainer:
         n = min(self.config.train.num_sample_images, len(self.pool))
         prompts, seeds = [p for p, _ in self.pool[:n]], [s for _, s in self.pool[:n]]
         ref = self.cache.get(prompts, seeds, self.accelerator.device)
-        with torch.no_grad(), self.accelerator.autocast():
+        with torch.no_grad(), self.accelerator.autocast(), lora_dropout_off(self.backbone.unet):
             now = sample(self.backbone, prompts, seeds, self.options).images.float()
         rows = [overlay(ref.images, ref.mask, 0.35), ref.images, now, (now - ref.images).abs().mul(4).clamp(0, 1)]
         picture = grid([r.cpu() for r in rows], scale=2)
@@ -492,7 +493,7 @@ class FocusNFixTrainer:
             return None
         prompts = [p for p in dc.validation_prompts for _ in dc.validation_seeds]
         seeds = [s for _ in dc.validation_prompts for s in dc.validation_seeds]
-        with torch.no_grad(), self.accelerator.autocast():
+        with torch.no_grad(), self.accelerator.autocast(), lora_dropout_off(self.backbone.unet):
             now = sample(self.backbone, prompts, seeds, self.options).images.float()
             with self.backbone.adapters_disabled():
                 base = sample(self.backbone, prompts, seeds, self.options).images.float()
