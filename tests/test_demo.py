@@ -114,6 +114,12 @@ def test_demo_evaluation_masks_come_from_the_localizer_the_run_trained_with(tmp_
     assert gate == "auto" and type(localizer) is type(trained)
     if "localizer" in DEMO_SETTINGS[reward]:  # the calibrated localizer, not the packaged one
         assert localizer.method == trained.method == DEMO_SETTINGS[reward]["localizer"]
+    # given the evaluation's aspects, the localizer is the target aspect itself, not a second copy
+    from focusnfix.evaluate import aspects_from_config
+
+    aspects, target, _ = aspects_from_config(config)
+    ((localizer, _),) = evaluation_setup(config, aspects)["localizers"]
+    assert localizer is aspects[target]
 
 
 def test_demo_ramps_beta_for_focus_n_fix_only(monkeypatch):

@@ -274,7 +274,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         target = names[0]
     else:
         aspects, target, judges = aspects_from_config(config)
-    setup = evaluation_setup(config)
+    setup = evaluation_setup(config, None if args.aspects else aspects)
     options = setup["options"]
     if args.steps is not None:
         options.num_inference_steps = args.steps

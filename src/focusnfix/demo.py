@@ -166,7 +166,7 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True, reward
     config = configs[("focusnfix", 0)]
     # the trained aspect as the config builds it, and every other toy aspect (its reward and its judge)
     aspects, target, judges = aspects_from_config(config)
-    setup = evaluation_setup(config)
+    setup = evaluation_setup(config, aspects)
     prompts = toyworld.prompts("heldout")[: s.eval_prompts]
     seeds = list(range(10_000, 10_000 + s.eval_seeds))  # disjoint from the training seeds
     metrics = evaluate(

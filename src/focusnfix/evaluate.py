@@ -451,15 +451,20 @@ def model_loader(config: Any, path: str | None = None) -> Callable[[], Backbone]
     return functools.partial(load_backbone, path or m.path, m.dtype, m.variant, m.revision, device)
 
 
-def evaluation_setup(config: Any) -> dict[str, Any]:
+def evaluation_setup(config: Any, aspects: dict[str, Aspect] | None = None) -> dict[str, Any]:
     """What evaluation takes from a training config so that it sees the images and masks training saw.
 
     Returns ``{"options": SamplingOptions, "mask_cfg": MaskConfig, "localizers": [(aspect, gate)],
     "model": factory}``: the run's sampling options, mask settings and localizing aspects with their
     gates, each aspect built from the config's own entry (its localizer included), as in training,
     and :func:`model_loader`'s factory of the run's model (dtype, variant, revision, device).
+
+    Args:
+        aspects: :func:`aspects_from_config`'s aspects of this config, reused as the localizers
+            (else they are built again: a second copy of every localizing model in memory).
     """
-    built = build_aspects(config)
+    # aspects_from_config puts the config's own aspects first, in config order
+    built = list(aspects.values())[: len(config.aspects)] if aspects is not None else build_aspects(config)
     localizers = [(a, c.gate) for a, c in zip(built, config.aspects, strict=True) if c.localize]
     return {"options": sampling_options(config), "mask_cfg": config.mask, "localizers": localizers,
             "model": model_loader(config)}

@@ -143,8 +143,10 @@ def objective_oracle(
                          + " (give the others weight 0; for a target weight w, divide the betas by w)")
     aspects, target, judge_models = aspects_from_config(config)
     judge = judge_models.get(target) if judges else None
-    setup = evaluation_setup(config)
+    setup = evaluation_setup(config, aspects)
     backbone = resolve_backbone(setup["model"])  # the run's dtype, variant, revision and device
+    for m in [aspects[target], *(a for a, _ in setup["localizers"]), *([judge] if judge is not None else [])]:
+        m.to(backbone.device).eval().requires_grad_(False)  # where the images are (train.device: auto = CUDA)
     reward = aspects[target]
     gate = gate_value(reward, weighted[0].gate if weighted else "auto")  # the config's gate of the target
     items = [(p, s) for p in prompts for s in seeds]

@@ -174,7 +174,7 @@ def sweep(
     aspects, target, judge_models = aspects_from_config(config)
     if not judges:
         judge_models = {}
-    setup = evaluation_setup(config)
+    setup = evaluation_setup(config, aspects)
     eval_prompts = prompts or resolve_prompts(config.data, Path(config_path).parent)
     eval_seeds = seeds if seeds is not None else [10000, 10001]
     methods = {f"beta_{b:g}": runs[b] / "lora" for b in betas}
