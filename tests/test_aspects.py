@@ -97,6 +97,24 @@ def test_gradcam_records_no_graph_before_its_layer_and_matches_the_full_graph():
     assert torch.equal(heatmap, normalize_per_image(gaussian_blur(cam, aspect.blur_sigma)))
 
 
+def test_gradcam_on_a_layer_whose_output_the_model_changes_in_place():
+    class Residual(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+            h = self.a(x)
+            y = self.b(h)
+            y += h  # a residual added in place to the hooked layer's output (as torchvision's ResNet blocks do)
+            return -torch.relu(y).mean(dim=(1, 2, 3))
+
+    torch.manual_seed(0)
+    model = Residual().requires_grad_(False)
+    hm = SaliencyAspect("s", model, method="gradcam", layer="b").heatmap(torch.rand(2, 3, 8, 8), ["", ""])
+    assert hm.shape == (2, 1, 8, 8) and torch.isfinite(hm).all()
+
+
 def test_gradcam_needs_a_real_layer():
     with pytest.raises(ValueError, match="layer"):
         SaliencyAspect("s", RedClassifier(), method="gradcam")

@@ -93,7 +93,8 @@ def gradcam_saliency(
         first = output[0] if isinstance(output, tuple) else output
         act = first.detach().requires_grad_(True)
         captured["act"] = act
-        return (act, *output[1:]) if isinstance(output, tuple) else act
+        out = act.clone()  # not the leaf itself: the model may change its output in place (x += residual)
+        return (out, *output[1:]) if isinstance(output, tuple) else out
 
     handle = layer.register_forward_hook(hook)
     try:
