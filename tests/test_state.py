@@ -297,6 +297,29 @@ def test_a_killed_run_of_a_batch_continues_from_its_checkpoint_to_the_uninterrup
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resume_to_more_steps_killed_midway_leaves_no_old_lora_beside_the_new_config(
+        tiny_sd_dir, tmp_path, monkeypatch):
+    from focusnfix import runs
+
+    short = base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=2, checkpoint_every=2)
+    _trainer(short).train()
+    old_lora = (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    longer = {**short, "train": {**short["train"], "steps": 4}}
+    resumed = _trainer(longer)
+    real = resumed.train_step
+    monkeypatch.setattr(resumed, "train_step", lambda step: real(step) if step < 3 else 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # resumed from step 2, killed in step 4
+        resumed.train(resume=True)
+    monkeypatch.undo()
+    # the 2-step LoRA is kept, but not where a 4-step run's result is looked for
+    assert not (tmp_path / "run" / "lora").exists()
+    assert (tmp_path / "run" / "lora_superseded" / "pytorch_lora_weights.safetensors").read_bytes() == old_lora
+    assert not runs.finished(config_from_dict(longer))
+    runs.train_runs([config_from_dict(longer)])  # continues from its step-2 checkpoint to the end
+    assert runs.finished(config_from_dict(longer))
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").read_bytes() != old_lora
+
+
 def test_a_batch_refuses_a_finished_run_of_another_config_unless_told_to_replace_it(tiny_sd_dir, tmp_path, monkeypatch):
     from focusnfix import runs
 

@@ -9,6 +9,7 @@ Layout (``train.output_dir``)::
     reference_cache/            Î0, latents, heatmap and mask per (prompt, seed), content-keyed
     samples/step_000050.png     mask overlay / reference / fine-tuned / |difference| rows
     lora/pytorch_lora_weights.safetensors   final LoRA (diffusers format)
+    lora_superseded/            the final LoRA of the config a resume replaced (steps changed)
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import yaml
 from filelock import FileLock, Timeout
 
-from focusnfix.config import Config
+from focusnfix.config import Config, dump_config
 from focusnfix.errors import InputError
 from focusnfix.files import atomic_write_text
 from focusnfix.reference import changed_fields
@@ -30,7 +32,7 @@ from focusnfix.reference import changed_fields
 #: config fields that may change between a run and its resume
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "sample_every", "keep_checkpoints", "num_sample_images", "output_dir")
 #: what a finished or started run leaves behind (the reference cache is content-keyed, so it may stay)
-RUN_OUTPUTS = ("config.yaml", "log.jsonl", "checkpoints", "lora", "samples")
+RUN_OUTPUTS = ("config.yaml", "log.jsonl", "checkpoints", "lora", "lora_superseded", "samples")
 
 
 class RunLock:
@@ -57,6 +59,40 @@ class RunLock:
         if self.lock.is_locked:
             self.owner.unlink(missing_ok=True)
             self.lock.release()
+
+
+def same_config(config: Config) -> bool:
+    """Whether the run folder's config.yaml is ``config``'s (as training writes it), but for
+    ``train.output_dir``: the folder is the run itself, however its path was spelled (relative or
+    absolute, from another working directory), as a resume treats it."""
+    path = Path(config.train.output_dir) / "config.yaml"
+    try:
+        stored = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    wanted = yaml.safe_load(dump_config(config))
+    if not isinstance(stored, dict) or not isinstance(stored.get("train"), dict):
+        return False
+    stored["train"].pop("output_dir", None)
+    wanted["train"].pop("output_dir", None)
+    return stored == wanted
+
+
+def set_aside_superseded_lora(config: Config) -> Path | None:
+    """Before a resume writes a changed config.yaml (e.g. more ``train.steps``): move the folder's
+    final LoRA, trained with the config being replaced, to ``lora_superseded/``. Left in ``lora/``,
+    a kill before the resumed run writes its own would leave the old LoRA beside the new config,
+    read by ``eval`` and by demo and sweep reruns as that config's finished result. Returns the
+    new place, or None when there was nothing to move."""
+    run_dir = Path(config.train.output_dir)
+    lora = run_dir / "lora"
+    if not lora.exists() or not (run_dir / "config.yaml").is_file() or same_config(config):
+        return None
+    aside = run_dir / "lora_superseded"
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.replace(lora, aside)
+    return aside
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:

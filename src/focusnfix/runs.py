@@ -16,10 +16,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import yaml
-
 from focusnfix import rundir
-from focusnfix.config import Config, dump_config
+from focusnfix.config import Config
 from focusnfix.errors import InputError, warn
 from focusnfix.lora import LORA_WEIGHT_NAME, restore_replaced
 
@@ -34,7 +32,7 @@ def _train_one(config: Config, threads: int | None, progress: bool) -> str:
     if threads:
         torch.set_num_threads(threads)
     run = Path(config.train.output_dir)
-    if _same_config(config) and rundir.checkpoint_dirs(run):
+    if rundir.same_config(config) and rundir.checkpoint_dirs(run):
         try:
             return str(FocusNFixTrainer(config, progress=progress).train(resume=True).lora_dir)
         except InputError as err:  # e.g. the prompts or the model's weights changed since the checkpoint
@@ -42,27 +40,10 @@ def _train_one(config: Config, threads: int | None, progress: bool) -> str:
     return str(FocusNFixTrainer(config, progress=progress).train(overwrite=True).lora_dir)
 
 
-def _same_config(config: Config) -> bool:
-    """Whether the run folder's config.yaml is ``config``'s (as training writes it), but for
-    ``train.output_dir``: the folder is the run itself, however its path was spelled (relative or
-    absolute, from another working directory), as a resume treats it."""
-    path = Path(config.train.output_dir) / "config.yaml"
-    try:
-        stored = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False
-    wanted = yaml.safe_load(dump_config(config))
-    if not isinstance(stored, dict) or not isinstance(stored.get("train"), dict):
-        return False
-    stored["train"].pop("output_dir", None)
-    wanted["train"].pop("output_dir", None)
-    return stored == wanted
-
-
 def finished(config: Config) -> bool:
     """Whether the run of ``config`` has its final LoRA, trained from this same config."""
     restore_replaced(Path(config.train.output_dir) / "lora")  # a LoRA swap cut short by a kill
-    return (Path(config.train.output_dir) / "lora" / LORA_WEIGHT_NAME).is_file() and _same_config(config)
+    return (Path(config.train.output_dir) / "lora" / LORA_WEIGHT_NAME).is_file() and rundir.same_config(config)
 
 
 def _worker_init(parent: int) -> None:

@@ -454,6 +454,10 @@ class FocusNFixTrainer:
             ckpt = rundir.prepare(self.run_dir, resume, overwrite)
             if ckpt is not None:  # refuse a mismatched resume before anything in the folder changes
                 rundir.check_resume(json.loads((ckpt / "state.json").read_text()), self.run_fields, ckpt)
+            if resume:
+                aside = rundir.set_aside_superseded_lora(self.config)
+                if aside is not None:
+                    print(f"the final LoRA of the config this resume replaces is kept in {aside}")
             atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))
             self.cache.open()
         self.accelerator.wait_for_everyone()
