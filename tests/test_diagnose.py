@@ -91,3 +91,24 @@ def test_diagnose_reads_an_evaluation_directory(tmp_path):
     (tmp_path / "images.npz").unlink()
     with pytest.raises(InputError, match="images.npz"):
         diagnose(tmp_path, _DarkPixelJudge())
+
+
+def test_the_report_leaves_out_diagnostics_of_another_evaluation(tmp_path):
+    from focusnfix.report import write_report
+
+    base = np.full((1, 3, 8, 8), 200, np.uint8)
+    mask = np.zeros((1, 1, 8, 8), np.uint8)
+    np.savez(tmp_path / "images.npz", base=base, heatmap=mask, mask=mask, method__fnf=base, eval_id=np.array("first"))
+    (tmp_path / "per_image.json").write_text(json.dumps({"eval_id": "first", "items": [{"prompt": "p", "seed": 0}]}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"eval_id": "first", "aspect": "safety"}))
+    diagnose(tmp_path, _DarkPixelJudge())
+    assert json.loads((tmp_path / "diagnostics.json").read_text())["eval_id"] == "first"
+    write_report(tmp_path, tmp_path / "report.html")
+    assert 'id="table-diagnostics"' in (tmp_path / "report.html").read_text()
+    # an evaluation rerun into the folder (killed before its diagnose, or eval without diagnose)
+    np.savez(tmp_path / "images.npz", base=base, heatmap=mask, mask=mask, method__fnf=base, eval_id=np.array("second"))
+    (tmp_path / "per_image.json").write_text(json.dumps({"eval_id": "second", "items": [{"prompt": "p", "seed": 0}]}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"eval_id": "second", "aspect": "safety"}))
+    write_report(tmp_path, tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    assert 'id="table-diagnostics"' not in page and "another evaluation" in page

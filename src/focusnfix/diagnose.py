@@ -139,7 +139,7 @@ def diagnose(eval_dir: str | Path, judge: LocalizingJudge, min_psnr: float = 35.
         return torch.cat(out)
 
     base_defect = judged(base)
-    result: dict[str, Any] = {"aspect": aspect, "min_psnr": min_psnr,
+    result: dict[str, Any] = {"eval_id": metrics.get("eval_id"), "aspect": aspect, "min_psnr": min_psnr,
                               "mask_holds_judge_defect": mask_holds_localized(judged(base, heat=True), mask, base_defect),
                               "methods": {}}
     methods = sorted({k.split("__")[1] for k in z if k.startswith("method__")})

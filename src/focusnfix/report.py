@@ -553,11 +553,15 @@ def _sweep_section(sweep_path: Path) -> str:
     return "".join(out)
 
 
-def _diagnostics_table(path: Path) -> str:
-    """The table of :mod:`focusnfix.diagnose`'s ``diagnostics.json`` ('' when there is none)."""
+def _diagnostics_table(path: Path, eval_id: str | None) -> str:
+    """The table of :mod:`focusnfix.diagnose`'s ``diagnostics.json`` ('' when there is none, or a
+    note when it was made from another evaluation than ``eval_id``'s, e.g. one rerun into the folder)."""
     if not path.is_file():
         return ""
     d = read_json(path, "diagnostics")
+    if d.get("eval_id") != eval_id:
+        return (f"<p>{esc(path)} was made from another evaluation than this folder's metrics.json (an earlier "
+                "run into the same folder): its table is left out; run <code>focusnfix diagnose</code> again.</p>")
     held = d.get("mask_holds_judge_defect") or {}
 
     def num(v: Any, digits: int = 2) -> str:
@@ -605,7 +609,7 @@ def write_report(
             _headline(metrics),
             _summary_chart(metrics),
             _metric_tables(metrics),
-            _diagnostics_table(Path(eval_dir) / "diagnostics.json"),
+            _diagnostics_table(Path(eval_dir) / "diagnostics.json", metrics.get("eval_id")),
             _examples(metrics, arrays, per_image, max_examples)]
     if train_logs:
         body.append(_training_plots(train_logs))
