@@ -357,6 +357,18 @@ def test_a_lora_swap_cut_short_between_its_renames_is_put_back(tmp_path):
     assert oct(dst.stat().st_mode & 0o777) == "0o755"
 
 
+def test_a_lora_cut_short_in_its_swap_is_still_read_by_eval_export_and_sample(tiny_sd_dir, tmp_path):
+    from focusnfix.lora import check_lora_file
+
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=1)
+    _trainer(cfg).train()
+    weights = (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    os.replace(tmp_path / "run" / "lora", tmp_path / "run" / ".lora.old-123")  # killed between the renames
+    for given in (tmp_path / "run", tmp_path / "run" / "lora"):  # a run directory, its LoRA directory
+        assert check_lora_file(given).read_bytes() == weights
+    assert not (tmp_path / "run" / "lora").exists()  # read in place: a writer may be finishing the swap
+
+
 def test_an_evaluation_folder_with_files_of_two_evaluations_is_refused(tmp_path):
     import numpy as np
 

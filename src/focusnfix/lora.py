@@ -188,6 +188,15 @@ def restore_replaced(dst: Path) -> bool:
     return restored
 
 
+def _or_replaced_copy(path: Path) -> Path:
+    """``path``, or where it is missing because :func:`replace_dir` was cut short between its two
+    renames, the copy set aside then (read in place: a writer may be about to finish the swap)."""
+    if path.exists() or not path.parent.is_dir():
+        return path
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    return olds[-1] if olds else path
+
+
 def check_lora_file(lora_dir: str | Path) -> Path:
     """Validate a LoRA directory or file (or a run directory holding ``lora/``); return the safetensors path.
 
@@ -195,9 +204,11 @@ def check_lora_file(lora_dir: str | Path) -> Path:
         InputError: missing path, no ``pytorch_lora_weights.safetensors``, or a file that is
             not a readable safetensors file of LoRA weights.
     """
-    path = Path(lora_dir)
-    if path.is_dir() and not (path / LORA_WEIGHT_NAME).exists() and (path / "lora" / LORA_WEIGHT_NAME).exists():
-        path = path / "lora"  # a training run's directory
+    path = _or_replaced_copy(Path(lora_dir))
+    if path.is_dir() and not (path / LORA_WEIGHT_NAME).exists():
+        inner = _or_replaced_copy(path / "lora")
+        if (inner / LORA_WEIGHT_NAME).exists():
+            path = inner  # a training run's directory
     if path.is_dir():
         path = path / LORA_WEIGHT_NAME
     if not path.is_file():
