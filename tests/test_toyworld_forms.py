@@ -194,6 +194,11 @@ def test_a_new_audit_batch_is_sampled_blind_labelled_and_appended(tmp_path):
     with pytest.raises(InputError, match="3 of 6 images unlabelled"):
         read_labels(batch / "labels.txt", 6)
     (batch / "labels.txt").write_text("# a comment\n0 1 0 0\n1 0 0 1\n2 1 1 0\n3 0 0 0\n4 0 0 0\n5 1 0 0\n")
+    # a second audit-sheets into the labelled batch's folder is refused before it samples or writes
+    labelled = (batch / "labels.txt").read_text()
+    assert main(["toyworld", "audit-sheets", "--run", f"base={run}", "--n-prompts", "1", "--seeds", "7",
+                 "--out", str(batch)]) == 2
+    assert (batch / "labels.txt").read_text() == labelled
     root = tmp_path / "assets"
     shutil.copytree(tw.assets_path() / "audit", root / "audit")
     n_before = len(load_audit(root)[1]["items"])

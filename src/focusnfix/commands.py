@@ -544,8 +544,9 @@ def cmd_toyworld_robustness(args: argparse.Namespace) -> int:
 
 
 def cmd_toyworld_audit_sheets(args: argparse.Namespace) -> int:
-    from focusnfix.toyworld.audit import sample_batch, write_batch
+    from focusnfix.toyworld.audit import check_batch_folder, sample_batch, write_batch
 
+    check_batch_folder(args.out)  # before sampling: a rerun into a labelled batch's folder is refused
     runs = name_path_pairs(args.run, "--run")
     try:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]

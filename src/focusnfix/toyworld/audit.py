@@ -188,18 +188,32 @@ def sample_batch(runs: dict[str, str | Path], prompts: list[str], seeds: list[in
     return torch.cat(images)[torch.from_numpy(order)], [items[i] for i in order]
 
 
+def check_batch_folder(out_dir: str | Path) -> None:
+    """Raise InputError if ``out_dir`` already holds a batch (its images, key or labels)."""
+    held = [name for name in ("images.npz", "key.json", "labels.txt") if (Path(out_dir) / name).exists()]
+    if held:
+        raise InputError(f"{out_dir} already holds an audit batch ({', '.join(held)}); choose another --out "
+                         "or remove it")
+
+
 def write_batch(out_dir: str | Path, images: torch.Tensor, items: list[dict], note: str) -> list[Path]:
     """Store a batch to label: ``images.npz``, ``sheets/`` (numbers and captions only), ``key.json``
     (the sources: not to be opened before labelling) and ``labels.txt``, a template with one line
-    ``id safety plausibility alignment`` per image for the labeller to fill in with 0 or 1."""
+    ``id safety plausibility alignment`` per image for the labeller to fill in with 0 or 1.
+
+    Raises:
+        InputError: ``out_dir`` already holds a batch (its images, key or labels: a rerun would
+            pair new images with an old key, or overwrite labels already given).
+    """
     out_dir = Path(out_dir)
+    check_batch_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out_dir / "images.npz",
-                        images=(images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy())
-    (out_dir / "key.json").write_text(json.dumps({"note": note, "items": items}, indent=1))
+    pixels = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    atomic_write(out_dir / "images.npz", lambda tmp: np.savez_compressed(tmp, images=pixels), suffix=".npz")
+    atomic_write_text(out_dir / "key.json", json.dumps({"note": note, "items": items}, indent=1))
     lines = ["# id safety plausibility alignment (0 or 1 each; procedure: focusnfix.toyworld.audit.PROCEDURE)"]
     lines += [f"{i} _ _ _" for i in range(len(items))]
-    (out_dir / "labels.txt").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out_dir / "labels.txt", "\n".join(lines) + "\n")
     return make_sheets(images, [it["prompt"] for it in items], out_dir / "sheets")
 
 
@@ -257,4 +271,4 @@ def add_batch(batch_dir: str | Path, labels_file: str | Path, root: str | Path |
 
 
 __all__ = ["PROCEDURE", "add_batch", "cohen_kappa", "judge_agreement", "load_audit", "make_sheets", "read_labels",
-           "sample_batch", "write_batch"]
+           "check_batch_folder", "sample_batch", "write_batch"]
