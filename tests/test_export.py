@@ -98,6 +98,10 @@ def test_cli_export(tiny_sd_dir, tmp_path, capsys):
     assert all(float(v) == 2.0 for k, v in state.items() if k.endswith(".alpha"))
     assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "LoRA weights not found" in capsys.readouterr().err
+    lora = tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors"
+    before = lora.read_bytes()
+    assert main(["export", str(tmp_path / "run"), "--out", str(lora)]) == 2  # never over its own input
+    assert "is the LoRA being exported" in capsys.readouterr().err and lora.read_bytes() == before
 
 
 def test_push_dry_run_writes_the_card_lora_samples_and_metrics(tiny_sd_dir, tmp_path, capsys):

@@ -185,6 +185,28 @@ def test_infinite_numbers_are_refused_by_the_config(field, tiny_sd_dir, tmp_path
         config_from_dict(cfg, [f"{field}=.inf"])
 
 
+def test_a_config_without_any_weighted_reward_is_refused(tiny_sd_dir, tmp_path):
+    from focusnfix.errors import ConfigError
+
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="every weight is 0"):  # it would train with loss 0, silently
+        config_from_dict(cfg, ["aspects.0.weight=0"])
+
+
+def test_a_path_of_the_wrong_kind_and_an_out_of_range_seed_are_one_line_errors(tiny_sd_dir, tmp_path, capsys):
+    from focusnfix.cli import main
+
+    a_file = tmp_path / "taken.txt"
+    a_file.write_text("x")
+    cfg = base_config(str(tiny_sd_dir), str(a_file))  # train.output_dir names a file
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "taken.txt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", "--model", str(tiny_sd_dir), "--prompt", "a", "--seed", str(2**64), "--out", "x.png"])
+    assert "2**63" in capsys.readouterr().err
+
+
 def test_a_prompts_file_that_is_not_utf8_is_a_one_line_error(tiny_sd_dir, tmp_path):
     from focusnfix.config import resolve_prompts
 

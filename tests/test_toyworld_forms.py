@@ -211,6 +211,13 @@ def test_a_new_audit_batch_is_sampled_blind_labelled_and_appended(tmp_path):
     assert new[0]["batch"] == max(it["batch"] for it in doc["items"][:n_before]) + 1
     assert [it["source"] for it in new] == [it["source"] for it in key["items"]]
     assert torch.equal(images_after[n_before:], torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    # the same batch again, or one whose images and key disagree, is refused and leaves the set as it is
+    assert main(["toyworld", "audit-add", "--batch", str(batch), "--labels", str(batch / "labels.txt"),
+                 "--model", str(root)]) == 2
+    np.savez_compressed(batch / "images.npz", images=images[:5])
+    assert main(["toyworld", "audit-add", "--batch", str(batch), "--labels", str(batch / "labels.txt"),
+                 "--model", str(root)]) == 2
+    assert len(load_audit(root)[1]["items"]) == n_before + 6
 
 
 def test_form_weights_draw_some_forms_more_often():

@@ -49,10 +49,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+#: seeds must fit torch's and numpy's generators (a signed 64-bit integer, not negative)
+MAX_SEED = 2**63 - 1
+
+
+def seed_int(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a seed must be an integer in [0, 2**63 - 1], got {value}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def share(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a share in (0, 1], got {value}")
     return value
 
 
@@ -106,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a run's config.yaml: model and sampling settings (default: RUN_DIR/config.yaml "
                                     "when --lora is RUN_DIR/lora)")
     p.add_argument("--prompt", required=True, help="the prompt to draw")
-    p.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds (several: a row)")
+    p.add_argument("--seed", type=seed_int, nargs="+", default=[0], help="one or more seeds (several: a row)")
     p.add_argument("--steps", type=int, help="DDIM steps (default: the run's, else 20)")
     p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: the run's, else 7.5)")
     p.add_argument("--height", type=int, help="pixels, a multiple of the VAE scale factor (default: the model's)")
@@ -120,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="a training config (its model, aspects, mask settings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeat per field: --set a=1 --set b=2)")
     p.add_argument("--prompt", required=True, help="the prompt whose frozen-model image is masked")
-    p.add_argument("--seed", type=int, default=0, help="initial-noise seed")
+    p.add_argument("--seed", type=seed_int, default=0, help="initial-noise seed")
     p.add_argument("--scale", type=positive_int, default=4, help="pixel upscaling of the picture")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func="cmd_mask")
@@ -180,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompts", type=non_negative_int, default=0, help="use only the first N prompts (0 = all)")
     p.add_argument("--seeds", type=positive_int, default=1, help="seeds per prompt, from the config's seed_offset")
     p.add_argument("--betas", default=None, help="comma-separated (default: 0 and the config's beta and beta_end)")
-    p.add_argument("--steps", type=int, default=200, help="Adam steps per image")
+    p.add_argument("--steps", type=int, default=200, help="Adam steps per image (0: the references only)")
     p.add_argument("--lr", type=positive_float, default=0.05, help="Adam learning rate in latent units")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--no-judges", action="store_true", help="do not judge the images (toy world judges otherwise)")
@@ -202,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rate", formatter_class=HelpFormatter, help="write the static human-rating page of an evaluation")
     p.add_argument("dir", help="evaluation directory")
     p.add_argument("--out", help="HTML file (default: DIR/rate.html)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the task order")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the task order")
     p.add_argument("--max-examples", type=positive_int, help="rate only the first N images (default: all)")
     p.set_defaults(func="cmd_rate")
 
@@ -279,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = tw_sub.add_parser("calibrate", formatter_class=HelpFormatter, help="localizer recall and mask area vs the generator's exact defect masks")
     p.add_argument("--aspect", default="safety", help="toy aspect: safety, safety_narrow or plausibility")
     p.add_argument("--n", type=positive_int, default=512, help="calibration images (training captions, about half defective)")
-    p.add_argument("--min-recall", type=float, default=0.95, help="recall the chosen setting must reach")
+    p.add_argument("--min-recall", type=share, default=0.95, help="recall the chosen setting must reach, in (0, 1]")
     p.add_argument("--source", choices=("renders", "pipeline"), default="renders",
                    help="renders: generator renders with exact masks; pipeline: render / fixed-twin pairs "
                         "through the base pipeline image-to-image, mask = where the outputs differ")
@@ -306,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default="toy:heldout", help="prompts: toy:heldout or a file (default toy:heldout)")
     p.add_argument("--n-prompts", type=positive_int, default=15, help="the first N prompts (default 15)")
     p.add_argument("--seeds", default="50000,50001", help="sampling seeds, comma-separated")
-    p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the blind order")
+    p.add_argument("--shuffle-seed", type=seed_int, default=0, help="seed of the blind order")
     p.add_argument("--out", required=True, help="batch directory")
     p.set_defaults(func="cmd_toyworld_audit_sheets")
     p = tw_sub.add_parser("audit-add", formatter_class=HelpFormatter, help="append a labelled audit batch to the audit set")
@@ -380,6 +398,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(getattr(commands, args.func)(args) or 0)
     except InputError as err:
         print(f"focusnfix: error: {err}", file=sys.stderr)
+        return 2
+    except (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        # a path given where another kind of path was expected (--out naming a file, a file naming a folder)
+        expected = {FileExistsError: "a folder, or a path that does not exist yet",
+                    IsADirectoryError: "a file, not a folder", NotADirectoryError: "a folder, not a file",
+                    PermissionError: "a path this user may write"}[type(err)]
+        print(f"focusnfix: error: {err.filename}: {err.strerror} (expected {expected})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("focusnfix: interrupted", file=sys.stderr)

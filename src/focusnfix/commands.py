@@ -316,7 +316,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                                               ("--sweep", args.sweep), ("--max-examples", args.max_examples is not None))
                      if given]
         if html_only:
-            raise InputError(f"--markdown prints the table only; {', '.join(html_only)} shape the HTML report "
+            raise InputError(f"--markdown prints the table only; {', '.join(html_only)} "
+                             f"{'shapes' if len(html_only) == 1 else 'shape'} the HTML report "
                              "(run report again without --markdown for it)")
         path = Path(args.dir) / "metrics.json"
         if not path.is_file():
@@ -379,6 +380,9 @@ def cmd_select(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from focusnfix.export import export_kohya
 
+    source = check_lora_file(args.run)
+    if Path(args.out).resolve() == source.resolve():
+        raise InputError(f"--out {args.out} is the LoRA being exported: write the kohya file elsewhere")
     out = export_kohya(args.run, args.out, alpha=args.alpha, dtype=torch.float16 if args.fp16 else None)
     print(f"wrote {out} (kohya format: lora_unet_* keys with their alpha)")
     steps = lora_active_steps(args.run)
@@ -476,7 +480,7 @@ def cmd_oracle(args: argparse.Namespace) -> int:
         prompts = prompts[: args.max_prompts]
     if args.steps < 0:
         raise InputError(f"--steps must be >= 0, got {args.steps}")
-    if args.betas:
+    if args.betas is not None:  # "" is a mistake, not the defaults
         betas = parse_betas(args.betas)
     else:
         betas = sorted({0.0, config.objective.beta, *([config.objective.beta_end] if config.objective.beta_end is not None else [])})
@@ -555,6 +559,8 @@ def cmd_toyworld_audit_sheets(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)[: args.n_prompts]
     if not seeds or not prompts:
         raise InputError("--seeds and --prompts must give at least one seed and one prompt")
+    if not all(0 <= s < 2**63 for s in seeds):
+        raise InputError(f"--seeds must be integers in [0, 2**63 - 1], got {args.seeds!r}")
     images, items = sample_batch(runs, prompts, seeds, shuffle_seed=args.shuffle_seed)
     note = (f"{len(items)} images, {len(prompts)} prompts of {args.prompts} x seeds {args.seeds} from each of "
             f"{', '.join(runs)}; shuffled (seed {args.shuffle_seed}) and labelled blind on sheets by audit.make_sheets.")

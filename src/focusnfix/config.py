@@ -260,6 +260,9 @@ class Config(_Section):
     def _checks(self) -> Config:
         if not any(a.localize for a in self.aspects):
             raise ValueError("aspects: at least one aspect must have localize: true (it gives the mask)")
+        if all(a.weight == 0 for a in self.aspects):
+            raise ValueError("aspects: every weight is 0, so there is no reward to raise (the loss and its gradient "
+                             "would be 0 at every step): give the target aspect a non-zero weight")
         for i, a in enumerate(self.aspects):
             if a.type == "mask_files" and (a.weight != 0 or not a.localize):  # its reward is 0: masks are all it gives
                 raise ValueError(f"aspects[{i}]: a mask_files aspect gives masks only (its reward is 0): set weight: 0 "

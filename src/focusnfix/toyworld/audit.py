@@ -254,8 +254,15 @@ def add_batch(batch_dir: str | Path, labels_file: str | Path, root: str | Path |
     with np.load(base / "audit" / "images.npz") as data:
         images = data["images"]
     doc = json.loads((base / "audit" / "labels.json").read_text())
-    if new_images.shape[1:] != images.shape[1:]:
-        raise InputError(f"batch images are {new_images.shape[1:]}, the audit set's {images.shape[1:]}")
+    if new_images.shape[1:] != images.shape[1:] or new_images.dtype != images.dtype:
+        raise InputError(f"{batch_dir / 'images.npz'}: images are {new_images.dtype} {new_images.shape[1:]}, the "
+                         f"audit set's {images.dtype} {images.shape[1:]} (made by toyworld audit-sheets)")
+    if len(new_images) != len(key["items"]):
+        raise InputError(f"{batch_dir}: images.npz holds {len(new_images)} images but key.json lists "
+                         f"{len(key['items'])} (files of two batches?)")
+    seen = {(it["source"], it["prompt"], it["seed"]) for it in doc["items"]}
+    if all((it["source"], it["prompt"], it["seed"]) in seen for it in key["items"]):
+        raise InputError(f"{batch_dir}: every image of this batch is in the audit set already (added before?)")
     batch = max(it.get("batch", 1) for it in doc["items"]) + 1
     start = len(doc["items"])
     for j, (it, lab) in enumerate(zip(key["items"], labels, strict=True)):
