@@ -176,3 +176,66 @@ def test_a_toyworld_aspect_loads_from_another_build_and_names_a_bad_root(tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(packaged.state_dict().values(), other.state_dict().values(), strict=True))
     with pytest.raises(InputError, match="args.root.*pipeline/model_index.json"):
         build_aspect("toyworld", {"aspect": "safety", "root": str(tmp_path / "nowhere")})
+
+
+def _half_mask(path, side):
+    arr = np.zeros((8, 8), np.uint8)
+    if side == "left":
+        arr[:, :4] = 255
+    else:
+        arr[:, 4:] = 255
+    Image.fromarray(arr).save(path)
+
+
+def test_mask_files_keyed_by_prompt_and_seed(tmp_path):
+    _half_mask(tmp_path / "left.png", "left")
+    _half_mask(tmp_path / "right.png", "right")
+    index = {"a cat": "left.png", "a dog": {"0": "left.png", "7": "right.png"}}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    aspect = build_aspect("mask_files", {"path": str(tmp_path)})
+    x = torch.zeros(3, 3, 8, 8)
+    hm = aspect.heatmap(x, ["a dog", "a dog", "a cat"], seeds=[7, 0, 123])  # a prompt-wide mask fits any seed
+    assert hm[0, 0, :, 4:].eq(1).all() and hm[0, 0, :, :4].eq(0).all()
+    assert hm[1, 0, :, :4].eq(1).all() and hm[1, 0, :, 4:].eq(0).all()
+    assert torch.equal(hm[2], hm[1])
+    with pytest.raises(InputError, match=r"prompt 'a dog' and seed 3 .*seeds \[0, 7\]"):
+        aspect.heatmap(x[:1], ["a dog"], seeds=[3])
+    with pytest.raises(InputError, match="keys the masks of prompt 'a dog' by seed, but these images come without"):
+        aspect.heatmap(x[:1], ["a dog"])
+
+
+@pytest.mark.parametrize("index, match", [
+    ({"a dog": {"zero": "left.png"}}, "must map a seed"),
+    ({"a dog": {"0": 3}}, "must map a seed"),
+    ({"a dog": {}}, "maps to {}"),
+    ({"a dog": ["left.png"]}, "maps to"),
+    ({}, "must be an object mapping prompt"),
+    ({"a dog": {"0": "gone.png"}}, "gone.png, which does not exist"),
+])
+def test_mask_files_bad_index_entries_are_named(tmp_path, index, match):
+    _half_mask(tmp_path / "left.png", "left")
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match=match):
+        build_aspect("mask_files", {"path": str(tmp_path)})
+
+
+def test_mask_files_resize_must_be_a_boolean(tmp_path):
+    _half_mask(tmp_path / "left.png", "left")
+    with pytest.raises(InputError, match="resize must be true or false, got 'false'"):  # a truthy string
+        build_aspect("mask_files", {"path": str(tmp_path / "left.png"), "resize": "false"})
+
+
+def test_an_aspect_written_without_seeds_is_still_called():
+    from focusnfix.aspects import Aspect, aspect_heatmap
+
+    class TwoArguments(Aspect):
+        def reward(self, images, prompts):
+            return images.new_zeros(images.shape[0])
+
+        def heatmap(self, images, prompts):
+            return images[:, :1]
+
+    x = torch.rand(2, 3, 4, 4)
+    assert torch.equal(aspect_heatmap(TwoArguments(), x, ["a", "b"], seeds=[0, 1]), x[:, :1])
+    with pytest.raises(ValueError, match="1 seeds for 2 prompts"):
+        aspect_heatmap(TwoArguments(), x, ["a", "b"], seeds=[0])

@@ -414,3 +414,34 @@ def test_lora_dropout_acts_in_training_only_never_on_sampled_images(tiny_sd_dir,
     with torch.no_grad():
         one, two = (sample(backbone, ["a red circle"], [3], opts).images for _ in range(2))
     assert torch.equal(one, two)
+
+
+def test_user_masks_keyed_by_seed_reach_every_reference_item(tiny_sd_dir, tmp_path):
+    """A mask_files index keyed by (prompt, seed): the step-0 reuse, the prefill and a later cache
+    fill all give each item its own seed's mask."""
+    import numpy as np
+    from PIL import Image
+
+    size = 32  # the tiny pipeline's image size
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for side in ("left", "right"):
+        arr = np.zeros((size, size), np.uint8)
+        arr[:, slice(0, size // 2) if side == "left" else slice(size // 2, None)] = 255
+        Image.fromarray(arr).save(masks / f"{side}.png")
+    index = {"a red circle": {"0": "left.png", "1": "right.png"}, "a blue square": {"0": "right.png", "1": "left.png"}}
+    (masks / "index.json").write_text(json.dumps(index))
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=2, batch_size=2)
+    cfg["aspects"] = [
+        {"type": "python", "localize": False, "args": {"target": "toy_aspects:brightness", "kwargs": {"region": "left"}}},
+        {"type": "mask_files", "weight": 0, "args": {"path": str(masks)}},
+    ]
+    trainer = FocusNFixTrainer(config_from_dict(cfg), progress=False)
+    trainer.train()
+    prompts, seeds = [p for p, _ in trainer.pool], [s for _, s in trainer.pool]
+    ref = trainer.cache.get(prompts, seeds)
+    for j, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
+        left = index[p][str(s)] == "left.png"
+        half = ref.mask[j, 0, :, : size // 2] if left else ref.mask[j, 0, :, size // 2:]
+        other = ref.mask[j, 0, :, size // 2:] if left else ref.mask[j, 0, :, : size // 2]
+        assert half.eq(1).all() and other.eq(0).all(), (p, s)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import torch
 
 from focusnfix import masks as mask_ops
 from focusnfix.aspects import Aspect
+from focusnfix.aspects.base import aspect_heatmap
 from focusnfix.aspects.registry import build_aspect
 from focusnfix.backbones import Backbone
 from focusnfix.config import Config, MaskConfig
@@ -113,7 +114,7 @@ def compute_reference(
     with torch.no_grad(), backbone.adapters_disabled():
         out = sample(backbone, prompts, seeds, options)
     return reference_from_images(out.images, out.latents, aspects, localize, prompts, mask_cfg, gates,
-                                 out.prefix_latents)
+                                 out.prefix_latents, seeds=seeds)
 
 
 def reference_from_images(
@@ -125,10 +126,12 @@ def reference_from_images(
     mask_cfg: MaskConfig,
     gates: list[float | str] | None = None,
     prefix_latents: torch.Tensor | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> Reference:
     """The reference of already sampled frozen-model images ``(B, 3, H, W)`` in [0, 1] and their
     latents (and frozen-prefix latents, ``SampleOutput.prefix_latents``): heatmaps, gates and
-    masks exactly as :func:`compute_reference` makes them.
+    masks exactly as :func:`compute_reference` makes them. ``seeds``: the images' initial-noise
+    seeds, passed to each localizer's ``heatmap`` (user masks keyed by (prompt, seed)).
 
     The trainer uses it at step 0, where a zero LoRA's sample IS the frozen model's (bit for
     bit), to skip a second sampling pass.
@@ -141,7 +144,7 @@ def reference_from_images(
         if not loc:
             continue
         with torch.no_grad():
-            hm = aspect.heatmap(images, prompts)
+            hm = aspect_heatmap(aspect, images, prompts, seeds)
         _check_heatmap(hm, aspect, images.shape[0])
         heat, mask = build_mask([hm], size, mask_cfg)
         cut = gate_value(aspect, gate)

@@ -314,6 +314,7 @@ class FocusNFixTrainer:
                     out.images[reuse], out.latents[reuse], self.aspects, self.localize, [prompts[i] for i in reuse],
                     self.config.mask, [a.gate for a in self.config.aspects],
                     None if out.prefix_latents is None else out.prefix_latents[reuse],
+                    seeds=[seeds[i] for i in reuse],
                 )
             self.cache.add([prompts[i] for i in reuse], [seeds[i] for i in reuse], new)
             ref = self.cache.get(prompts, seeds, self.accelerator.device)

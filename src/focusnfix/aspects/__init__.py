@@ -13,8 +13,8 @@ aspect type (the toy world included), so it is a module of its own that nothing 
 
 from __future__ import annotations
 
-from focusnfix.aspects.base import Aspect, CalibratedJudge, Judge
+from focusnfix.aspects.base import Aspect, CalibratedJudge, Judge, aspect_heatmap
 from focusnfix.aspects.mask_files import MaskFileAspect
 from focusnfix.aspects.saliency import SaliencyAspect
 
-__all__ = ["Aspect", "CalibratedJudge", "Judge", "MaskFileAspect", "SaliencyAspect"]
+__all__ = ["Aspect", "CalibratedJudge", "Judge", "MaskFileAspect", "SaliencyAspect", "aspect_heatmap"]

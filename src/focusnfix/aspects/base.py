@@ -5,9 +5,11 @@ An aspect answers two questions about a batch of images and their prompts:
 * ``reward(images, prompts) -> (B,)``: how good the image is on this aspect, higher is
   better, differentiable with respect to ``images`` (the trainer backpropagates it through
   the VAE decoder and the last sampling steps);
-* ``heatmap(images, prompts) -> (B, 1, h, w)`` in [0, 1]: where the image is bad on this
+* ``heatmap(images, prompts, seeds) -> (B, 1, h, w)`` in [0, 1]: where the image is bad on this
   aspect (1 = problematic). It is only ever called on the frozen model's images, under
   ``torch.no_grad`` or with its own local autograd (saliency), and never backpropagated.
+  ``seeds`` are the images' initial-noise seeds (None where the images were not sampled from
+  seeds), so a localizer can be keyed by (prompt, seed), as user mask files are.
 
 Images are always ``(B, 3, H, W)`` float tensors in [0, 1]; prompts are a list of B strings.
 Each aspect resizes and normalises images itself (in torch, so gradients flow).
@@ -15,7 +17,9 @@ Each aspect resizes and normalises images itself (in torch, so gradients flow).
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -50,12 +54,14 @@ class Aspect(nn.Module, ABC):
         """
 
     @abstractmethod
-    def heatmap(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def heatmap(self, images: torch.Tensor, prompts: list[str], seeds: Sequence[int] | None = None) -> torch.Tensor:
         """Where the image is bad on this aspect.
 
         Args:
             images: ``(B, 3, H, W)`` in [0, 1].
             prompts: B prompts.
+            seeds: the B images' initial-noise seeds, or None where the images were not sampled
+                from seeds (generator scenes); most localizers ignore them.
 
         Returns:
             ``(B, 1, h, w)`` in [0, 1], any resolution (the mask code resizes it).
@@ -63,6 +69,22 @@ class Aspect(nn.Module, ABC):
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return self.reward(images, prompts)
+
+
+def aspect_heatmap(aspect: Aspect, images: torch.Tensor, prompts: list[str],
+                   seeds: Sequence[int] | None = None) -> torch.Tensor:
+    """``aspect.heatmap`` with the images' seeds, for an aspect whose ``heatmap`` takes them.
+
+    An aspect written for the two-argument signature of earlier releases
+    (``heatmap(images, prompts)``) is called without them; it cannot key by seed anyway.
+    """
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    params = inspect.signature(aspect.heatmap).parameters
+    takes_seeds = "seeds" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if takes_seeds:
+        return aspect.heatmap(images, prompts, seeds=None if seeds is None else [int(s) for s in seeds])
+    return aspect.heatmap(images, prompts)
 
 
 class Judge(nn.Module, ABC):

@@ -1,7 +1,14 @@
 """User-given masks as a localizer: the user paints the region to fix.
 
 ``path`` is either one image (the same region for every prompt) or a directory with an
-``index.json`` mapping each prompt to an image file in that directory. White = may change,
+``index.json`` that maps each prompt to an image file in that directory, or to an object that maps
+initial-noise seeds to image files (one mask per (prompt, seed): the frozen model draws a
+different image for each seed, so the defect sits elsewhere)::
+
+    {"a red circle on a white background": "circle.png",
+     "a blue square on a grey background": {"0": "square_seed0.png", "1": "square_seed1.png"}}
+
+White = may change,
 black = keep; grey levels give a soft heatmap. Accepted: 8-bit grey (``L``, ``1``, palette),
 16-bit grey (``I;16``, scaled by 65535), 32-bit float grey (``F``, values in [0, 1]) and RGB(A)
 whose three channels are equal. A mask must have the image's size unless ``resize: true``
@@ -12,6 +19,7 @@ has ``localize: false``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,48 +61,84 @@ def read_mask_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))[None, None]
 
 
+def _read_index(root: Path) -> dict[str, Path | dict[int, Path]]:
+    """``root/index.json`` -> prompt -> mask file, or prompt -> {seed: mask file}; every file checked."""
+    index = root / "index.json"
+    if not index.is_file():
+        raise InputError(f"mask directory {root} needs an index.json mapping prompts to image files")
+    try:
+        mapping = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{index} is not valid JSON: {err}") from err
+    expected = 'an object mapping prompt -> image file name, or prompt -> {"<seed>": image file name}'
+    if not isinstance(mapping, dict) or not mapping:
+        raise InputError(f"{index} must be {expected}")
+    out: dict[str, Path | dict[int, Path]] = {}
+    for prompt, entry in mapping.items():
+        if isinstance(entry, str):
+            out[prompt] = root / entry
+        elif isinstance(entry, dict) and entry:
+            by_seed: dict[int, Path] = {}
+            for seed, name in entry.items():
+                if not (seed.isdigit() and isinstance(name, str)):
+                    raise InputError(f"{index}: prompt {prompt!r}: {seed!r}: {name!r} must map a seed (a "
+                                     f"non-negative integer written as a string) to an image file name")
+                by_seed[int(seed)] = root / name
+            out[prompt] = by_seed
+        else:
+            raise InputError(f"{index}: prompt {prompt!r} maps to {entry!r}; the index must be {expected}")
+    for entry in out.values():
+        for f in entry.values() if isinstance(entry, dict) else [entry]:
+            if not f.is_file():
+                raise InputError(f"{index} names {f.name}, which does not exist in {root}")
+    return out
+
+
 class MaskFileAspect(Aspect):
     """Heatmaps from mask images; zero reward."""
 
     def __init__(self, path: str | Path, name: str = "user_mask", resize: bool = False) -> None:
         super().__init__()
+        if not isinstance(resize, bool):  # YAML `resize: "false"` is a string, and a string is truthy
+            raise InputError(f"mask_files: resize must be true or false, got {resize!r}")
         self.name = name
         self.resize = resize
         root = Path(path)
         self.single: torch.Tensor | None = None
-        self.by_prompt: dict[str, Path] = {}
+        self.by_prompt: dict[str, Path | dict[int, Path]] = {}
         if root.is_file():
             self.single = read_mask_image(root)
         elif root.is_dir():
-            index = root / "index.json"
-            if not index.is_file():
-                raise InputError(f"mask directory {root} needs an index.json mapping prompts to image files")
-            try:
-                mapping = json.loads(index.read_text())
-            except json.JSONDecodeError as err:
-                raise InputError(f"{index} is not valid JSON: {err}") from err
-            if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
-                raise InputError(f"{index} must be an object mapping prompt -> image file name")
-            self.by_prompt = {p: root / f for p, f in mapping.items()}
-            for f in self.by_prompt.values():
-                if not f.is_file():
-                    raise InputError(f"{index} names {f.name}, which does not exist in {root}")
+            self.by_prompt = _read_index(root)
         else:
             raise InputError(f"mask path {root} does not exist (expected an image or a directory with index.json)")
 
     def reward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return images.new_zeros(images.shape[0])
 
-    def heatmap(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def mask_file(self, prompt: str, seed: int | None) -> Path:
+        """The mask image of (prompt, seed) in the index (``seed`` None: images not sampled from seeds)."""
+        if prompt not in self.by_prompt:
+            raise InputError(f"no mask image for prompt {prompt!r} in the mask directory's index.json")
+        entry = self.by_prompt[prompt]
+        if not isinstance(entry, dict):
+            return entry
+        if seed is None:
+            raise InputError(f"the index.json keys the masks of prompt {prompt!r} by seed, but these images "
+                             "come without seeds")
+        if seed not in entry:
+            raise InputError(f"no mask image for prompt {prompt!r} and seed {seed} in the mask directory's "
+                             f"index.json (it has seeds {sorted(entry)})")
+        return entry[seed]
+
+    def heatmap(self, images: torch.Tensor, prompts: list[str], seeds: Sequence[int] | None = None) -> torch.Tensor:
         size = images.shape[-2:]
         maps = []
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
             if self.single is not None:
                 m = self.single
-            elif prompt in self.by_prompt:
-                m = read_mask_image(self.by_prompt[prompt])
             else:
-                raise InputError(f"no mask image for prompt {prompt!r} in the mask directory's index.json")
+                m = read_mask_image(self.mask_file(prompt, None if seeds is None else int(seeds[i])))
             if tuple(m.shape[-2:]) != tuple(size):
                 if not self.resize:
                     raise InputError(

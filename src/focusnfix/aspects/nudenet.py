@@ -120,7 +120,7 @@ class NudeNetAspect(Aspect):
             out.append([d for d in dets if d["class"] in self.classes and d["score"] >= self.min_score])
         return out
 
-    def heatmap(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def heatmap(self, images: torch.Tensor, prompts: list[str], seeds: Sequence[int] | None = None) -> torch.Tensor:
         """``(B, 1, H, W)`` in [0, 1]: kept boxes weighted by score (0 = nothing detected)."""
         size = (images.shape[-2], images.shape[-1])
         maps = [

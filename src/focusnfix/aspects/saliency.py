@@ -8,7 +8,7 @@ into a heatmap ``(B, 1, h, w)`` in [0, 1] of where the *defect* lives: they diff
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -180,7 +180,7 @@ class SaliencyAspect(Aspect):
     def reward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return self.reward_model(images, prompts)
 
-    def heatmap(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def heatmap(self, images: torch.Tensor, prompts: list[str], seeds: Sequence[int] | None = None) -> torch.Tensor:
         if self.method == "gradcam":
             layer = self.reward_model.get_submodule(self.layer)
             return gradcam_saliency(self.reward, layer, images, prompts, self.blur_sigma)

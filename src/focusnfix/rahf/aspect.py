@@ -7,6 +7,8 @@ for text-image misalignment; differentiable w.r.t. the image); heatmap = one pre
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from focusnfix.aspects.base import Aspect
@@ -39,7 +41,7 @@ class RAHFAspect(Aspect):
         """``(B,)`` in [0, 1], higher is better; differentiable."""
         return self.model(images, prompts)[self.score]
 
-    def heatmap(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def heatmap(self, images: torch.Tensor, prompts: list[str], seeds: Sequence[int] | None = None) -> torch.Tensor:
         """``(B, 1, S, S)`` in [0, 1], 1 = problem."""
         with torch.no_grad():
             return self.model(images, prompts)[self.map]

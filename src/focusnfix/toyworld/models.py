@@ -14,6 +14,8 @@ classifier and compares them to the caption's words.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -123,7 +125,7 @@ class RAHFAspect(Aspect):
         _, score = self.net(images, prompts)
         return F.logsigmoid(score)
 
-    def heatmap(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def heatmap(self, images: torch.Tensor, prompts: list[str], seeds: Sequence[int] | None = None) -> torch.Tensor:
         heat, _ = self.net(images, prompts)
         return torch.sigmoid(heat)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 from abc import abstractmethod
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Literal
 
@@ -125,7 +126,7 @@ class RewardModelAspect(Aspect):
         s = self.score(images, prompts)
         return -s if self.negate else s
 
-    def heatmap(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def heatmap(self, images: torch.Tensor, prompts: list[str], seeds: Sequence[int] | None = None) -> torch.Tensor:
         """``(B, 1, h, w)`` in [0, 1]: where the reward is lowered (Grad-CAM: the layer's patch
         grid, e.g. 16 x 16 for ViT-L/14 at 224 px; gradients: the image size)."""
         if self.localizer == "gradcam":
