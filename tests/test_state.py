@@ -193,6 +193,22 @@ def test_a_config_without_any_weighted_reward_is_refused(tiny_sd_dir, tmp_path):
         config_from_dict(cfg, ["aspects.0.weight=0"])
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("train.steps=true", r"train\.steps: expected an integer, got a boolean"),  # pydantic read it as 1
+    ("train.learning_rate=yes", r"train\.learning_rate: expected a number, got a boolean"),
+    ("aspects.0.gate=true", r"aspects\.0\.gate: expected a number or 'auto' or 'off', got a boolean"),
+    ("train.adam_betas=[true, 0.9]", r"train\.adam_betas: expected a list of numbers, got a boolean"),
+    ("data.validation_seeds=[false]", r"data\.validation_seeds: expected a list of integers, got a boolean"),
+])
+def test_a_boolean_where_a_number_is_expected_is_refused(override, expected, tiny_sd_dir, tmp_path):
+    from focusnfix.errors import ConfigError
+
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=expected):
+        config_from_dict(cfg, [override])
+    assert config_from_dict(cfg, ["sampling.checkpoint_unet=true"]).sampling.checkpoint_unet is True
+
+
 def test_a_path_of_the_wrong_kind_and_an_out_of_range_seed_are_one_line_errors(tiny_sd_dir, tmp_path, capsys):
     from focusnfix.cli import main
 

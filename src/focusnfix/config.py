@@ -9,18 +9,56 @@ expected. See ``configs/*.yaml`` for commented presets.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from focusnfix import toyworld
 from focusnfix.errors import ConfigError
 from focusnfix.files import read_prompts_file, read_text
 
 
+def _expected(annotation: Any) -> str:
+    """A field type in words: ``int`` -> "an integer", ``float | Literal["auto"]`` -> "a number or 'auto'"."""
+    if get_origin(annotation) is Literal:
+        return " or ".join(repr(a) for a in get_args(annotation))
+    words = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings")}
+    if annotation in words:
+        return words[annotation][0]
+    if get_origin(annotation) in (list, tuple):
+        element = get_args(annotation)[0] if get_args(annotation) else None
+        return "a list of " + words.get(element, ("", "values"))[1]
+    parts = [a for a in get_args(annotation) if a is not type(None)]
+    return " or ".join(_expected(a) for a in parts) if parts else getattr(annotation, "__name__", str(annotation))
+
+
+def _takes_booleans(annotation: Any) -> bool:
+    return annotation is bool or any(_takes_booleans(a) for a in get_args(annotation))
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads `steps: true` as 1 and `learning_rate: yes` as 1.0; a boolean where a number is
+        # expected is a mistake to name, not a value to convert
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, bool) for v in items) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if not _takes_booleans(annotation):
+                raise ValueError(f"expected {_expected(annotation)}, got a boolean")
+        return value
 
 
 class ModelConfig(_Section):
