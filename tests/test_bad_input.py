@@ -104,6 +104,8 @@ def test_votes_must_name_an_evaluated_image_and_aspect(tmp_path):
     ["sweep", "--config", "c.yaml", "--betas", "0", "--seeds", "0", "--out", "o"],
     ["oracle", "--config", "c.yaml", "--lr", "-1", "--out", "o"],
     ["sample", "--prompt", "a", "--device", "gpu", "--out", "o.png"],
+    ["toyworld", "build", "--out", "o", "--device", "gpux"],
+    ["toyworld", "build", "--out", "o", "--device", "cuda:99"],  # a device this machine lacks
     ["mask", "--config", "c.yaml", "--prompt", "a", "--scale", "0", "--out", "o.png"],
     ["diagnose", "d", "--min-psnr", "nan"],
     ["toyworld", "stats", "--n", "0"],
@@ -157,6 +159,21 @@ def test_aspect_targets_that_are_not_importable_factories(tmp_path):
     for target, message in ((":f", "must look like"), (".rel:f", "must look like"), ("os:sep", "expected a class")):
         with pytest.raises(InputError, match=message):
             build_aspect("python", {"target": target})
+
+
+def test_a_saliency_reward_whose_forward_cannot_take_prompts_is_named_when_built():
+    with pytest.raises(InputError, match=r"called as model\(images, prompts\).*forward\(images"):
+        build_aspect("saliency", {"target": "toy_aspects:ImagesOnlyReward"})
+
+
+def test_picture_paths_and_sizes_are_checked(tmp_path, capsys):
+    from focusnfix.images import grid
+
+    for bad, message in ((str(tmp_path), "is a folder; expected a PNG file"), ("g.jpg", "must end in .png")):
+        assert main(["toyworld", "stats", "--n", "4", "--grid", bad]) == 2  # before the 192 samples
+        assert message in _one_error_line(capsys)
+    with pytest.raises(InputError, match="would be 13500000 px, above 16384: use a scale of at most 121"):
+        grid([torch.zeros(1, 3, 131, 131)], scale=100_000)  # a 494 TiB array before
 
 
 def test_relative_prompt_files_are_read_beside_the_config_by_every_command(tiny_sd_dir, tmp_path, monkeypatch):

@@ -55,3 +55,10 @@ def brightness(region: str = "left") -> BrightnessAspect:
 
 def red_classifier() -> RedClassifier:
     return RedClassifier()
+
+
+class ImagesOnlyReward(nn.Module):
+    """A reward whose forward takes images alone: not callable as a saliency reward(images, prompts)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.mean(dim=(1, 2, 3))

@@ -89,13 +89,19 @@ def positive_float(text: str) -> float:
 
 
 def torch_device(text: str) -> str:
-    """A device string torch parses (cpu, cuda, cuda:1, mps, ...); availability is checked when used."""
+    """A device string torch parses (cpu, cuda, cuda:1, mps, ...) whose device this machine has."""
     import torch
 
     try:
-        torch.device(text)
+        device = torch.device(text)
     except RuntimeError as err:
         raise argparse.ArgumentTypeError(f"not a torch device (e.g. cpu, cuda, cuda:1, mps): {text!r}") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
     return text
 
 
@@ -275,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="build seed (default 0 = the shipped models)")
     p.add_argument("--threads", type=int, default=None, dest="recipe_threads",
                    help="torch threads per build process (default: the recipe's, 1)")
-    p.add_argument("--device", default="cpu", help="torch device for training (default cpu)")
+    p.add_argument("--device", type=torch_device, default="cpu", help="torch device for training (default cpu)")
     p.add_argument("--stats", action="store_true", help="measure and write stats.json after building")
     p.add_argument("--only", default=None, metavar="STAGES",
                    help="retrain only these stages of the finished build in --out, from its own VAE and "

@@ -115,9 +115,12 @@ def run_config_path(config: str | None, lora: str | None) -> Path | None:
     return candidate if lora_dir.name == "lora" and candidate.is_file() else None
 
 
-def _check_png(out: str) -> None:
+def _check_png(out: str, flag: str = "--out") -> None:
+    """Before any work: ``out`` names a PNG file to write (not a folder, a name ending in .png)."""
+    if Path(out).is_dir():
+        raise InputError(f"{flag} {out} is a folder; expected a PNG file to write")
     if Path(out).suffix.lower() != ".png":
-        raise InputError(f"--out {out}: the picture is written as PNG, its name must end in .png")
+        raise InputError(f"{flag} {out}: the picture is written as PNG, its name must end in .png")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -443,6 +446,8 @@ def cmd_toyworld_path(args: argparse.Namespace) -> int:
 
 
 def cmd_toyworld_stats(args: argparse.Namespace) -> int:
+    if args.grid is not None:
+        _check_png(args.grid, "--grid")
     try:
         stats = compute_stats(args.model, n=args.n, save_grid=args.grid, guidance=args.guidance)
     except FileNotFoundError as err:

@@ -37,12 +37,24 @@ def overlay(images: torch.Tensor, mask: torch.Tensor, alpha: float = 0.5) -> tor
     return images * (1 - m) + red * m
 
 
+#: the longest side a picture may have after upscaling (browsers and viewers refuse larger images)
+MAX_PICTURE_SIDE = 16384
+
+
 def grid(rows: list[torch.Tensor], pad: int = 2, scale: int = 1) -> np.ndarray:
-    """Rows of ``(B, C, H, W)`` images (same B, H, W) -> one ``(h, w, 3)`` uint8 grid."""
+    """Rows of ``(B, C, H, W)`` images (same B, H, W) -> one ``(h, w, 3)`` uint8 grid.
+
+    Raises:
+        InputError: the grid upscaled by ``scale`` would exceed :data:`MAX_PICTURE_SIDE` a side.
+    """
     if not rows:
         raise ValueError("grid of no rows")
     cols = rows[0].shape[0]
     h, w = rows[0].shape[-2:]
+    side = max(len(rows) * (h + pad) + pad, cols * (w + pad) + pad)
+    if side * scale > MAX_PICTURE_SIDE:
+        raise InputError(f"a picture {side} px a side at scale {scale} would be {side * scale} px, above "
+                         f"{MAX_PICTURE_SIDE}: use a scale of at most {max(MAX_PICTURE_SIDE // side, 1)}")
     out = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
     for r, row in enumerate(rows):
         for c, img in enumerate(to_uint8(row)):

@@ -19,6 +19,7 @@ More types register with :func:`register_aspect_type`.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -107,6 +108,13 @@ def _saliency(target: str, kwargs: dict[str, Any] | None = None, name: str = "sa
     model = import_factory(target)(**(kwargs or {}))
     if not isinstance(model, nn.Module):
         raise InputError(f"{target} returned {type(model).__name__}, expected an nn.Module reward")
+    try:  # a saliency reward is called as model(images, prompts): check before any image is sampled
+        inspect.signature(model.forward).bind(None, None)
+    except TypeError as err:
+        raise InputError(f"{target}: a saliency reward model is called as model(images, prompts) -> (B,), but "
+                         f"its forward{inspect.signature(model.forward)} cannot take that ({err})") from err
+    except ValueError:  # no signature to read (a builtin): it is called as it is
+        pass
     try:
         return SaliencyAspect(name, model, **options)
     except ValueError as err:

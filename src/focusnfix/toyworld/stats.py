@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
-from PIL import Image
 
+from focusnfix.images import save_png
 from focusnfix.ops import resize
 from focusnfix.toyworld import generator as gen
 from focusnfix.toyworld import load_aspect, load_attribute_reader, load_judge, pipeline_path
@@ -270,4 +270,4 @@ def save_image_grid(images: torch.Tensor, path: str | Path, columns: int = 8) ->
         pad = np.zeros_like(rows[0])
         pad[:, : rows[-1].shape[1]] = rows[-1]
         rows[-1] = pad
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    save_png(np.concatenate(rows, axis=0), path)
