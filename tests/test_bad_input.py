@@ -126,6 +126,8 @@ def test_oracle_betas_and_picture_names_are_checked_first(tiny_sd_dir, tmp_path,
     assert "must end in .png" in _one_error_line(capsys)
     assert main(["eval", "--lora", f"a={tmp_path / 'nope'}", "--out", str(tmp_path / "e")]) == 2
     assert "does not exist" in _one_error_line(capsys)
+    assert main(["train", "--config", str(tmp_path)]) == 2
+    assert "is a folder; expected a YAML file" in _one_error_line(capsys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +152,36 @@ def test_a_lora_that_fits_only_partly_is_refused_and_left_unloaded(tiny_sd_dir, 
     assert not getattr(fresh.unet, "peft_config", None)  # nothing half-loaded stays behind
     load_lora_into(fresh.pipe, tmp_path / "good", adapter_name="z")
     assert list(fresh.unet.peft_config) == ["z"]
+
+
+def test_a_lora_of_the_wrong_shape_is_one_error_without_a_log_line_per_layer(tiny_sd_dir, tmp_path, capsys):
+    import logging
+
+    bb = load_backbone(str(tiny_sd_dir))
+    add_lora(bb.unet, 4)
+    save_lora_weights(bb.unet, type(bb.pipe), tmp_path / "good")
+    state = load_file(str(tmp_path / "good" / "pytorch_lora_weights.safetensors"))
+    (tmp_path / "wide").mkdir()
+    save_file({k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if "up" in k else v for k, v in state.items()},
+              str(tmp_path / "wide" / "pytorch_lora_weights.safetensors"))
+    records: list[logging.LogRecord] = []
+    seen = logging.Handler()
+    seen.emit = records.append  # what diffusers' own handler would print (a line per mismatched layer)
+    logging.getLogger("diffusers.loaders.peft").addHandler(seen)
+    try:
+        assert main(["sample", "--model", str(tiny_sd_dir), "--lora", str(tmp_path / "wide"), "--prompt", "a",
+                     "--steps", "2", "--out", str(tmp_path / "s.png")]) == 2
+    finally:
+        logging.getLogger("diffusers.loaders.peft").removeHandler(seen)
+    assert not records, [r.getMessage()[:80] for r in records]
+    err = capsys.readouterr().err
+    assert "does not fit this StableDiffusionPipeline: Error(s) in loading state_dict" in _one_error_line_of(err)
+
+
+def _one_error_line_of(err: str) -> str:
+    lines = [x for x in err.splitlines() if x.startswith("focusnfix: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------

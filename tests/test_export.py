@@ -102,6 +102,8 @@ def test_cli_export(tiny_sd_dir, tmp_path, capsys):
     before = lora.read_bytes()
     assert main(["export", str(tmp_path / "run"), "--out", str(lora)]) == 2  # never over its own input
     assert "is the LoRA being exported" in capsys.readouterr().err and lora.read_bytes() == before
+    assert main(["export", str(tmp_path / "k.safetensors"), "--out", str(tmp_path / "k2.safetensors")]) == 2
+    assert "is already in kohya format" in capsys.readouterr().err  # not "give --alpha"
 
 
 def test_push_dry_run_writes_the_card_lora_samples_and_metrics(tiny_sd_dir, tmp_path, capsys):

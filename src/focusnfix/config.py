@@ -376,6 +376,8 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read and validate a YAML config file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; expected a YAML file (e.g. configs/toy_safety.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:

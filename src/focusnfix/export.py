@@ -70,6 +70,9 @@ def kohya_state_dict(path: str | Path, alpha: float | None = None) -> dict[str, 
     with safe_open(str(file), "pt") as f:
         metadata = f.metadata()
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iteration
+    if state and all(k.startswith("lora_unet_") or k.startswith("lora_te") for k in state):
+        raise InputError(f"{file} is already in kohya format (lora_unet_* keys); export reads a focusnfix or "
+                         "diffusers LoRA (unet.* keys), e.g. a run directory's lora/pytorch_lora_weights.safetensors")
     lora_alpha, _, alpha_pattern, _ = _adapter_config(metadata)
     if lora_alpha is None:
         lora_alpha = alpha

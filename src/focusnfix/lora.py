@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -244,6 +245,10 @@ def lora_active_steps(lora: str | Path) -> int | None:
     return steps
 
 
+def _drop_failed_load_record(record: logging.LogRecord) -> bool:
+    return "was unsuccessful with the following error" not in record.getMessage()
+
+
 def load_lora_into(pipe: Any, lora: str | Path, adapter_name: str | None = None) -> Path:
     """Validate a LoRA (directory or file) and load it with ``pipe.load_lora_weights``.
 
@@ -259,6 +264,10 @@ def load_lora_into(pipe: Any, lora: str | Path, adapter_name: str | None = None)
     if adapter_name is not None:
         kwargs["adapter_name"] = adapter_name
     before = _adapter_names(pipe)
+    # diffusers logs a failed load's whole error (a line per mismatched layer) before raising it; the
+    # error is re-raised below in one line, so its log record is dropped
+    peft_log = logging.getLogger("diffusers.loaders.peft")
+    peft_log.addFilter(_drop_failed_load_record)
     try:
         with warnings.catch_warnings():  # PEFT's key-mismatch warning: checked below, as an error
             warnings.filterwarnings("ignore", message=".*injecting the PEFT adapters", category=RuntimeWarning)
@@ -267,6 +276,8 @@ def load_lora_into(pipe: Any, lora: str | Path, adapter_name: str | None = None)
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
         more = f" (+{len(lines) - 2} more lines)" if len(lines) > 2 else ""
         raise InputError(f"LoRA {path} does not fit this {type(pipe).__name__}: {' '.join(lines[:2])[:400]}{more}") from None
+    finally:
+        peft_log.removeFilter(_drop_failed_load_record)
     # inference: PEFT adds its layers in train mode, which would apply a saved lora_dropout to every image
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
