@@ -83,6 +83,9 @@ def test_dry_run_prints_the_plan_without_loading(tiny_sd_dir, tmp_path, capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["method"].startswith("DRaFT") and plan["pool"] == {"prompts": 2, "seeds_per_prompt": 2}
     assert not (tmp_path / "run").exists()
+    # an aspect arg its factory does not take is found now, not after the model is loaded
+    assert main(["train", "--config", str(cfg), "--dry-run", "--set", "aspects.0.args.targte=x"]) == 2
+    assert "aspects[0] (python): bad args ['kwargs', 'target', 'targte']" in capsys.readouterr().err
 
 
 def test_train_then_sample_matches_diffusers_with_the_lora(tiny_sd_dir, tmp_path, capsys):

@@ -7,6 +7,7 @@ Each handler takes the parsed arguments, returns an exit code, and raises
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -71,9 +72,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def training_plan(config: Config) -> dict:
     """What a run would do, from the config alone (no weights loaded)."""
-    for a in config.aspects:
+    for i, a in enumerate(config.aspects):
         if a.type not in ASPECT_TYPES:
             raise InputError(f"aspects: unknown aspect type {a.type!r}; known: {', '.join(sorted(ASPECT_TYPES))}")
+        try:  # the args the aspect's factory takes, checked without building it (no weights loaded)
+            inspect.signature(ASPECT_TYPES[a.type]).bind(**a.args)
+        except TypeError as err:
+            raise InputError(f"aspects[{i}] ({a.type}): bad args {sorted(a.args)}: {err}") from None
     # local paths in aspect args that do not exist (a preset's placeholders): found now, not after loading
     missing = [f"aspects[{i}].args.{k} = {v}" for i, a in enumerate(config.aspects) for k, v in a.args.items()
                if isinstance(v, str) and v.startswith(("/", "./", "../", "~")) and not Path(v).expanduser().exists()]
