@@ -94,6 +94,32 @@ def test_votes_must_name_an_evaluated_image_and_aspect(tmp_path):
             apply_votes(d, votes(**bad))
 
 
+def test_votes_of_another_evaluation_are_refused(tmp_path):
+    d = _eval_dir(tmp_path, {"aspect": "safety", "aspects": ["safety"], "n_images": 4, "eval_id": "e1",
+                             "prompts": ["a cat", "a dog"], "seeds": [0, 1],
+                             "methods": {"base": {}, "focusnfix": {}}, "settings": {"n_bootstrap": 10}})
+
+    def votes(doc=None, **vote):
+        path = tmp_path / f"votes{len(list(tmp_path.glob('votes*')))}.json"
+        one = {"example": 3, "prompt": "a dog", "seed": 1, "method": "focusnfix", "aspect": "safety",
+               "vote": "improved"} | vote
+        path.write_text(json.dumps({"format": "focusnfix-votes/2", "target": "safety", "eval_id": "e1",
+                                    "rater": "r", "votes": [one]} | (doc or {})))
+        return [path]
+
+    assert apply_votes(d, votes())["methods"]["focusnfix"]["human"]["n_ratings"] == 1
+    assert apply_votes(d, votes(seed="1"))["methods"]["focusnfix"]["human"]["n_ratings"] == 1  # a huge seed's form
+    for bad, message in (
+        (votes(prompt="a cat"), "example 3 of .* is prompt 'a dog', seed 1: votes of another evaluation"),
+        (votes(seed=0), "as prompt 'a dog', seed 0, but example 3"),
+        (votes({"eval_id": "e0"}), "page of evaluation e0, but .* now holds evaluation e1"),
+        (votes({"target": "plausibility"}), "rates target 'plausibility'; .* evaluated target 'safety'"),
+        (votes({"format": "focusnfix-votes/9"}), "format 'focusnfix-votes/9' is not one this version reads"),
+    ):
+        with pytest.raises(InputError, match=message):
+            apply_votes(d, bad)
+
+
 # ---------------------------------------------------------------------------------------------
 # flags: refused by the parser, before anything loads
 # ---------------------------------------------------------------------------------------------

@@ -132,6 +132,8 @@ def test_rating_page_votes(driver, eval_dir, tmp_path):
     assert driver.execute_script("return Object.keys(window.focusnfixVotes).length") == 2
     doc = json.loads(driver.execute_script("return window.focusnfixVotesJSON()"))
     assert doc["rater"] == "alice" and {v["vote"] for v in doc["votes"]} == {"improved", "worse"}
+    assert doc["eval_id"] == json.loads((Path(eval_dir) / "metrics.json").read_text())["eval_id"]
+    assert all(isinstance(v["seed"], int) for v in doc["votes"])
     assert "2 of 16 votes" in driver.find_element(By.ID, "count").text
 
     driver.find_element(By.ID, "download").click()

@@ -8,14 +8,16 @@ base image, and turns them into a vote relative to the base: ``improved`` (the m
 chosen), ``same`` or ``worse``. Votes live in the page (``window.focusnfixVotes``, also readable
 as JSON through ``window.focusnfixVotesJSON()``) and download as a JSON file:
 
-    {"format": "focusnfix-votes/2", "rater": "name", "target": "safety",
+    {"format": "focusnfix-votes/2", "rater": "name", "target": "safety", "eval_id": "...",
      "votes": [{"example": 0, "prompt": "...", "seed": 0, "method": "focusnfix", "aspect": "safety",
                 "choice": "A" | "same" | "B", "left": "base" | "candidate",
                 "vote": "improved" | "same" | "worse"}, ...]}
 
 When a vote has ``choice`` and ``left``, :func:`read_votes` recomputes ``vote`` from them (and
 refuses a file where they disagree), so the order shown folds back correctly. Files of format 1
-(``vote`` only) are read as they are.
+(``vote`` only) are read as they are. Folding checks that the votes belong to the evaluation: the
+file's ``target`` and ``eval_id`` (the evaluation the page was written from) and each vote's
+``prompt`` and ``seed`` (those of its example) must be the evaluation's where the file gives them.
 
 :func:`fold_votes` turns such files (one rater each, or a list of such objects) into the three
 shares of the paper's human evaluation, per method, with a *rating* = one rater's votes on one
@@ -46,6 +48,8 @@ from focusnfix.report import CSS, chw_to_hwc, esc, png_data_uri
 
 VOTE_VALUES = ("improved", "same", "worse")
 VOTES_FORMAT = "focusnfix-votes/2"
+#: votes file formats this version reads (1: ``vote`` only, no ``choice`` / ``left``)
+KNOWN_VOTES_FORMATS = ("focusnfix-votes/1", VOTES_FORMAT)
 CHOICES = ("A", "same", "B")
 
 _JS = """
@@ -56,7 +60,7 @@ _JS = """
     var rater = document.getElementById('rater').value || 'anonymous';
     var list = [];
     Object.keys(votes).sort().forEach(function(k){ list.push(votes[k]); });
-    return {format: %(fmt)s, rater: rater, target: %(target)s, votes: list};
+    return {format: %(fmt)s, rater: rater, target: %(target)s, eval_id: %(eval_id)s, votes: list};
   }
   window.focusnfixVotesJSON = function(){ return JSON.stringify(collect(), null, 1); };
   function refresh(){
@@ -72,7 +76,9 @@ _JS = """
       var key = d.task + '|' + d.aspect;
       var vote = d.choice === 'same' ? 'same'
         : ((d.choice === 'A') === (d.left === 'candidate') ? 'improved' : 'worse');
-      votes[key] = {example: parseInt(d.example, 10), prompt: d.prompt, seed: parseInt(d.seed, 10),
+      // a seed beyond 2**53 stays a string: a JS number would round it
+      var seed = Number.isSafeInteger(Number(d.seed)) ? Number(d.seed) : d.seed;
+      votes[key] = {example: parseInt(d.example, 10), prompt: d.prompt, seed: seed,
                     method: d.method, aspect: d.aspect, choice: d.choice, left: d.left, vote: vote};
       document.querySelectorAll('button.vote[data-task="' + d.task + '"][data-aspect="' + d.aspect + '"]')
         .forEach(function(o){ o.classList.toggle('chosen', o === b); });
@@ -139,7 +145,8 @@ def write_rating_page(eval_dir: str | Path, out_html: str | Path, seed: int = 0,
             f'</div><div><div>B</div><img src="{b_uri}" alt="B {task_id}"></div>'
             f'<div><p class="prompt">Task {t_index + 1}: &ldquo;{esc(prompt)}&rdquo;</p>'
             f'<p class="note">On each aspect, which image is better?</p>{"".join(rows)}</div></div>')
-    js = _JS % {"fmt": json.dumps(VOTES_FORMAT), "target": json.dumps(target), "total": len(tasks) * len(aspects)}
+    js = _JS % {"fmt": json.dumps(VOTES_FORMAT), "target": json.dumps(target), "total": len(tasks) * len(aspects),
+                "eval_id": json.dumps(metrics.get("eval_id"))}
     js = js.replace("</", "<\\/")
     page = (
         '<!DOCTYPE html><html><head><meta charset="utf-8"><title>Focus-N-Fix rating</title>'
@@ -181,6 +188,10 @@ def read_votes(paths: list[str | Path]) -> list[dict[str, Any]]:
         for j, d in enumerate(docs):
             if not isinstance(d, dict) or not isinstance(d.get("votes"), list):
                 raise InputError(f"votes file {path}: expected an object with a 'votes' list")
+            if d.get("format") is not None and d["format"] not in KNOWN_VOTES_FORMATS:
+                raise InputError(f"votes file {path}: format {d['format']!r} is not one this version reads "
+                                 f"({', '.join(KNOWN_VOTES_FORMATS)})")
+            source = {"path": str(path), "target": d.get("target"), "eval_id": d.get("eval_id")}
             rater = str(d.get("rater") or f"{path.name}#{j}")
             if rater == "anonymous":
                 rater = f"anonymous@{path.name}#{i}.{j}"
@@ -198,7 +209,7 @@ def read_votes(paths: list[str | Path]) -> list[dict[str, Any]]:
                 if isinstance(example, bool) or not isinstance(example, int) or example < 0:
                     raise InputError(f"votes file {path}: 'example' must be an image index >= 0, got {v!r}")
                 v = {**v, "example": example}
-                records.append({**v, "rater": rater})
+                records.append({**v, "rater": rater, "source": source})
     return records
 
 
@@ -228,6 +239,25 @@ def fold_votes(records: list[dict[str, Any]], target: str, n_bootstrap: int = 10
     return out
 
 
+def _eval_items(eval_dir: str | Path, metrics: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The evaluation's (prompt, seed) per example, in image order (None where it records neither)."""
+    per_image_path = Path(eval_dir) / "per_image.json"
+    if per_image_path.is_file():
+        items = read_json(per_image_path, "per-image results").get("items")
+        if isinstance(items, list) and all(isinstance(i, dict) and {"prompt", "seed"} <= set(i) for i in items):
+            return items
+    if metrics.get("prompts") and metrics.get("seeds"):
+        return [{"prompt": p, "seed": s} for p in metrics["prompts"] for s in metrics["seeds"]]
+    return None
+
+
+def _same_seed(voted: Any, seed: Any) -> bool:
+    try:
+        return int(voted) == int(seed)
+    except (TypeError, ValueError):
+        return False
+
+
 def apply_votes(eval_dir: str | Path, vote_files: list[str | Path], n_bootstrap: int | None = None) -> dict[str, Any]:
     """Fold votes into ``eval_dir/metrics.json`` as ``methods[<m>]["human"]``; returns the metrics.
 
@@ -239,13 +269,29 @@ def apply_votes(eval_dir: str | Path, vote_files: list[str | Path], n_bootstrap:
     records = read_votes(vote_files)
     n_images = metrics.get("n_images")
     aspects = set(metrics.get("aspects") or [metrics["aspect"]])
+    items = _eval_items(eval_dir, metrics)
     for r in records:
+        source, shown = r["source"], {k: v for k, v in r.items() if k != "source"}
+        if source["target"] is not None and source["target"] != metrics["aspect"]:
+            raise InputError(f"votes file {source['path']} rates target {source['target']!r}; {eval_dir} evaluated "
+                             f"target {metrics['aspect']!r}")
+        if source["eval_id"] is not None and metrics.get("eval_id") is not None \
+                and source["eval_id"] != metrics["eval_id"]:
+            raise InputError(f"votes file {source['path']} was cast on the page of evaluation {source['eval_id']}, "
+                             f"but {eval_dir} now holds evaluation {metrics['eval_id']} (its images were made "
+                             "again): rate the new page, or fold the votes into the evaluation they were cast on")
         if isinstance(n_images, int) and r["example"] >= n_images:
             raise InputError(f"a vote of {r['rater']} rates example {r['example']}, but {eval_dir} holds "
-                             f"{n_images} images (0 .. {n_images - 1}): {r!r}")
+                             f"{n_images} images (0 .. {n_images - 1}): {shown!r}")
         if str(r["aspect"]) not in aspects:
             raise InputError(f"a vote of {r['rater']} names aspect {r['aspect']!r}; {eval_dir} evaluated "
-                             f"{sorted(aspects)}: {r!r}")
+                             f"{sorted(aspects)}: {shown!r}")
+        if items is not None and r["example"] < len(items):
+            item = items[r["example"]]
+            if ("prompt" in r and r["prompt"] != item["prompt"]) or ("seed" in r and not _same_seed(r["seed"], item["seed"])):
+                raise InputError(f"a vote of {r['rater']} rates example {r['example']} as prompt {r.get('prompt')!r}, "
+                                 f"seed {r.get('seed')!r}, but example {r['example']} of {eval_dir} is prompt "
+                                 f"{item['prompt']!r}, seed {item['seed']!r}: votes of another evaluation")
     folded = fold_votes(records, metrics["aspect"], nb, int(settings.get("bootstrap_seed", 0)))
     unknown = sorted(set(folded) - set(metrics["methods"]))
     if unknown:
