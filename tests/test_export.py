@@ -128,9 +128,19 @@ def test_push_dry_run_writes_the_card_lora_samples_and_metrics(tiny_sd_dir, tmp_
     ev = tmp_path / "ev"
     ev.mkdir()
     stat = {"mean": 0.5, "ci95": [0.4, 0.6]}
-    (ev / "metrics.json").write_text(json.dumps({"aspect": "bright", "n_images": 4, "methods": {
-        "base": {"target_reward": stat}, "focusnfix": {"removal_share": stat, "outside_psnr": stat}}}))
+    from focusnfix.files import file_sha256
+
+    evaluated = {"base": [None], "focusnfix": [file_sha256(run / "lora" / "pytorch_lora_weights.safetensors")]}
+    metrics = {"aspect": "bright", "n_images": 4, "settings": {"lora_sha256": evaluated}, "methods": {
+        "base": {"target_reward": stat}, "focusnfix": {"removal_share": stat, "outside_psnr": stat}}}
     out = tmp_path / "upload"
+    # an evaluation of other LoRA files, or one that does not say which, puts no numbers on this card
+    for settings, message in (({"lora_sha256": {"focusnfix": ["0123456789abcdef"]}}, "did not evaluate this run's LoRA"),
+                              ({}, "does not record which LoRA files it evaluated")):
+        (ev / "metrics.json").write_text(json.dumps(metrics | {"settings": settings}))
+        assert main(["push", str(run), "--repo-id", "me/fnf-lora", "--eval", str(ev), "--dry-run", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    (ev / "metrics.json").write_text(json.dumps(metrics))
     assert main(["push", str(run), "--repo-id", "me/fnf-lora", "--eval", str(ev), "--dry-run", str(out)]) == 0
     assert "names no base_model" in capsys.readouterr().out  # the run's model is a local folder
     assert {p.name for p in out.iterdir()} == {"README.md", "pytorch_lora_weights.safetensors", "samples.png",
@@ -138,7 +148,7 @@ def test_push_dry_run_writes_the_card_lora_samples_and_metrics(tiny_sd_dir, tmp_
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: diffusers") and "base_model" not in card.split("---")[1]
     assert "Focus-N-Fix" in card and "beta (regional constraint) | 1" in card and "K = 2" in card
-    assert "| focusnfix | 0.5 [0.4, 0.6]" in card and 'pipe.load_lora_weights("me/fnf-lora")' in card
+    assert "| **focusnfix** (this LoRA) | 0.5 [0.4, 0.6]" in card and 'pipe.load_lora_weights("me/fnf-lora")' in card
     assert main(["push", str(run), "--repo-id", "me/fnf-lora", "--base-model", "sd-legacy/stable-diffusion-v1-5",
                  "--dry-run", str(out)]) == 0
     card = (out / "README.md").read_text()

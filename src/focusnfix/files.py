@@ -8,6 +8,7 @@ which is atomic on POSIX and Windows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -22,7 +23,8 @@ from focusnfix.errors import InputError
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = "") -> Path:
-    """Call ``write(tmp_path)`` and move the temporary file to ``path`` (mode 0644).
+    """Call ``write(tmp_path)`` and move the temporary file to ``path`` (mode 0644), synced to disk:
+    a kill or a power cut leaves the old file or the new one, never a part.
 
     Args:
         path: the final file; its parent directory is created.
@@ -36,11 +38,28 @@ def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = "
     try:
         write(tmp)
         os.chmod(tmp, 0o644)
+        with open(tmp, "rb") as f:  # the bytes reach the disk before the name points at them
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    _fsync_dir(path.parent)
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -122,4 +141,14 @@ def read_prompts_file(path: str | Path, what: str = "prompts file") -> list[str]
     return prompts
 
 
-__all__ = ["atomic_write", "atomic_write_text", "read_json", "read_npz", "read_prompts_file", "read_text"]
+def file_sha256(path: str | Path) -> str:
+    """Streamed sha256 of a file (first 16 hex digits): a LoRA's identity in run and evaluation records."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+__all__ = ["atomic_write", "atomic_write_text", "file_sha256", "read_json", "read_npz", "read_prompts_file", "read_text"]
+

@@ -18,20 +18,31 @@ from typing import Any
 
 from focusnfix.config import load_config
 from focusnfix.errors import InputError
-from focusnfix.files import atomic_write_text, read_json
+from focusnfix.files import atomic_write, atomic_write_text, file_sha256, read_json
 from focusnfix.lora import LORA_SCHEDULE_NAME, LORA_WEIGHT_NAME, check_lora_file
 
 _SUMMARY_KEYS = ("removal_share", "new_defect_share", "hack_gap", "others_degraded_share", "outside_psnr",
                  "target_reward")
 
 
-def _summary(eval_dir: Path | None) -> dict[str, Any] | None:
+def _summary(eval_dir: Path | None, lora: Path) -> dict[str, Any] | None:
+    """The card's evaluation table, of an evaluation that evaluated ``lora`` (the LoRA uploaded)."""
     if eval_dir is None or not (eval_dir / "metrics.json").is_file():
         return None
     metrics = read_json(eval_dir / "metrics.json", "evaluation metrics (--eval)")
+    evaluated = (metrics.get("settings") or {}).get("lora_sha256")
+    this = file_sha256(lora)
+    if not isinstance(evaluated, dict):
+        raise InputError(f"--eval {eval_dir}: its metrics.json does not record which LoRA files it evaluated (an "
+                         "evaluation of an earlier focusnfix version): evaluate this run again to put numbers on its card")
+    uploaded = sorted(name for name, hashes in evaluated.items() if isinstance(hashes, list) and this in hashes)
+    if not uploaded:
+        raise InputError(f"--eval {eval_dir} did not evaluate this run's LoRA ({lora}, sha256 {this}): its methods "
+                         f"{sorted(evaluated)} are other LoRA files; evaluate this one (focusnfix eval --lora NAME=RUN)")
     return {
         "aspect": metrics.get("aspect"),
         "n_images": metrics.get("n_images"),
+        "this_lora": uploaded,
         "methods": {name: {k: m.get(k) for k in _SUMMARY_KEYS if m.get(k) is not None}
                     for name, m in metrics.get("methods", {}).items()},
     }
@@ -90,7 +101,8 @@ def model_card(run_dir: Path, repo_id: str, summary: dict[str, Any] | None, base
         lines += [f"## Evaluation ({summary['n_images']} images, target aspect {summary['aspect']})", "",
                   "| method | " + " | ".join(_SUMMARY_KEYS) + " |", "|---|" + "---|" * len(_SUMMARY_KEYS)]
         for name, vals in summary["methods"].items():
-            lines.append(f"| {name} | " + " | ".join(_fmt(vals.get(k)) for k in _SUMMARY_KEYS) + " |")
+            shown = f"**{name}** (this LoRA)" if name in summary.get("this_lora", []) else name
+            lines.append(f"| {shown} | " + " | ".join(_fmt(vals.get(k)) for k in _SUMMARY_KEYS) + " |")
         lines += ["", "Mean [95% interval]; definitions in focusnfix's docs/evaluation.md.", ""]
     # the toy world's pipeline ships inside focusnfix ("toy" is no hub id)
     load = (["from focusnfix import toyworld", "", "pipe = DiffusionPipeline.from_pretrained(str(toyworld.pipeline_path()))"]
@@ -139,15 +151,16 @@ def upload_folder_for(run_dir: str | Path, repo_id: str, out: str | Path, eval_d
     lora = check_lora_file(run_dir / "lora")
     if not repo_id or repo_id.count("/") != 1:
         raise InputError(f"--repo-id must look like USER/NAME, got {repo_id!r}")
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(lora, out / LORA_WEIGHT_NAME)
-    if (lora.parent / LORA_SCHEDULE_NAME).is_file():  # a LoRA that acts on its last steps only
-        shutil.copy2(lora.parent / LORA_SCHEDULE_NAME, out / LORA_SCHEDULE_NAME)
-    if (run_dir / "samples" / "final.png").is_file():
-        shutil.copy2(run_dir / "samples" / "final.png", out / "samples.png")
     if eval_dir and not (Path(eval_dir) / "metrics.json").is_file():
         raise InputError(f"--eval: {eval_dir} is not an evaluation directory (no metrics.json)")
-    summary = _summary(Path(eval_dir) if eval_dir else None)
+    summary = _summary(Path(eval_dir) if eval_dir else None, lora)  # checked before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    # the LoRA, its schedule (a LoRA that acts on its last steps only) and the final sample grid
+    copies = {lora: LORA_WEIGHT_NAME, lora.parent / LORA_SCHEDULE_NAME: LORA_SCHEDULE_NAME,
+              run_dir / "samples" / "final.png": "samples.png"}
+    for src, name in copies.items():
+        if src.is_file():  # each file whole or not at all (a kill mid-copy leaves no half LoRA to upload)
+            atomic_write(out / name, lambda tmp, src=src: shutil.copyfile(src, tmp), suffix=src.suffix)
     if summary:
         atomic_write_text(out / "metrics_summary.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "README.md", model_card(run_dir, repo_id, summary, base_model))

@@ -157,15 +157,6 @@ def truncate_log(log_path: Path, step: int) -> None:
     atomic_write_text(log_path, "".join(line + "\n" for line in keep))
 
 
-def file_sha256(path: Path) -> str:
-    """Streamed sha256 of a file (first 16 hex digits)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def run_fields(config: Config, prompts: list[str], model: dict[str, str]) -> dict[str, Any]:
     """What a resume must match: the config (less the fields in :data:`RESUMABLE_CHANGES`),
     the prompts' content and the model's weights."""

@@ -42,7 +42,7 @@ from focusnfix.backbones import Backbone, load_backbone
 from focusnfix.cache import ReferenceCache
 from focusnfix.config import Config, dump_config, resolve_prompts
 from focusnfix.errors import InputError, warn
-from focusnfix.files import atomic_write_text
+from focusnfix.files import atomic_write_text, file_sha256
 from focusnfix.images import grid, overlay, save_png
 from focusnfix.lora import (
     add_lora,
@@ -168,7 +168,7 @@ class FocusNFixTrainer:
         self.params = add_lora(self.backbone.unet, lc.rank, lc.alpha, lc.target_modules, lc.dropout)
         if lc.init_from:  # continue from an existing LoRA (its file's hash is part of the run's identity)
             load_lora_state_dict(self.backbone.unet, peft_state_dict_of_file(lc.init_from))
-            self.run_fields["lora"]["init_from_sha256"] = rundir.file_sha256(check_lora_file(lc.init_from))
+            self.run_fields["lora"]["init_from_sha256"] = file_sha256(check_lora_file(lc.init_from))
         # The optimizer is not passed through accelerator.prepare: the UNet is not wrapped in DDP
         # (LoRA gradients are averaged explicitly in _sync_gradients, which works for any number
         # of UNet calls per backward) and the fp16 loss scaler is ours, so a skipped update always
