@@ -120,6 +120,18 @@ def test_votes_of_another_evaluation_are_refused(tmp_path):
             apply_votes(d, bad)
 
 
+def test_sweep_overrides_that_would_be_ignored_are_refused_before_training(tiny_sd_dir, tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(base_config(str(tiny_sd_dir), str(tmp_path / "run"))))
+    out = tmp_path / "sweep"
+    for extra, message in ((["--betas", "0.5", "--draft-set", "sampling.k=1"], "has no beta 0"),
+                           (["--betas", "0,1", "--set", "train.output_dir=elsewhere"], "sets each run's objective.beta"),
+                           (["--betas", "0,1", "--draft-set", "objective.beta=2"], "cannot be overridden")):
+        assert main(["sweep", "--config", str(cfg), "--out", str(out), *extra]) == 2
+        assert message in _one_error_line(capsys)
+    assert not any(out.glob("beta_*"))  # nothing trained
+
+
 # ---------------------------------------------------------------------------------------------
 # flags: refused by the parser, before anything loads
 # ---------------------------------------------------------------------------------------------

@@ -162,6 +162,13 @@ def sweep(
         raise InputError(f"--batch-size, --bootstrap and --jobs must be >= 1, got {batch_size}, {n_bootstrap}, {jobs}")
     if prompts is not None and (not prompts or any(not isinstance(x, str) or not x.strip() for x in prompts)):
         raise InputError("--prompts: the evaluation prompts must be a non-empty list of non-empty strings")
+    if draft_overrides and 0 not in betas:
+        raise InputError(f"--draft-set {list(draft_overrides)} changes the beta 0 (DRaFT) run, but --betas {betas} has "
+                         "no beta 0: add 0 to --betas, or drop --draft-set")
+    placed = [o for o in [*overrides, *draft_overrides] if o.split("=", 1)[0].strip() in ("train.output_dir", "objective.beta")]
+    if placed:
+        raise InputError(f"--set {placed[0]}: a sweep sets each run's objective.beta and train.output_dir itself "
+                         f"(--betas; --out/beta_<b>), so it cannot be overridden")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     configs = {b: load_config(config_path, run_overrides(b, [*overrides, *(draft_overrides if b == 0 else ())], out_dir))
