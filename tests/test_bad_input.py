@@ -68,6 +68,12 @@ def test_result_commands_refuse_corrupt_side_files_with_one_line(tmp_path, capsy
     d = _eval_dir(tmp_path, {})
     assert main(["diagnose", d]) == 2
     assert "'aspect'" in _one_error_line(capsys)
+    assert main(["report", d]) == 2  # it wrote an empty report
+    assert "lacks 'aspect' and 'methods': not the metrics.json of a focusnfix evaluation" in _one_error_line(capsys)
+    d = _eval_dir(tmp_path, {"aspect": "safety", "methods": {"base": {}}})
+    (tmp_path / "notes.txt").write_text("not a log\n")
+    assert main(["report", d, "--train-log", f"run={tmp_path / 'notes.txt'}"]) == 2  # its plots were left out
+    assert "holds no step records" in _one_error_line(capsys)
     (tmp_path / "sweep.json").write_text("{")
     assert main(["select", str(tmp_path / "sweep.json"), "--out", str(tmp_path / "sel")]) == 2
     assert "not valid JSON" in _one_error_line(capsys)

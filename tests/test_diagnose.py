@@ -81,7 +81,7 @@ def test_diagnose_reads_an_evaluation_directory(tmp_path):
     mask[:, :, :4, :4] = 255
     np.savez(tmp_path / "images.npz", base=base, mask=mask, method__fnf=fixed_inside, method__fnf__run1=base)
     (tmp_path / "per_image.json").write_text(json.dumps({"items": [{"prompt": "p", "seed": 0}] * 2}))
-    (tmp_path / "metrics.json").write_text(json.dumps({"aspect": "safety"}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"aspect": "safety", "methods": {"base": {}}}))
     r = diagnose(tmp_path, _DarkPixelJudge())
     assert r["mask_holds_judge_defect"]["pooled"] == 1.0
     runs = r["methods"]["fnf"]["runs"]
@@ -100,7 +100,7 @@ def test_the_report_leaves_out_diagnostics_of_another_evaluation(tmp_path):
     mask = np.zeros((1, 1, 8, 8), np.uint8)
     np.savez(tmp_path / "images.npz", base=base, heatmap=mask, mask=mask, method__fnf=base, eval_id=np.array("first"))
     (tmp_path / "per_image.json").write_text(json.dumps({"eval_id": "first", "items": [{"prompt": "p", "seed": 0}]}))
-    (tmp_path / "metrics.json").write_text(json.dumps({"eval_id": "first", "aspect": "safety"}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"eval_id": "first", "aspect": "safety", "methods": {"base": {}}}))
     diagnose(tmp_path, _DarkPixelJudge())
     assert json.loads((tmp_path / "diagnostics.json").read_text())["eval_id"] == "first"
     write_report(tmp_path, tmp_path / "report.html")
@@ -108,7 +108,7 @@ def test_the_report_leaves_out_diagnostics_of_another_evaluation(tmp_path):
     # an evaluation rerun into the folder (killed before its diagnose, or eval without diagnose)
     np.savez(tmp_path / "images.npz", base=base, heatmap=mask, mask=mask, method__fnf=base, eval_id=np.array("second"))
     (tmp_path / "per_image.json").write_text(json.dumps({"eval_id": "second", "items": [{"prompt": "p", "seed": 0}]}))
-    (tmp_path / "metrics.json").write_text(json.dumps({"eval_id": "second", "aspect": "safety"}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"eval_id": "second", "aspect": "safety", "methods": {"base": {}}}))
     write_report(tmp_path, tmp_path / "report.html")
     page = (tmp_path / "report.html").read_text()
     assert 'id="table-diagnostics"' not in page and "another evaluation" in page

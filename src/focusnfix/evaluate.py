@@ -389,6 +389,10 @@ def load_eval(eval_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarra
     if not mpath.is_file():
         raise InputError(f"{eval_dir} is not an evaluation directory (no metrics.json)")
     metrics = read_json(mpath, "evaluation metrics")
+    lacking = [k for k, kind in (("aspect", str), ("methods", dict)) if not isinstance(metrics.get(k), kind)]
+    if lacking:
+        raise InputError(f"{mpath} lacks {' and '.join(repr(k) for k in lacking)}: not the metrics.json of a "
+                         "focusnfix evaluation (focusnfix eval writes one)")
     ipath = eval_dir / "images.npz"
     arrays = read_npz(ipath, "evaluation images") if ipath.is_file() else {}
     ppath = eval_dir / "per_image.json"

@@ -509,6 +509,9 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
             continue
         if isinstance(rec, dict) and "step" in rec:
             records.append(rec)
+    if not records:  # a kill may cut the last line, never all of them
+        raise InputError(f"training log {path} holds no step records (JSON lines with a 'step'); expected a "
+                         "run's log.jsonl or its run directory")
     return records
 
 
