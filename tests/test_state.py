@@ -8,6 +8,7 @@ the fp16 update went through the loss scaler.
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -420,3 +421,35 @@ def test_an_evaluation_folder_with_files_of_two_evaluations_is_refused(tmp_path)
     np.savez(tmp_path / "images.npz", base=np.zeros((1, 3, 2, 2), np.uint8), eval_id=np.array("b"))
     with pytest.raises(InputError, match="images.npz come from another evaluation"):
         load_eval(tmp_path)
+
+
+def test_a_resume_removes_what_killed_writers_left_and_keeps_every_finished_file(tiny_sd_dir, tmp_path, monkeypatch):
+    from focusnfix.files import atomic_write, partial_name
+
+    cfg = base_config(str(tiny_sd_dir), str(tmp_path / "run"), steps=2, checkpoint_every=1)
+    trainer = _trainer(cfg)
+    real = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda step: real(step) if step < 1 else 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        trainer.train()
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    # what a kill -9 leaves: a checkpoint folder, a LoRA folder and a file caught mid-write
+    half_ckpt = run / "checkpoints" / f"{partial_name('step_000002')}123"
+    half_ckpt.mkdir()
+    (half_ckpt / "optimizer.pt").write_bytes(b"\0" * 10)
+    (run / f"{partial_name('lora')}abc").mkdir()
+    (run / f"{partial_name('config.yaml')}xyz").write_text("half")
+    (run / "checkpoints" / ".tmp_step_000002").mkdir()  # an earlier version's name
+    (run / ".notes").write_text("a user's file")
+    finished = sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert finished == ["step_000001"]
+    _trainer(cfg).train(resume=True)
+    left = sorted(p.name for p in run.rglob("*") if "partial" in p.name or "tmp_step" in p.name)
+    assert left == []
+    assert (run / ".notes").read_text() == "a user's file"
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    # an atomic write's temporary file carries the mark that finds it
+    seen = []
+    atomic_write(run / "x.txt", lambda tmp: seen.append(Path(tmp).name) or Path(tmp).write_text("x"))
+    assert seen[0].startswith(partial_name("x.txt"))

@@ -34,6 +34,7 @@ from focusnfix.config import config_from_dict
 from focusnfix.diagnose import diagnose
 from focusnfix.errors import InputError
 from focusnfix.evaluate import aspects_from_config, evaluate, evaluation_setup
+from focusnfix.files import partial_name, remove_partials, sync_tree
 from focusnfix.lora import replace_dir
 from focusnfix.rating import write_rating_page
 from focusnfix.report import write_report
@@ -155,9 +156,11 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True, reward
     for name in ("focusnfix", "draft"):
         final = out / "lora" / name
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
+        remove_partials(final.parent)  # what a killed demo left half copied
+        tmp = Path(tempfile.mkdtemp(prefix=partial_name(name), dir=final.parent))
         try:
             shutil.copytree(loras[(name, 0)], tmp, dirs_exist_ok=True)
+            sync_tree(tmp)
             replace_dir(tmp, final)  # the previous copy stays until this one is whole
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -33,7 +34,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = "
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=partial_name(path.name), suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -46,6 +47,45 @@ def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = "
             os.remove(tmp)
     _fsync_dir(path.parent)
     return path
+
+
+#: in the name of every file or folder being written before its rename into place
+PARTIAL_MARK = ".partial-"
+
+
+def partial_name(name: str) -> str:
+    """The name prefix of a file or folder being written as ``name`` (a hidden name with
+    :data:`PARTIAL_MARK`): what a kill leaves of it is found and removed by :func:`remove_partials`."""
+    return f".{name}{PARTIAL_MARK}"
+
+
+def remove_partials(folder: str | Path) -> list[Path]:
+    """Remove what killed writers left in ``folder`` (not its subfolders): files and folders named by
+    :func:`partial_name`. Call it only where no other process writes into ``folder`` (a run folder
+    under its lock). Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        if entry.name.startswith(".") and PARTIAL_MARK in entry.name:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def sync_tree(folder: str | Path) -> None:
+    """fsync every file in ``folder`` (recursively), then the folders: before a rename publishes them."""
+    folder = Path(folder)
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+    for d in [*sorted(x for x in folder.rglob("*") if x.is_dir()), folder]:
+        _fsync_dir(d)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -150,5 +190,5 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-__all__ = ["atomic_write", "atomic_write_text", "file_sha256", "read_json", "read_npz", "read_prompts_file", "read_text"]
+__all__ = ["PARTIAL_MARK", "atomic_write", "atomic_write_text", "file_sha256", "partial_name", "remove_partials", "sync_tree", "read_json", "read_npz", "read_prompts_file", "read_text"]
 

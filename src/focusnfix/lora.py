@@ -26,6 +26,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from focusnfix.errors import InputError
+from focusnfix.files import partial_name, sync_tree
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 #: beside the weights: on which sampling steps the adapter acts (``lora.active_steps``); absent = all
@@ -144,11 +145,12 @@ def save_lora_weights(
     else:
         kwargs = {"unet_lora_layers": convert_state_dict_to_diffusers(lora_state_dict(unet)),
                   "unet_lora_adapter_metadata": metadata}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=partial_name(out_dir.name), dir=out_dir.parent))
     try:
         pipeline_class.save_lora_weights(tmp, safe_serialization=True, **kwargs)
         if schedule is not None:
             (tmp / LORA_SCHEDULE_NAME).write_text(json.dumps(schedule, indent=1) + "\n")
+        sync_tree(tmp)  # the files reach the disk before the rename publishes them
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

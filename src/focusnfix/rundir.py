@@ -26,7 +26,7 @@ from filelock import FileLock, Timeout
 
 from focusnfix.config import Config, dump_config
 from focusnfix.errors import InputError
-from focusnfix.files import atomic_write_text
+from focusnfix.files import atomic_write_text, remove_partials
 from focusnfix.reference import changed_fields
 
 #: config fields that may change between a run and its resume
@@ -59,6 +59,20 @@ class RunLock:
         if self.lock.is_locked:
             self.owner.unlink(missing_ok=True)
             self.lock.release()
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Remove the half-written files and folders (checkpoints, LoRA, samples, logs) that a killed
+    training left in its run folder; call it holding the folder's :class:`RunLock`. The reference
+    cache is left alone (other processes of a multi-GPU run write into it)."""
+    removed = []
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "lora", run_dir / "samples"):
+        removed += remove_partials(folder)
+    # checkpoints of earlier versions were written as .tmp_step_N
+    for old in sorted((run_dir / "checkpoints").glob(".tmp_step_*")) if (run_dir / "checkpoints").is_dir() else []:
+        shutil.rmtree(old, ignore_errors=True)
+        removed.append(old)
+    return removed
 
 
 def same_config(config: Config) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from focusnfix.backbones import Backbone, load_backbone
 from focusnfix.cache import ReferenceCache
 from focusnfix.config import Config, dump_config, resolve_prompts
 from focusnfix.errors import InputError, warn
-from focusnfix.files import atomic_write_text, file_sha256
+from focusnfix.files import atomic_write_text, file_sha256, partial_name, sync_tree
 from focusnfix.images import grid, overlay, save_png
 from focusnfix.lora import (
     add_lora,
@@ -416,7 +417,7 @@ class FocusNFixTrainer:
         root = self.run_dir / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step_{self.step:06d}"
-        tmp = root / f".tmp_step_{self.step:06d}"
+        tmp = root / f"{partial_name(final.name)}{os.getpid()}"
         tmp.mkdir(exist_ok=True)
         save_file(lora_state_dict(self.backbone.unet), str(tmp / "lora.safetensors"))
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
@@ -428,6 +429,7 @@ class FocusNFixTrainer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         atomic_write_text(tmp / "state.json", json.dumps({"step": self.step, "fields": self.run_fields}))
+        sync_tree(tmp)  # a power cut after the rename finds whole files, not a checkpoint of empty ones
         replace_dir(tmp, final)
         for old in rundir.checkpoint_dirs(self.run_dir)[: -self.config.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
@@ -452,6 +454,7 @@ class FocusNFixTrainer:
     def _prepare_run_dir(self, resume: bool | str, overwrite: bool) -> None:
         main = self.accelerator.is_main_process
         if main:
+            rundir.remove_leftovers(self.run_dir)
             ckpt = rundir.prepare(self.run_dir, resume, overwrite)
             if ckpt is not None:  # refuse a mismatched resume before anything in the folder changes
                 rundir.check_resume(json.loads((ckpt / "state.json").read_text()), self.run_fields, ckpt)
