@@ -41,6 +41,13 @@ def _expected(annotation: Any) -> str:
     return " or ".join(_expected(a) for a in parts) if parts else getattr(annotation, "__name__", str(annotation))
 
 
+def _literals(annotation: Any) -> tuple[Any, ...]:
+    """The values of the ``Literal`` types in ``annotation`` (``float | Literal["auto", "off"]`` -> auto, off)."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    return tuple(v for a in get_args(annotation) for v in _literals(a))
+
+
 def _takes_booleans(annotation: Any) -> bool:
     return annotation is bool or any(_takes_booleans(a) for a in get_args(annotation))
 
@@ -56,6 +63,8 @@ class _Section(BaseModel):
         items = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(v, bool) for v in items) and info.field_name is not None:
             annotation = cls.model_fields[info.field_name].annotation
+            if value is False and "off" in _literals(annotation):
+                return "off"  # YAML 1.1 reads an unquoted `off` (gate: off) as false
             if not _takes_booleans(annotation):
                 raise ValueError(f"expected {_expected(annotation)}, got a boolean")
         return value
