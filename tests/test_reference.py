@@ -157,10 +157,12 @@ def test_the_cache_key_holds_what_shapes_a_reference_item_and_not_what_shapes_on
 
     base = key()
     for shapes_the_item in ("sampling.guidance_scale=5", "sampling.num_inference_steps=6", "sampling.negative_prompt=x",
-                            "mask.dilate_px=2", "mask.threshold_mode=relative", "aspects.0.gate=off",
+                            "mask.dilate_px=2", "mask.threshold_mode=relative", "aspects.0.gate=0.3",
                             "aspects.0.args.kwargs.region=right", "lora.active_steps=2"):
         assert key(shapes_the_item) != base, shapes_the_item
     for gradient_only in ("sampling.k=1", "sampling.grad_mode=full", "sampling.checkpoint_unet=true",
                           "sampling.merge_lora=false", "objective.beta=3", "train.learning_rate=0.1",
                           "aspects.0.weight=2", "lora.rank=8"):
         assert key(gradient_only) == base, gradient_only
+    # this aspect has no reward_threshold: "auto" gates nothing, as "off" does (the same items)
+    assert key("aspects.0.gate=off") == base
