@@ -211,6 +211,7 @@ def test_a_boolean_where_a_number_is_expected_is_refused(override, expected, tin
     # YAML 1.1 reads an unquoted `gate: off` as false, which pydantic turned into the gate 0.0 (every
     # image whose reward is >= 0 lost its mask); it is the documented "off"
     assert config_from_dict(cfg, ["aspects.0.gate=off"]).aspects[0].gate == "off"
+    assert config_from_dict(cfg, ["train.mixed_precision=no"]).train.mixed_precision == "no"  # an error before
 
 
 def test_a_path_of_the_wrong_kind_and_an_out_of_range_seed_are_one_line_errors(tiny_sd_dir, tmp_path, capsys):

@@ -63,8 +63,10 @@ class _Section(BaseModel):
         items = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(v, bool) for v in items) and info.field_name is not None:
             annotation = cls.model_fields[info.field_name].annotation
-            if value is False and "off" in _literals(annotation):
-                return "off"  # YAML 1.1 reads an unquoted `off` (gate: off) as false
+            # YAML 1.1 reads an unquoted `off` or `no` as false (gate: off, mixed_precision: no)
+            for word in ("off", "no"):
+                if value is False and word in _literals(annotation):
+                    return word
             if not _takes_booleans(annotation):
                 raise ValueError(f"expected {_expected(annotation)}, got a boolean")
         return value
