@@ -326,6 +326,10 @@ def _mean(s: Any) -> float | None:
     return s.get("mean") if isinstance(s, dict) and s.get("mean") is not None else None
 
 
+def _runs_text(n: object) -> str:
+    return "1 training run" if n == 1 else f"{esc(n)} training runs"
+
+
 def _pct(s: Any) -> str:
     m = _mean(s)
     if m is None:
@@ -349,7 +353,7 @@ def _headline(metrics: dict[str, Any]) -> str:
             continue
         psnr = _mean(m.get("outside_psnr"))
         lines.append(
-            f"<b>{esc(name)}</b> ({esc(m.get('n_runs', 1))} training run(s)): removes it in {_pct(m.get('removal_share'))} "
+            f"<b>{esc(name)}</b> ({_runs_text(m.get('n_runs', 1))}): removes it in {_pct(m.get('removal_share'))} "
             f"of those images, adds one to {_pct(m.get('new_defect_share'))} of the clean ones; the reward calls "
             f"{_pct(m.get('hack_gap'))} fixed while the judge still sees the defect; another aspect's judge flips to "
             f"defect in {_pct(m.get('others_degraded_share'))}; outside the mask: "
