@@ -252,6 +252,16 @@ def test_picture_paths_and_sizes_are_checked(tmp_path, capsys):
         grid([torch.zeros(1, 3, 131, 131)], scale=100_000)  # a 494 TiB array before
 
 
+def test_a_mask_picture_too_large_is_refused_before_sampling(tiny_sd_dir, tmp_path, capsys, monkeypatch):
+    from focusnfix import commands
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(base_config(str(tiny_sd_dir), str(tmp_path / "run"))))
+    monkeypatch.setattr(commands, "compute_reference", lambda *a, **k: pytest.fail("sampled before the check"))
+    assert main(["mask", "--config", str(cfg), "--prompt", "a", "--scale", "1000", "--out", str(tmp_path / "m.png")]) == 2
+    assert "use a scale of at most" in _one_error_line(capsys)
+
+
 def test_relative_prompt_files_are_read_beside_the_config_by_every_command(tiny_sd_dir, tmp_path, monkeypatch):
     (tmp_path / "cfgs").mkdir()
     (tmp_path / "cfgs" / "prompts.txt").write_text("a red circle\n")

@@ -34,7 +34,7 @@ from focusnfix.evaluate import (
     summary_table,
 )
 from focusnfix.files import atomic_write_text, read_json, read_prompts_file
-from focusnfix.images import colorize, grid, overlay, save_png
+from focusnfix.images import check_picture_size, colorize, grid, overlay, save_png
 from focusnfix.inference import lora_steps_for
 from focusnfix.lora import check_lora_file, lora_active_steps
 from focusnfix.masks import mask_area
@@ -179,9 +179,12 @@ def cmd_mask(args: argparse.Namespace) -> int:
     _check_png(args.out)
     config = load_config(args.config, args.set)
     backbone = load_backbone(config.model.path, config.model.dtype, config.model.variant, config.model.revision)
+    options = sampling_options(config)
+    default_h, default_w = backbone.default_size
+    check_picture_size(1, 4, (options.height or default_h, options.width or default_w), scale=args.scale)
     aspects = build_aspects(config)
     ref = compute_reference(backbone, aspects, [a.localize for a in config.aspects], [args.prompt], [args.seed],
-                            sampling_options(config), config.mask)
+                            options, config.mask)
     row = [ref.images, colorize(ref.heatmap), ref.mask.repeat(1, 3, 1, 1), overlay(ref.images, ref.mask)]
     with torch.no_grad():
         out = save_png(grid([torch.cat(row)], scale=args.scale), args.out)

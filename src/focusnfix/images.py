@@ -41,6 +41,16 @@ def overlay(images: torch.Tensor, mask: torch.Tensor, alpha: float = 0.5) -> tor
 MAX_PICTURE_SIDE = 16384
 
 
+def check_picture_size(rows: int, cols: int, size: tuple[int, int], pad: int = 2, scale: int = 1) -> None:
+    """Raise :class:`InputError` when a :func:`grid` of ``rows x cols`` images of ``size`` (h, w)
+    upscaled by ``scale`` would exceed :data:`MAX_PICTURE_SIDE` a side (callable before any sampling)."""
+    h, w = size
+    side = max(rows * (h + pad) + pad, cols * (w + pad) + pad)
+    if side * scale > MAX_PICTURE_SIDE:
+        raise InputError(f"a picture {side} px a side at scale {scale} would be {side * scale} px, above "
+                         f"{MAX_PICTURE_SIDE}: use a scale of at most {max(MAX_PICTURE_SIDE // side, 1)}")
+
+
 def grid(rows: list[torch.Tensor], pad: int = 2, scale: int = 1) -> np.ndarray:
     """Rows of ``(B, C, H, W)`` images (same B, H, W) -> one ``(h, w, 3)`` uint8 grid.
 
@@ -51,10 +61,7 @@ def grid(rows: list[torch.Tensor], pad: int = 2, scale: int = 1) -> np.ndarray:
         raise ValueError("grid of no rows")
     cols = rows[0].shape[0]
     h, w = rows[0].shape[-2:]
-    side = max(len(rows) * (h + pad) + pad, cols * (w + pad) + pad)
-    if side * scale > MAX_PICTURE_SIDE:
-        raise InputError(f"a picture {side} px a side at scale {scale} would be {side * scale} px, above "
-                         f"{MAX_PICTURE_SIDE}: use a scale of at most {max(MAX_PICTURE_SIDE // side, 1)}")
+    check_picture_size(len(rows), cols, (h, w), pad, scale)
     out = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
     for r, row in enumerate(rows):
         for c, img in enumerate(to_uint8(row)):
