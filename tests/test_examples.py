@@ -52,7 +52,7 @@ def test_user_masks_example_trains_on_masks_keyed_by_prompt_and_seed(tmp_path):
     index = json.loads((out / "masks" / "index.json").read_text())
     assert len(index) == 3 and all(set(by_seed) == {"0", "1"} for by_seed in index.values())
     for by_seed in index.values():
-        for seed, name in by_seed.items():
+        for name in by_seed.values():
             image = np.asarray(Image.open(out / "images" / name))
             mask = np.asarray(Image.open(out / "masks" / name))
             assert image.shape[:2] == mask.shape and set(np.unique(mask)) <= {0, 255}

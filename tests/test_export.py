@@ -128,15 +128,15 @@ def test_push_dry_run_writes_the_card_lora_samples_and_metrics(tiny_sd_dir, tmp_
     ev = tmp_path / "ev"
     ev.mkdir()
     stat = {"mean": 0.5, "ci95": [0.4, 0.6]}
-    from focusnfix.files import file_sha256
+    from focusnfix.lora import lora_identity
 
-    evaluated = {"base": [None], "focusnfix": [file_sha256(run / "lora" / "pytorch_lora_weights.safetensors")]}
-    metrics = {"aspect": "bright", "n_images": 4, "settings": {"lora_sha256": evaluated}, "methods": {
+    evaluated = {"base": [None], "focusnfix": [lora_identity(run / "lora")]}
+    metrics = {"aspect": "bright", "n_images": 4, "settings": {"lora_identity": evaluated}, "methods": {
         "base": {"target_reward": stat}, "focusnfix": {"removal_share": stat, "outside_psnr": stat}}}
     out = tmp_path / "upload"
     # an evaluation of other LoRA files, or one that does not say which, puts no numbers on this card
-    for settings, message in (({"lora_sha256": {"focusnfix": ["0123456789abcdef"]}}, "did not evaluate this run's LoRA"),
-                              ({}, "does not record which LoRA files it evaluated")):
+    for settings, message in (({"lora_identity": {"focusnfix": ["0123456789abcdef"]}}, "did not evaluate this run's LoRA"),
+                              ({}, "does not record which LoRAs it evaluated")):
         (ev / "metrics.json").write_text(json.dumps(metrics | {"settings": settings}))
         assert main(["push", str(run), "--repo-id", "me/fnf-lora", "--eval", str(ev), "--dry-run", str(out)]) == 2
         assert message in capsys.readouterr().err
@@ -205,3 +205,37 @@ def test_a_late_lora_keeps_its_schedule_in_the_upload_card_and_kohya_metadata(ti
     assert "act on the last 2 sampling steps only" in capsys.readouterr().err
     with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
         assert f.metadata()["focusnfix_active_steps"] == "2"
+
+
+def test_lora_identity_is_what_the_lora_applies_not_the_files_bytes(tiny_sd_dir, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from focusnfix.lora import LORA_SCHEDULE_NAME, lora_identity
+
+    bb = load_backbone(str(tiny_sd_dir))
+    _random_lora(bb.unet, 4, 4.0)
+    file = save_lora_weights(bb.unet, type(bb.pipe), tmp_path / "a")
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata()
+    state = load_file(str(file))
+    # the same tensors and settings in a file of other bytes (reordered metadata and keys): the same identity
+    (tmp_path / "b").mkdir()
+    save_file(dict(reversed(list(state.items()))), str(tmp_path / "b" / file.name), metadata=dict(reversed(list(meta.items()))))
+    assert lora_identity(tmp_path / "a") == lora_identity(tmp_path / "b")
+    # another value, another alpha, another schedule: another identity
+    (tmp_path / "c").mkdir()
+    key = next(iter(state))
+    save_file({**state, key: state[key] + 1e-3}, str(tmp_path / "c" / file.name), metadata=meta)
+    adapter = json.loads(meta["lora_adapter_metadata"])
+    alpha_key = next(k for k in adapter if k.endswith("lora_alpha"))
+    (tmp_path / "d").mkdir()
+    save_file(state, str(tmp_path / "d" / file.name),
+              metadata={**meta, "lora_adapter_metadata": json.dumps({**adapter, alpha_key: 8.0})})
+    (tmp_path / "e").mkdir()
+    save_file(state, str(tmp_path / "e" / file.name), metadata=meta)
+    (tmp_path / "e" / LORA_SCHEDULE_NAME).write_text(json.dumps({"active_steps": 2}))
+    ids = {lora_identity(tmp_path / x) for x in "acde"}
+    assert len(ids) == 4

@@ -34,9 +34,9 @@ from focusnfix.aspects.base import Aspect, CalibratedJudge, Judge
 from focusnfix.backbones import Backbone, load_backbone
 from focusnfix.baselines import SLD_METHOD, sld_images
 from focusnfix.errors import InputError
-from focusnfix.files import atomic_write, atomic_write_text, file_sha256, read_json, read_npz
+from focusnfix.files import atomic_write, atomic_write_text, read_json, read_npz
 from focusnfix.inference import lora_steps_for
-from focusnfix.lora import check_lora_file, load_lora_into
+from focusnfix.lora import load_lora_into, lora_identity
 from focusnfix.metrics import (
     DEFAULT_EPS,
     PSNR_CAP,
@@ -211,9 +211,8 @@ def evaluate(
         runs[name] = list(spec) if isinstance(spec, (list, tuple)) else [spec]
         if not runs[name]:
             raise InputError(f"method {name!r}: an empty list of LoRAs")
-    # the evaluated LoRA files by content: `push --eval` checks that an evaluation is of the LoRA it uploads
-    lora_sha256 = {name: [None if lora is None else file_sha256(check_lora_file(lora)) for lora in loras]
-                   for name, loras in runs.items()}
+    # what each evaluated LoRA applies (lora_identity): `push --eval` checks that an evaluation is of the LoRA it uploads
+    lora_ids = {name: [None if lora is None else lora_identity(lora) for lora in loras] for name, loras in runs.items()}
     for a, b in compare or []:
         if a not in runs or b not in runs:
             raise InputError(f"compare ({a}, {b}): both must be methods, got {sorted(runs)}")
@@ -351,7 +350,7 @@ def evaluate(
             "mask": mask_cfg.model_dump() if hasattr(mask_cfg, "model_dump") else dict(vars(mask_cfg)),
             "localizers": [{"aspect": a.name, "gate": g} for a, g in localizers],
             "loras": {k: [str(v) if v is not None else None for v in vs] for k, vs in runs.items()},
-            "lora_sha256": lora_sha256,
+            "lora_identity": lora_ids,
             "sld": sld,
         },
         "base_check_max_abs_diff": base_check,

@@ -18,8 +18,8 @@ from typing import Any
 
 from focusnfix.config import load_config
 from focusnfix.errors import InputError
-from focusnfix.files import atomic_write, atomic_write_text, file_sha256, read_json
-from focusnfix.lora import LORA_SCHEDULE_NAME, LORA_WEIGHT_NAME, check_lora_file
+from focusnfix.files import atomic_write, atomic_write_text, read_json
+from focusnfix.lora import LORA_SCHEDULE_NAME, LORA_WEIGHT_NAME, check_lora_file, lora_identity
 
 _SUMMARY_KEYS = ("removal_share", "new_defect_share", "hack_gap", "others_degraded_share", "outside_psnr",
                  "target_reward")
@@ -30,15 +30,15 @@ def _summary(eval_dir: Path | None, lora: Path) -> dict[str, Any] | None:
     if eval_dir is None or not (eval_dir / "metrics.json").is_file():
         return None
     metrics = read_json(eval_dir / "metrics.json", "evaluation metrics (--eval)")
-    evaluated = (metrics.get("settings") or {}).get("lora_sha256")
-    this = file_sha256(lora)
+    evaluated = (metrics.get("settings") or {}).get("lora_identity")
+    this = lora_identity(lora)
     if not isinstance(evaluated, dict):
-        raise InputError(f"--eval {eval_dir}: its metrics.json does not record which LoRA files it evaluated (an "
+        raise InputError(f"--eval {eval_dir}: its metrics.json does not record which LoRAs it evaluated (an "
                          "evaluation of an earlier focusnfix version): evaluate this run again to put numbers on its card")
     uploaded = sorted(name for name, hashes in evaluated.items() if isinstance(hashes, list) and this in hashes)
     if not uploaded:
-        raise InputError(f"--eval {eval_dir} did not evaluate this run's LoRA ({lora}, sha256 {this}): its methods "
-                         f"{sorted(evaluated)} are other LoRA files; evaluate this one (focusnfix eval --lora NAME=RUN)")
+        raise InputError(f"--eval {eval_dir} did not evaluate this run's LoRA ({lora}, identity {this}): its methods "
+                         f"{sorted(evaluated)} are other LoRAs; evaluate this one (focusnfix eval --lora NAME=RUN)")
     return {
         "aspect": metrics.get("aspect"),
         "n_images": metrics.get("n_images"),

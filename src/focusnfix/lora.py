@@ -8,6 +8,7 @@ they are kept in fp32 even when the base weights are bf16/fp16.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import json
 import logging
@@ -23,6 +24,7 @@ import torch
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from focusnfix.errors import InputError
@@ -227,6 +229,30 @@ def check_lora_file(lora_dir: str | Path) -> Path:
     return path
 
 
+def lora_identity(lora: str | Path) -> str:
+    """What a LoRA (directory or file) applies, as 16 hex digits: a sha256 of its tensors (names,
+    dtypes, shapes, values), its scale settings (``lora_alpha``, ``r`` and their per-module patterns)
+    and its step schedule. Two trainings that end with the same weights get the same identity,
+    though their files' bytes differ (PEFT's ``target_modules`` is a set and the safetensors header's
+    metadata order varies from process to process)."""
+    file = check_lora_file(lora)
+    h = hashlib.sha256()
+    with safe_open(str(file), "pt") as f:
+        metadata = f.metadata() or {}
+        for key in sorted(f.keys()):  # noqa: SIM118 - safe_open has no iteration
+            t = f.get_tensor(key).contiguous()
+            h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    try:
+        adapter = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    except json.JSONDecodeError:
+        adapter = {"unreadable": metadata.get("lora_adapter_metadata")}
+    scale_keys = ("lora_alpha", "r", "alpha_pattern", "rank_pattern", "use_rslora", "use_dora")
+    scale = {k: v for k, v in adapter.items() if k.rsplit(".", 1)[-1] in scale_keys} if isinstance(adapter, dict) else adapter
+    h.update(json.dumps({"scale": scale, "active_steps": lora_active_steps(file.parent)}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
 def lora_active_steps(lora: str | Path) -> int | None:
     """How many final sampling steps a LoRA (directory or file) acts on; None = every step.
 
@@ -347,6 +373,7 @@ __all__ = [
     "load_lora_state_dict",
     "lora_active_steps",
     "lora_dropout_off",
+    "lora_identity",
     "lora_parameters",
     "lora_state_dict",
     "replace_dir",
