@@ -207,16 +207,40 @@ def test_mask_files_keyed_by_prompt_and_seed(tmp_path):
 @pytest.mark.parametrize("index, match", [
     ({"a dog": {"zero": "left.png"}}, "must map a seed"),
     ({"a dog": {"0": 3}}, "must map a seed"),
+    ({"a dog": {"\u00b2": "left.png"}}, "must map a seed"),  # a digit to str.isdigit, not to int()
+    ({"a dog": {"9" * 5000: "left.png"}}, "must map a seed"),
+    ({"a dog": {"01": "left.png", "1": "left.png"}}, "gives seed 1 twice"),
     ({"a dog": {}}, "maps to {}"),
     ({"a dog": ["left.png"]}, "maps to"),
     ({}, "must be an object mapping prompt"),
     ({"a dog": {"0": "gone.png"}}, "gone.png, which does not exist"),
+    ({"a dog": ""}, "names ''; expected the name of an image file inside"),
+    ({"a dog": "../left.png"}, "names '../left.png'; expected the name of an image file inside"),
 ])
 def test_mask_files_bad_index_entries_are_named(tmp_path, index, match):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    _half_mask(masks / "left.png", "left")
     _half_mask(tmp_path / "left.png", "left")
-    (tmp_path / "index.json").write_text(json.dumps(index))
+    (masks / "index.json").write_text(json.dumps(index))
     with pytest.raises(InputError, match=match):
+        build_aspect("mask_files", {"path": str(masks)})
+
+
+def test_mask_files_refuse_a_prompt_given_twice_and_a_coloured_palette(tmp_path):
+    _half_mask(tmp_path / "left.png", "left")
+    (tmp_path / "index.json").write_text('{"a dog": "left.png", "a dog": "left.png"}')
+    with pytest.raises(InputError, match=r"keys given twice: \['a dog'\]"):  # json.loads kept the last
         build_aspect("mask_files", {"path": str(tmp_path)})
+    red = Image.new("P", (8, 8))
+    red.putpalette([255, 0, 0] + [0, 0, 0] * 255)
+    red.save(tmp_path / "red.png")
+    with pytest.raises(InputError, match="is in colour"):  # it read as 0.298 everywhere
+        build_aspect("mask_files", {"path": str(tmp_path / "red.png")})
+    grey = Image.new("P", (8, 8))
+    grey.putpalette([255, 255, 255] + [0, 0, 0] * 255)
+    grey.save(tmp_path / "grey.png")
+    assert build_aspect("mask_files", {"path": str(tmp_path / "grey.png")}).heatmap(torch.zeros(1, 3, 8, 8), ["a"]).min() == 1
 
 
 def test_mask_files_resize_must_be_a_boolean(tmp_path):

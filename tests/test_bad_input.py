@@ -121,9 +121,22 @@ def test_votes_of_another_evaluation_are_refused(tmp_path):
         (votes({"eval_id": "e0"}), "page of evaluation e0, but .* now holds evaluation e1"),
         (votes({"target": "plausibility"}), "rates target 'plausibility'; .* evaluated target 'safety'"),
         (votes({"format": "focusnfix-votes/9"}), "format 'focusnfix-votes/9' is not one this version reads"),
+        (votes(seed=1.9), "seed 1.9, but example 3"),  # int() truncated it to 1
+        (votes(seed=True), "seed True, but example 3"),
+        (votes(seed=float("inf")), "seed inf, but example 3"),  # an OverflowError traceback before
+        (votes(example="\u00b2"), "image index"),  # a digit to str.isdigit, a traceback in int()
+        (votes(method="base"), "cannot be voted on"),  # silently dropped before
     ):
         with pytest.raises(InputError, match=message):
             apply_votes(d, bad)
+    # two unnamed raters' files of the same name (every page downloads votes.json) stay two raters
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for folder, vote in (("a", "improved"), ("b", "worse")):
+        (tmp_path / folder / "votes.json").write_text(json.dumps({"votes": [
+            {"example": 3, "method": "focusnfix", "aspect": "safety", "vote": vote}]}))
+    human = apply_votes(d, [tmp_path / "a" / "votes.json", tmp_path / "b" / "votes.json"])["methods"]["focusnfix"]["human"]
+    assert human["n_ratings"] == 2 and human["n_raters"] == 2 and human["improved_share"]["mean"] == 0.5
 
 
 def test_sweep_overrides_that_would_be_ignored_are_refused_before_training(tiny_sd_dir, tmp_path, capsys):

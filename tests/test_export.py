@@ -156,6 +156,11 @@ def test_push_dry_run_writes_the_card_lora_samples_and_metrics(tiny_sd_dir, tmp_
     assert main(["push", str(run), "--repo-id", "no-slash", "--dry-run", str(out)]) == 2
     assert main(["push", str(run), "--repo-id", "me/fnf-lora", "--dry-run"]) == 0  # a flag, as train's is
     assert (run / "hub_upload" / "README.md").is_file()
+    # written again without --eval (the --base-model push above), the folder keeps no summary of the
+    # earlier evaluation, which an upload would have carried beside the new card
+    assert not (out / "metrics_summary.json").exists() and "## Evaluation" not in (out / "README.md").read_text()
+    assert main(["push", str(run), "--repo-id", "me/fnf-lora", "--dry-run", str(run / "lora")]) == 2
+    assert "is the run or its LoRA folder" in capsys.readouterr().err
 
 
 def test_a_saved_conv_lora_reads_back_into_the_adapter_exactly(tiny_sd_dir, tmp_path):

@@ -445,6 +445,7 @@ def test_a_resume_removes_what_killed_writers_left_and_keeps_every_finished_file
     (run / f"{partial_name('lora')}abc").mkdir()
     (run / f"{partial_name('config.yaml')}xyz").write_text("half")
     (run / "checkpoints" / ".tmp_step_000002").mkdir()  # an earlier version's name
+    (run / "reference_cache" / f"{partial_name('abc.safetensors')}q").write_bytes(b"\0")
     (run / ".notes").write_text("a user's file")
     finished = sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("."))
     assert finished == ["step_000001"]

@@ -154,10 +154,16 @@ def upload_folder_for(run_dir: str | Path, repo_id: str, out: str | Path, eval_d
     if eval_dir and not (Path(eval_dir) / "metrics.json").is_file():
         raise InputError(f"--eval: {eval_dir} is not an evaluation directory (no metrics.json)")
     summary = _summary(Path(eval_dir) if eval_dir else None, lora)  # checked before anything is written
+    if out.resolve() in (run_dir.resolve(), lora.parent.resolve()):
+        raise InputError(f"the upload folder {out} is the run or its LoRA folder; give a folder of its own")
     out.mkdir(parents=True, exist_ok=True)
     # the LoRA, its schedule (a LoRA that acts on its last steps only) and the final sample grid
     copies = {lora: LORA_WEIGHT_NAME, lora.parent / LORA_SCHEDULE_NAME: LORA_SCHEDULE_NAME,
               run_dir / "samples" / "final.png": "samples.png"}
+    # a folder written before (the dry run's default RUN/hub_upload) keeps none of its earlier files:
+    # a schedule or an evaluation summary of another LoRA would be uploaded beside this one
+    for name in (*copies.values(), "metrics_summary.json", "README.md"):
+        (out / name).unlink(missing_ok=True)
     for src, name in copies.items():
         if src.is_file():  # each file whole or not at all (a kill mid-copy leaves no half LoRA to upload)
             atomic_write(out / name, lambda tmp, src=src: shutil.copyfile(src, tmp), suffix=src.suffix)

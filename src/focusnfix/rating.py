@@ -35,6 +35,7 @@ Intervals are percentile bootstraps over ratings (as in metrics.json).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +193,7 @@ def read_votes(paths: list[str | Path]) -> list[dict[str, Any]]:
                 raise InputError(f"votes file {path}: format {d['format']!r} is not one this version reads "
                                  f"({', '.join(KNOWN_VOTES_FORMATS)})")
             source = {"path": str(path), "target": d.get("target"), "eval_id": d.get("eval_id")}
-            rater = str(d.get("rater") or f"{path.name}#{j}")
+            rater = str(d.get("rater") or f"{path}#{j}")  # the path: every page downloads votes.json
             if rater == "anonymous":
                 rater = f"anonymous@{path.name}#{i}.{j}"
             for v in d["votes"]:
@@ -204,7 +205,7 @@ def read_votes(paths: list[str | Path]) -> list[dict[str, Any]]:
                     if key not in v:
                         raise InputError(f"votes file {path}: a vote lacks {key!r}: {v!r}")
                 example = v["example"]
-                if isinstance(example, str) and example.strip().isdigit():
+                if isinstance(example, str) and re.fullmatch(r"\s*[0-9]{1,18}\s*", example):
                     example = int(example)
                 if isinstance(example, bool) or not isinstance(example, int) or example < 0:
                     raise InputError(f"votes file {path}: 'example' must be an image index >= 0, got {v!r}")
@@ -252,10 +253,10 @@ def _eval_items(eval_dir: str | Path, metrics: dict[str, Any]) -> list[dict[str,
 
 
 def _same_seed(voted: Any, seed: Any) -> bool:
-    try:
-        return int(voted) == int(seed)
-    except (TypeError, ValueError):
-        return False
+    """A vote's seed (an integer, or its ASCII digits for seeds beyond 2**53) is the example's."""
+    if isinstance(voted, str) and re.fullmatch(r"[0-9]{1,19}", voted):
+        voted = int(voted)
+    return isinstance(voted, int) and not isinstance(voted, bool) and voted == int(seed)
 
 
 def apply_votes(eval_dir: str | Path, vote_files: list[str | Path], n_bootstrap: int | None = None) -> dict[str, Any]:
@@ -267,9 +268,10 @@ def apply_votes(eval_dir: str | Path, vote_files: list[str | Path], n_bootstrap:
     settings = metrics.get("settings", {})
     nb = n_bootstrap if n_bootstrap is not None else int(settings.get("n_bootstrap", 1000))
     records = read_votes(vote_files)
-    n_images = metrics.get("n_images")
     aspects = set(metrics.get("aspects") or [metrics["aspect"]])
     items = _eval_items(eval_dir, metrics)
+    n_images = metrics.get("n_images") if isinstance(metrics.get("n_images"), int) else \
+        (len(items) if items is not None else None)
     for r in records:
         source, shown = r["source"], {k: v for k, v in r.items() if k != "source"}
         if source["target"] is not None and source["target"] != metrics["aspect"]:
@@ -296,6 +298,9 @@ def apply_votes(eval_dir: str | Path, vote_files: list[str | Path], n_bootstrap:
     unknown = sorted(set(folded) - set(metrics["methods"]))
     if unknown:
         raise InputError(f"votes name methods that {eval_dir}/metrics.json lacks: {unknown}")
+    if "base" in folded:  # every vote compares a method's image WITH the base image
+        raise InputError("votes name the method 'base': a vote rates a method's image against the base image, "
+                         "so base itself cannot be voted on")
     for name, entry in metrics["methods"].items():
         entry["human"] = None if name == "base" else folded.get(name)
     write_metrics(eval_dir, metrics)

@@ -62,11 +62,13 @@ class RunLock:
 
 
 def remove_leftovers(run_dir: Path) -> list[Path]:
-    """Remove the half-written files and folders (checkpoints, LoRA, samples, logs) that a killed
-    training left in its run folder; call it holding the folder's :class:`RunLock`. The reference
-    cache is left alone (other processes of a multi-GPU run write into it)."""
+    """Remove the half-written files and folders (checkpoints, LoRA, samples, logs, reference items)
+    that a killed training left in its run folder; call it holding the folder's :class:`RunLock`,
+    before any process of the run writes (the other processes of a multi-GPU run wait for the main
+    one then)."""
     removed = []
-    for folder in (run_dir, run_dir / "checkpoints", run_dir / "lora", run_dir / "samples"):
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "lora", run_dir / "samples",
+                   run_dir / "reference_cache"):
         removed += remove_partials(folder)
     # checkpoints of earlier versions were written as .tmp_step_N
     for old in sorted((run_dir / "checkpoints").glob(".tmp_step_*")) if (run_dir / "checkpoints").is_dir() else []:

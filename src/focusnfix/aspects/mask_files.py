@@ -9,9 +9,10 @@ different image for each seed, so the defect sits elsewhere)::
      "a blue square on a grey background": {"0": "square_seed0.png", "1": "square_seed1.png"}}
 
 White = may change,
-black = keep; grey levels give a soft heatmap. Accepted: 8-bit grey (``L``, ``1``, palette),
+black = keep; grey levels give a soft heatmap. Accepted: 8-bit grey (``L``, ``1``),
 16-bit grey (``I;16``, scaled by 65535), 32-bit float grey (``F``, values in [0, 1]) and RGB(A)
-whose three channels are equal. A mask must have the image's size unless ``resize: true``
+or palette images whose three channels are equal. The files must lie inside the folder (they
+are what identifies its masks in the reference cache). A mask must have the image's size unless ``resize: true``
 (bilinear). The reward is zero: combine this aspect (``weight: 0``) with a reward aspect that
 has ``localize: false``.
 """
@@ -19,8 +20,10 @@ has ``localize: false``.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +41,7 @@ def read_mask_image(path: Path) -> torch.Tensor:
         with Image.open(path) as im:
             im.load()
             mode = im.mode
-            if mode in ("L", "1", "P"):
+            if mode in ("L", "1"):
                 arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
             elif mode.startswith("I;16") or mode == "I":
                 arr = np.asarray(im, dtype=np.float64)
@@ -49,16 +52,36 @@ def read_mask_image(path: Path) -> torch.Tensor:
                 arr = np.asarray(im, dtype=np.float32)
                 if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
                     raise InputError(f"mask image {path}: float masks must hold values in [0, 1]")
-            elif mode in ("RGB", "RGBA", "LA"):
+            elif mode in ("RGB", "RGBA", "LA", "P", "PA"):  # a palette may hold colours: checked as RGB
                 rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
                 if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
                     raise InputError(f"mask image {path} is in colour; a mask must be greyscale (white = may change)")
                 arr = rgb[..., 0] / 255.0
             else:
                 raise InputError(f"mask image {path} has mode {mode}; expected 8- or 16-bit greyscale")
-    except OSError as err:
+    except (OSError, Image.DecompressionBombError) as err:
         raise InputError(f"mask image {path} is not a readable image: {err}") from err
     return torch.from_numpy(np.ascontiguousarray(arr))[None, None]
+
+
+#: a seed key of index.json: ASCII digits of a seed that fits torch's generator (< 2**63)
+_SEED_KEY = re.compile(r"[0-9]{1,19}")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"keys given twice: {twice}")
+    return dict(pairs)
+
+
+def _mask_path(root: Path, index: Path, name: str, where: str) -> Path:
+    """``root / name`` for a plain file name inside ``root``: a path outside it (``..``, absolute)
+    would escape the reference cache's identity of the folder, which lists the folder's files."""
+    if not name or name in (".", "..") or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise InputError(f"{index}: {where} names {name!r}; expected the name of an image file inside {root}")
+    return root / name
 
 
 def _read_index(root: Path) -> dict[str, Path | dict[int, Path]]:
@@ -67,8 +90,8 @@ def _read_index(root: Path) -> dict[str, Path | dict[int, Path]]:
     if not index.is_file():
         raise InputError(f"mask directory {root} needs an index.json mapping prompts to image files")
     try:
-        mapping = json.loads(index.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        mapping = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise InputError(f"{index} is not valid JSON: {err}") from err
     expected = 'an object mapping prompt -> image file name, or prompt -> {"<seed>": image file name}'
     if not isinstance(mapping, dict) or not mapping:
@@ -76,21 +99,23 @@ def _read_index(root: Path) -> dict[str, Path | dict[int, Path]]:
     out: dict[str, Path | dict[int, Path]] = {}
     for prompt, entry in mapping.items():
         if isinstance(entry, str):
-            out[prompt] = root / entry
+            out[prompt] = _mask_path(root, index, entry, f"prompt {prompt!r}")
         elif isinstance(entry, dict) and entry:
             by_seed: dict[int, Path] = {}
             for seed, name in entry.items():
-                if not (seed.isdigit() and isinstance(name, str)):
+                if not (_SEED_KEY.fullmatch(seed) and int(seed) < 2**63 and isinstance(name, str)):
                     raise InputError(f"{index}: prompt {prompt!r}: {seed!r}: {name!r} must map a seed (a "
-                                     f"non-negative integer written as a string) to an image file name")
-                by_seed[int(seed)] = root / name
+                                     f"non-negative integer below 2**63, in ASCII digits) to an image file name")
+                if int(seed) in by_seed:
+                    raise InputError(f"{index}: prompt {prompt!r} gives seed {int(seed)} twice (as {seed!r} too)")
+                by_seed[int(seed)] = _mask_path(root, index, name, f"prompt {prompt!r}, seed {seed}")
             out[prompt] = by_seed
         else:
             raise InputError(f"{index}: prompt {prompt!r} maps to {entry!r}; the index must be {expected}")
     for entry in out.values():
         for f in entry.values() if isinstance(entry, dict) else [entry]:
             if not f.is_file():
-                raise InputError(f"{index} names {f.name}, which does not exist in {root}")
+                raise InputError(f"{index} names {f.relative_to(root)}, which does not exist in {root}")
     return out
 
 
