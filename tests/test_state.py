@@ -200,6 +200,8 @@ def test_a_config_without_any_weighted_reward_is_refused(tiny_sd_dir, tmp_path):
     ("aspects.0.gate=true", r"aspects\.0\.gate: expected a number or 'auto' or 'off', got a boolean"),
     ("train.adam_betas=[true, 0.9]", r"train\.adam_betas: expected a list of numbers, got a boolean"),
     ("data.validation_seeds=[false]", r"data\.validation_seeds: expected a list of integers, got a boolean"),
+    ("aspects.0.localize=1", r"aspects\.0\.localize: expected true or false"),  # read as true before
+    ("data.cache_on_disk='no'", r"data\.cache_on_disk: expected true or false"),
 ])
 def test_a_boolean_where_a_number_is_expected_is_refused(override, expected, tiny_sd_dir, tmp_path):
     from focusnfix.errors import ConfigError

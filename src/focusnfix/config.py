@@ -69,6 +69,9 @@ class _Section(BaseModel):
                     return word
             if not _takes_booleans(annotation):
                 raise ValueError(f"expected {_expected(annotation)}, got a boolean")
+        elif info.field_name is not None and cls.model_fields[info.field_name].annotation is bool \
+                and not isinstance(value, bool):
+            raise ValueError("expected true or false")  # pydantic reads `localize: 1` or "yes" as true
         return value
 
 
